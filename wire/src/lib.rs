@@ -1,0 +1,27 @@
+//! `repl-wire`: the protocol vocabulary of repl.
+//!
+//! This crate names the things every appliance agrees on: who wrote an entry
+//! ([`Incarnation`], [`NodeId`]), where it belongs ([`StreamId`], [`Collection`]),
+//! when and after what it happened ([`Hlc`], [`Dot`], [`VersionVector`]), and the
+//! replicated unit itself ([`Entry`]), with a bounded codec for it.
+//!
+//! What it does not do: any I/O, reading the clock, or spawning tasks. Time enters
+//! [`HlcClock`] as an argument, so the simulator and the real runtime drive the same
+//! code. Decoding never panics on hostile bytes and never allocates more than the
+//! input it was handed: every failure is a typed [`DecodeError`].
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod entry;
+mod error;
+mod hlc;
+mod id;
+pub mod limits;
+mod stream;
+mod version;
+
+pub use entry::{Entry, Op};
+pub use error::DecodeError;
+pub use hlc::{Hlc, HlcClock, HlcDrift, HLC_DRIFT_MAX_MS};
+pub use id::{Incarnation, NodeId, NodeIdError};
+pub use stream::{Collection, StreamId};
+pub use version::{Causality, Dot, VersionVector};
