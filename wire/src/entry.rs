@@ -33,8 +33,10 @@ pub struct Entry {
     pub collection: Collection,
     /// The key.
     pub key: Vec<u8>,
-    /// The causal history of this version, including `dot` itself.
-    pub version: VersionVector,
+    /// The causal context the write supersedes: every held version whose dot this
+    /// vector covers is replaced. It never covers `dot` itself (a dotted version
+    /// vector), so a context-free write can sit beside earlier writes of its own origin.
+    pub context: VersionVector,
     /// What the write does.
     pub op: Op,
 }
@@ -67,7 +69,7 @@ impl Entry {
     ///     hlc: Hlc { wall_ms: 5, logical: 0 },
     ///     collection: Collection::Users,
     ///     key: b"alice".to_vec(),
-    ///     version: VersionVector::from_dot(dot),
+    ///     context: VersionVector::new(),
     ///     op: Op::Delete,
     /// };
     /// assert_eq!(Entry::decode(&e.encode()), Ok(e));
@@ -75,11 +77,7 @@ impl Entry {
     /// ```
     pub fn decode(bytes: &[u8]) -> Result<Entry, DecodeError> {
         if bytes.len() > ENTRY_BYTES_MAX {
-            return Err(DecodeError::TooLarge {
-                what: "entry",
-                actual: bytes.len(),
-                limit: ENTRY_BYTES_MAX,
-            });
+            return Err(DecodeError::TooLarge { what: "entry", actual: bytes.len(), limit: ENTRY_BYTES_MAX });
         }
         let (entry, rest): (Entry, _) =
             postcard::take_from_bytes(bytes).map_err(|e| DecodeError::from_postcard("entry", e))?;
@@ -93,11 +91,7 @@ impl Entry {
     /// Checks the invariants a decoded or locally built entry must hold.
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.key.len() > KEY_BYTES_MAX {
-            return Err(DecodeError::TooLarge {
-                what: "key",
-                actual: self.key.len(),
-                limit: KEY_BYTES_MAX,
-            });
+            return Err(DecodeError::TooLarge { what: "key", actual: self.key.len(), limit: KEY_BYTES_MAX });
         }
         if let Op::Put { value, .. } = &self.op {
             if value.len() > VALUE_BYTES_MAX {
@@ -109,15 +103,12 @@ impl Entry {
             }
         }
         if self.dot.seq == 0 {
-            return Err(DecodeError::Invalid {
-                what: "entry",
-                reason: "sequence numbers start at 1",
-            });
+            return Err(DecodeError::Invalid { what: "entry", reason: "sequence numbers start at 1" });
         }
-        if self.version.get(self.dot.origin) != self.dot.seq {
+        if self.context.contains(self.dot) {
             return Err(DecodeError::Invalid {
                 what: "entry",
-                reason: "version must cover its own dot exactly",
+                reason: "context must not cover the entry's own dot",
             });
         }
         Ok(())
@@ -150,28 +141,17 @@ mod tests {
             proptest::collection::vec((any::<u64>(), 1u64..100), 0..4),
         )
             .prop_map(|(origin, seq, wall, c, key, value, others)| {
-                let dot = Dot {
-                    origin: Incarnation(origin),
-                    seq,
-                };
-                let mut version: VersionVector = others
-                    .into_iter()
-                    .map(|(o, s)| Dot {
-                        origin: Incarnation(o),
-                        seq: s,
-                    })
-                    .collect();
-                version.remove(dot.origin);
-                version.advance(dot);
+                let dot = Dot { origin: Incarnation(origin), seq };
+                let mut context: VersionVector =
+                    others.into_iter().map(|(o, s)| Dot { origin: Incarnation(o), seq: s }).collect();
+                context.remove(dot.origin);
+                context.advance(Dot { origin: dot.origin, seq: dot.seq - 1 });
                 Entry {
                     dot,
-                    hlc: Hlc {
-                        wall_ms: wall,
-                        logical: 0,
-                    },
+                    hlc: Hlc { wall_ms: wall, logical: 0 },
                     collection: Collection::ALL[c],
                     key,
-                    version,
+                    context,
                     op: match value {
                         Some((value, expires_at_ms)) => Op::Put { value, expires_at_ms },
                         None => Op::Delete,
@@ -201,31 +181,22 @@ mod tests {
     }
 
     #[test]
-    fn version_must_cover_own_dot() {
-        let dot = Dot {
-            origin: Incarnation(1),
-            seq: 2,
-        };
+    fn context_must_not_cover_own_dot() {
+        let dot = Dot { origin: Incarnation(1), seq: 2 };
         let e = Entry {
             dot,
             hlc: Hlc::default(),
             collection: Collection::Users,
             key: vec![1],
-            version: VersionVector::new(),
+            context: VersionVector::from_dot(dot),
             op: Op::Delete,
         };
-        assert!(matches!(
-            Entry::decode(&e.encode()),
-            Err(DecodeError::Invalid { .. })
-        ));
+        assert!(matches!(Entry::decode(&e.encode()), Err(DecodeError::Invalid { .. })));
     }
 
     #[test]
     fn oversized_input_is_refused_before_parsing() {
         let big = vec![0u8; ENTRY_BYTES_MAX + 1];
-        assert!(matches!(
-            Entry::decode(&big),
-            Err(DecodeError::TooLarge { what: "entry", .. })
-        ));
+        assert!(matches!(Entry::decode(&big), Err(DecodeError::TooLarge { what: "entry", .. })));
     }
 }

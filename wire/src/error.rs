@@ -42,10 +42,7 @@ impl DecodeError {
     pub(crate) fn from_postcard(what: &'static str, err: postcard::Error) -> Self {
         match err {
             postcard::Error::DeserializeUnexpectedEnd => DecodeError::Truncated,
-            other => DecodeError::Malformed {
-                what,
-                reason: other.to_string(),
-            },
+            other => DecodeError::Malformed { what, reason: other.to_string() },
         }
     }
 }

@@ -62,10 +62,7 @@ impl HlcClock {
     /// A new timestamp for a local event at wall time `now_ms`, greater than any before.
     pub fn tick(&mut self, now_ms: u64) -> Hlc {
         self.last = if now_ms > self.last.wall_ms {
-            Hlc {
-                wall_ms: now_ms,
-                logical: 0,
-            }
+            Hlc { wall_ms: now_ms, logical: 0 }
         } else {
             Self::successor(self.last)
         };
@@ -80,13 +77,7 @@ impl HlcClock {
         let ceiling = now_ms.saturating_add(HLC_DRIFT_MAX_MS);
         let (absorbed, drift) = if remote.wall_ms > ceiling {
             let ahead_ms = remote.wall_ms - now_ms;
-            (
-                Hlc {
-                    wall_ms: ceiling,
-                    logical: 0,
-                },
-                Some(HlcDrift { remote, ahead_ms }),
-            )
+            (Hlc { wall_ms: ceiling, logical: 0 }, Some(HlcDrift { remote, ahead_ms }))
         } else {
             (remote, None)
         };
@@ -96,14 +87,8 @@ impl HlcClock {
 
     fn successor(h: Hlc) -> Hlc {
         match h.logical.checked_add(1) {
-            Some(logical) => Hlc {
-                wall_ms: h.wall_ms,
-                logical,
-            },
-            None => Hlc {
-                wall_ms: h.wall_ms + 1,
-                logical: 0,
-            },
+            Some(logical) => Hlc { wall_ms: h.wall_ms, logical },
+            None => Hlc { wall_ms: h.wall_ms + 1, logical: 0 },
         }
     }
 }
@@ -136,17 +121,11 @@ mod tests {
     #[test]
     fn drift_is_capped_and_reported() {
         let mut clock = HlcClock::default();
-        let far = Hlc {
-            wall_ms: 1_000 + HLC_DRIFT_MAX_MS + 5,
-            logical: 0,
-        };
+        let far = Hlc { wall_ms: 1_000 + HLC_DRIFT_MAX_MS + 5, logical: 0 };
         let err = clock.observe(far, 1_000).expect_err("beyond the drift limit");
         assert_eq!(err.ahead_ms, HLC_DRIFT_MAX_MS + 5);
         assert_eq!(clock.last().wall_ms, 1_000 + HLC_DRIFT_MAX_MS);
-        let near = Hlc {
-            wall_ms: 1_500,
-            logical: 7,
-        };
+        let near = Hlc { wall_ms: 1_500, logical: 7 };
         assert!(clock.observe(near, 1_000).is_ok());
     }
 }

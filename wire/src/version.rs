@@ -232,15 +232,8 @@ mod tests {
     use super::*;
 
     fn vector() -> impl Strategy<Value = VersionVector> {
-        proptest::collection::vec((0u64..6, 1u64..20), 0..6).prop_map(|pairs| {
-            pairs
-                .into_iter()
-                .map(|(o, seq)| Dot {
-                    origin: Incarnation(o),
-                    seq,
-                })
-                .collect()
-        })
+        proptest::collection::vec((0u64..6, 1u64..20), 0..6)
+            .prop_map(|pairs| pairs.into_iter().map(|(o, seq)| Dot { origin: Incarnation(o), seq }).collect())
     }
 
     proptest! {
