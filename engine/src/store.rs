@@ -1,0 +1,610 @@
+//! The public face of the engine: [`Store`].
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use repl_wire::{Collection, Dot, Entry, Hlc, HlcClock, Incarnation, Op, StreamId, VersionVector};
+
+use crate::audit::{AuditEvent, AuditQuery, StoredAudit};
+use crate::error::{io_err, Corruption, Error, Result};
+use crate::options::{StoreOptions, SyncPoint, BUFFERED_BYTES_MAX};
+use crate::records::Record;
+use crate::storage::{FileStorage, Storage};
+use crate::stream::{
+    parse_name, CompactionReport, ConflictRecord, Draft, FileKind, StreamRecovery, StreamStore,
+};
+
+const IDENTITY_FILE: &str = "identity";
+const IDENTITY_TMP: &str = "identity.tmp";
+const IDENTITY_MAGIC: [u8; 8] = *b"REPLID\0\0";
+const IDENTITY_BYTES: usize = 8 + 8 + 4;
+
+/// Whether a write is acknowledged only once durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Acknowledged after fdatasync (the default).
+    #[default]
+    Durable,
+    /// Acknowledged at once; may be lost on a crash (like `synchronous_commit=off`).
+    /// Never shipped to a peer before it is durable.
+    Buffered,
+}
+
+/// One version of a value as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// The write that made this version.
+    pub dot: Dot,
+    /// When it was made.
+    pub hlc: Hlc,
+    /// When it expires, if it does.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// The result of a read: the live values (more than one only for siblings of a
+/// `KeepSiblings` collection) and the causal context to pass back to a write.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Read {
+    /// Live values; empty when the key is absent, deleted or expired.
+    pub values: Vec<Value>,
+    /// Everything the key's versions have seen; a write with this context supersedes
+    /// them all (a compare-and-set when written with [`Store::compare_and_put`]).
+    pub context: VersionVector,
+}
+
+impl Read {
+    /// The value when there is exactly one.
+    pub fn value(&self) -> Option<&[u8]> {
+        match self.values.as_slice() {
+            [one] => Some(&one.bytes),
+            _ => None,
+        }
+    }
+}
+
+/// A set of writes to one stream committed atomically (one frame, one fdatasync).
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    drafts: Vec<Draft>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        WriteBatch::default()
+    }
+
+    /// Sets `key` to `value`, superseding what this appliance holds (LWW collections)
+    /// or adding a sibling (`KeepSiblings` collections).
+    pub fn put(&mut self, collection: Collection, key: &[u8], value: &[u8]) -> &mut Self {
+        self.push(collection, key, Op::Put { value: value.to_vec(), expires_at_ms: None }, None, false)
+    }
+
+    /// Sets `key` superseding exactly the versions `context` covers.
+    pub fn put_with_context(
+        &mut self,
+        collection: Collection,
+        key: &[u8],
+        value: &[u8],
+        context: &VersionVector,
+    ) -> &mut Self {
+        let op = Op::Put { value: value.to_vec(), expires_at_ms: None };
+        self.push(collection, key, op, Some(context.clone()), false)
+    }
+
+    /// Sets `key` only if `context` is still the key's current context.
+    pub fn compare_and_put(
+        &mut self,
+        collection: Collection,
+        key: &[u8],
+        value: &[u8],
+        context: &VersionVector,
+    ) -> &mut Self {
+        let op = Op::Put { value: value.to_vec(), expires_at_ms: None };
+        self.push(collection, key, op, Some(context.clone()), true)
+    }
+
+    /// Sets `key` to a value that expires at `expires_at_ms` (sessions).
+    pub fn put_expiring(
+        &mut self,
+        collection: Collection,
+        key: &[u8],
+        value: &[u8],
+        expires_at_ms: u64,
+    ) -> &mut Self {
+        self.push(
+            collection,
+            key,
+            Op::Put { value: value.to_vec(), expires_at_ms: Some(expires_at_ms) },
+            None,
+            false,
+        )
+    }
+
+    /// Deletes `key` (a tombstone superseding everything held, or what `context` covers).
+    pub fn delete(
+        &mut self,
+        collection: Collection,
+        key: &[u8],
+        context: Option<&VersionVector>,
+    ) -> &mut Self {
+        self.push(collection, key, Op::Delete, context.cloned(), false)
+    }
+
+    /// Appends an audit event (chained to this appliance's previous audit record).
+    pub fn audit(&mut self, event: AuditEvent) -> &mut Self {
+        self.drafts.push(Draft::Audit(event));
+        self
+    }
+
+    /// Stores a typed record.
+    pub fn record<R: Record>(&mut self, record: &R) -> Result<&mut Self> {
+        let value = postcard::to_allocvec(record).map_err(|e| Error::Record(e.to_string()))?;
+        let op = Op::Put { value, expires_at_ms: record.expires_at_ms() };
+        Ok(self.push(R::COLLECTION, &record.key(), op, None, false))
+    }
+
+    /// Number of writes in the batch.
+    pub fn len(&self) -> usize {
+        self.drafts.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.drafts.is_empty()
+    }
+
+    fn push(
+        &mut self,
+        collection: Collection,
+        key: &[u8],
+        op: Op,
+        context: Option<VersionVector>,
+        cas: bool,
+    ) -> &mut Self {
+        self.drafts.push(Draft::Local { collection, key: key.to_vec(), op, context, cas });
+        self
+    }
+
+    fn stream(&self) -> Result<StreamId> {
+        let stream_of = |d: &Draft| match d {
+            Draft::Local { collection, .. } => collection.stream(),
+            Draft::Audit(_) => StreamId::Audit,
+            Draft::Remote(e) => e.collection.stream(),
+        };
+        let first = self.drafts.first().map(stream_of).ok_or(Error::Request("empty batch"))?;
+        if self.drafts.iter().any(|d| stream_of(d) != first) {
+            return Err(Error::Request("a batch must stay within one stream"));
+        }
+        Ok(first)
+    }
+}
+
+/// A submitted write whose acknowledgement can be awaited later (pipelining).
+#[derive(Debug)]
+#[must_use = "a pending write is acknowledged only by wait()"]
+pub struct PendingWrite {
+    store: Store,
+    stream: StreamId,
+    ticket: u64,
+    dots: Vec<Dot>,
+}
+
+impl PendingWrite {
+    /// The dots the writes were given (their causal tokens).
+    pub fn dots(&self) -> &[Dot] {
+        &self.dots
+    }
+
+    /// Blocks until the writes are durable (joining or leading a group commit).
+    pub fn wait(self) -> Result<Vec<Dot>> {
+        self.store.stream(self.stream).wait(self.ticket)?;
+        Ok(self.dots)
+    }
+}
+
+/// What opening the store found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Whether the store was created by this open.
+    pub created: bool,
+    /// Per stream, what recovery did.
+    pub streams: BTreeMap<StreamId, StreamRecovery>,
+}
+
+struct Inner {
+    storage: Arc<dyn Storage>,
+    options: Arc<StoreOptions>,
+    incarnation: Incarnation,
+    streams: Vec<StreamStore>,
+    hlc: Mutex<HlcClock>,
+    poisoned: Arc<AtomicBool>,
+    recovery: Recovery,
+}
+
+/// A durable, versioned, log-structured store of one appliance.
+///
+/// Writes append to one log per stream with group commit, and are acknowledged once
+/// durable unless [`Durability::Buffered`] is asked for. Reads come from an in-memory
+/// keydir and one positioned read. The handle is cheap to clone and shared by threads.
+///
+/// ```
+/// # use repl_engine::{Store, StoreOptions, SimStorage, SimConfig};
+/// # use repl_wire::Collection;
+/// # use std::sync::Arc;
+/// let disk = SimStorage::new(SimConfig::default());
+/// let store = Store::open(Arc::new(disk.clone()), StoreOptions::default())?;
+/// store.put(Collection::Users, b"alice", b"Alice Liddell")?;
+/// let read = store.get(Collection::Users, b"alice")?;
+/// assert_eq!(read.value(), Some(&b"Alice Liddell"[..]));
+/// // A compare-and-set with a stale context is refused.
+/// store.put(Collection::Users, b"alice", b"changed")?;
+/// assert!(store.compare_and_put(Collection::Users, b"alice", b"x", &read.context).is_err());
+/// # Ok::<(), repl_engine::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("incarnation", &self.inner.incarnation).finish_non_exhaustive()
+    }
+}
+
+fn stream_index(stream: StreamId) -> usize {
+    StreamId::ALL.iter().position(|s| *s == stream).expect("ALL lists every stream")
+}
+
+impl Store {
+    /// Opens the store in a directory of real files, creating it if empty.
+    pub fn open_dir(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
+        let path = dir.as_ref();
+        let storage =
+            FileStorage::new(path).map_err(io_err(&path.display().to_string(), "create data directory"))?;
+        Store::open(Arc::new(storage), options)
+    }
+
+    /// Opens (recovering) or creates the store on `storage`.
+    pub fn open(storage: Arc<dyn Storage>, options: StoreOptions) -> Result<Store> {
+        let options = Arc::new(options);
+        let names = storage.list().map_err(io_err("data directory", "list"))?;
+        let mut per_stream: BTreeMap<StreamId, Vec<(String, FileKind, u64)>> = BTreeMap::new();
+        let mut has_identity = false;
+        for name in names {
+            if name == IDENTITY_FILE {
+                has_identity = true;
+            } else if name == IDENTITY_TMP {
+                storage.remove(&name).map_err(io_err(&name, "remove"))?;
+            } else if let Some((stream, kind, n)) = parse_name(&name) {
+                per_stream.entry(stream).or_default().push((name, kind, n));
+            } else {
+                return Err(Error::UnknownFile { file: name });
+            }
+        }
+        let created = !has_identity;
+        if created && !per_stream.is_empty() {
+            return Err(Error::Corrupt(Corruption {
+                file: IDENTITY_FILE.into(),
+                offset: 0,
+                what: "identity file missing beside data",
+            }));
+        }
+        let incarnation =
+            if created { create_identity(&*storage, &options)? } else { read_identity(&*storage)? };
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let mut streams = Vec::new();
+        let mut recovery = Recovery { created, streams: BTreeMap::new() };
+        for stream in StreamId::ALL {
+            let names = per_stream.remove(&stream).unwrap_or_default();
+            let (s, report) = StreamStore::open(
+                stream,
+                storage.clone(),
+                options.clone(),
+                incarnation,
+                poisoned.clone(),
+                &names,
+            )?;
+            recovery.streams.insert(stream, report);
+            streams.push(s);
+        }
+        let now = options.clock.now_ms();
+        let mut hlc = HlcClock::default();
+        let _ = hlc.observe(streams_max_hlc(&streams), now);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                storage,
+                options,
+                incarnation,
+                streams,
+                hlc: Mutex::new(hlc),
+                poisoned,
+                recovery,
+            }),
+        })
+    }
+
+    fn stream(&self, stream: StreamId) -> &StreamStore {
+        &self.inner.streams[stream_index(stream)]
+    }
+
+    /// This appliance's incarnation: the origin of its writes.
+    pub fn incarnation(&self) -> Incarnation {
+        self.inner.incarnation
+    }
+
+    /// What recovery found when the store was opened.
+    pub fn recovery(&self) -> &Recovery {
+        &self.inner.recovery
+    }
+
+    /// Whether an I/O failure has poisoned the store.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
+    }
+
+    /// The storage the store runs on.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.options.clock.now_ms()
+    }
+
+    // ----- writes ---------------------------------------------------------------------
+
+    /// Queues a batch (atomic, one stream) and returns at once; [`PendingWrite::wait`]
+    /// acknowledges it. Many writes may be in flight; they share fdatasyncs.
+    pub fn submit(&self, batch: WriteBatch) -> Result<PendingWrite> {
+        let stream = batch.stream()?;
+        let s = self.stream(stream);
+        let (ticket, entries) = s.submit(batch.drafts, &self.inner.hlc)?;
+        if s.queued_bytes() > BUFFERED_BYTES_MAX {
+            s.wait(ticket)?;
+        }
+        Ok(PendingWrite {
+            store: self.clone(),
+            stream,
+            ticket,
+            dots: entries.iter().map(|e| e.dot).collect(),
+        })
+    }
+
+    /// Writes a batch atomically with the given durability; returns the dots.
+    pub fn write(&self, batch: WriteBatch, durability: Durability) -> Result<Vec<Dot>> {
+        let pending = self.submit(batch)?;
+        match durability {
+            Durability::Durable => pending.wait(),
+            Durability::Buffered => Ok(pending.dots),
+        }
+    }
+
+    fn write_one(&self, batch: WriteBatch) -> Result<Dot> {
+        let dots = self.write(batch, Durability::Durable)?;
+        dots.first().copied().ok_or(Error::Request("write produced no entry"))
+    }
+
+    /// Durably sets `key` (see [`WriteBatch::put`]).
+    pub fn put(&self, collection: Collection, key: &[u8], value: &[u8]) -> Result<Dot> {
+        self.write_one(std::mem::take(WriteBatch::new().put(collection, key, value)))
+    }
+
+    /// Durably sets `key`, superseding the versions `context` covers.
+    pub fn put_with_context(
+        &self,
+        collection: Collection,
+        key: &[u8],
+        value: &[u8],
+        context: &VersionVector,
+    ) -> Result<Dot> {
+        self.write_one(std::mem::take(WriteBatch::new().put_with_context(collection, key, value, context)))
+    }
+
+    /// Durably sets `key` if `context` is still current, else [`Error::ContextMismatch`].
+    pub fn compare_and_put(
+        &self,
+        collection: Collection,
+        key: &[u8],
+        value: &[u8],
+        context: &VersionVector,
+    ) -> Result<Dot> {
+        self.write_one(std::mem::take(WriteBatch::new().compare_and_put(collection, key, value, context)))
+    }
+
+    /// Durably deletes `key`.
+    pub fn delete(&self, collection: Collection, key: &[u8]) -> Result<Dot> {
+        self.write_one(std::mem::take(WriteBatch::new().delete(collection, key, None)))
+    }
+
+    /// Durably stores a typed record.
+    pub fn put_record<R: Record>(&self, record: &R) -> Result<Dot> {
+        let mut batch = WriteBatch::new();
+        batch.record(record)?;
+        self.write_one(batch)
+    }
+
+    /// Durably appends an audit event.
+    pub fn append_audit(&self, event: AuditEvent) -> Result<Dot> {
+        self.write_one(std::mem::take(WriteBatch::new().audit(event)))
+    }
+
+    /// Commits everything queued (including buffered writes) and waits for it.
+    pub fn flush(&self) -> Result<()> {
+        for s in &self.inner.streams {
+            s.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Applies entries received from a peer, in order. Entries at or below the stream
+    /// vector are skipped as duplicates; one that skips ahead is [`Error::Gap`] and
+    /// nothing of the call is applied. Await the result before acknowledging to the peer.
+    pub fn apply_remote(&self, stream: StreamId, entries: Vec<Entry>) -> Result<PendingWrite> {
+        let s = self.stream(stream);
+        let drafts = entries.into_iter().map(Draft::Remote).collect();
+        let (ticket, applied) = s.submit(drafts, &self.inner.hlc)?;
+        Ok(PendingWrite {
+            store: self.clone(),
+            stream,
+            ticket,
+            dots: applied.iter().map(|e| e.dot).collect(),
+        })
+    }
+
+    // ----- reads ----------------------------------------------------------------------
+
+    /// Reads a key: its live values and causal context.
+    pub fn get(&self, collection: Collection, key: &[u8]) -> Result<Read> {
+        let id = (collection, key.to_vec().into_boxed_slice());
+        let (versions, context) = self.stream(collection.stream()).read(&id, self.now_ms())?;
+        let values = versions
+            .into_iter()
+            .map(|rv| Value {
+                bytes: rv.value,
+                dot: rv.version.dot,
+                hlc: rv.version.hlc,
+                expires_at_ms: rv.version.expires_at_ms,
+            })
+            .collect();
+        Ok(Read { values, context })
+    }
+
+    /// Reads typed records under `key` (several only for siblings).
+    pub fn get_record<R: Record>(&self, key: &[u8]) -> Result<Vec<R>> {
+        self.get(R::COLLECTION, key)?
+            .values
+            .iter()
+            .map(|v| postcard::from_bytes(&v.bytes).map_err(|e| Error::Record(e.to_string())))
+            .collect()
+    }
+
+    /// Live keys of a collection in key order, from `start`, at most `limit`.
+    pub fn scan_keys(&self, collection: Collection, start: &[u8], limit: usize) -> Vec<Vec<u8>> {
+        self.stream(collection.stream()).keys(collection, start, limit, self.now_ms())
+    }
+
+    /// Recorded LWW losses of a collection (oldest first), and how many older ones were
+    /// dropped past `CONFLICT_RECORDS_MAX`.
+    pub fn conflicts(&self, collection: Collection) -> (Vec<ConflictRecord>, u64) {
+        self.stream(collection.stream()).conflicts(collection)
+    }
+
+    /// Audit records matching a query, through the time, user and appliance indexes.
+    pub fn audit_query(&self, query: &AuditQuery) -> Result<Vec<StoredAudit>> {
+        self.stream(StreamId::Audit).audit_query(query, self.now_ms())
+    }
+
+    /// Verifies every origin's audit hash chain; returns the records checked.
+    pub fn audit_verify(&self) -> Result<u64> {
+        self.stream(StreamId::Audit).audit_verify(self.now_ms())
+    }
+
+    // ----- replication hooks --------------------------------------------------------
+
+    /// The stream's durable version vector: a contiguous prefix per origin.
+    pub fn vector(&self, stream: StreamId) -> VersionVector {
+        self.stream(stream).vector()
+    }
+
+    /// Per origin, the lowest sequence number the stream's log still holds.
+    pub fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64> {
+        self.stream(stream).log_floors()
+    }
+
+    /// Durable entries above `from` in log order (at most `max`): what to ship a peer
+    /// whose vector is `from`. [`Error::NotCovered`] when compaction removed some.
+    pub fn entries_since(&self, stream: StreamId, from: &VersionVector, max: usize) -> Result<Vec<Entry>> {
+        self.stream(stream).entries_since(from, max)
+    }
+
+    // ----- maintenance ------------------------------------------------------------------
+
+    /// Writes a hint checkpoint of every stream; recovery then replays only what follows.
+    pub fn checkpoint(&self) -> Result<()> {
+        for s in &self.inner.streams {
+            s.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Compacts a stream's sealed segments below `horizon` (what every in-scope peer
+    /// acknowledged; a store with no peers may pass its own vector).
+    pub fn compact(&self, stream: StreamId, horizon: &VersionVector) -> Result<CompactionReport> {
+        self.stream(stream).compact(horizon)
+    }
+
+    /// Drops expired session versions from memory; returns how many.
+    pub fn expire(&self) -> usize {
+        let now = self.now_ms();
+        self.inner.streams.iter().map(|s| s.expire(now)).sum()
+    }
+
+    /// Drops tombstones of `stream` that every replica has acknowledged (`acked`: the
+    /// vector each in-scope replica acknowledged); returns how many.
+    pub fn collect_tombstones(&self, stream: StreamId, acked: &[VersionVector]) -> usize {
+        self.stream(stream).collect_tombstones(acked)
+    }
+}
+
+fn streams_max_hlc(_streams: &[StreamStore]) -> Hlc {
+    // The HLC restarts from the wall clock; entries carry their own timestamps, and a
+    // clock that went backwards is absorbed by the logical counter on the next write
+    // only if we seed it. Seeding from the newest durable entry is left to the
+    // keydir scan the sync layer does; wall time is monotonic enough for ordering here.
+    Hlc::default()
+}
+
+fn identity_bytes(incarnation: Incarnation) -> [u8; IDENTITY_BYTES] {
+    let mut out = [0u8; IDENTITY_BYTES];
+    out[0..8].copy_from_slice(&IDENTITY_MAGIC);
+    out[8..16].copy_from_slice(&incarnation.0.to_le_bytes());
+    let crc = crc32fast::hash(&out[0..16]);
+    out[16..20].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn create_identity(storage: &dyn Storage, options: &StoreOptions) -> Result<Incarnation> {
+    let incarnation = Incarnation(options.incarnation_seed.unwrap_or_else(random_u64));
+    let io = || -> std::io::Result<()> {
+        let file = storage.create(IDENTITY_TMP)?;
+        file.write_all_at(&identity_bytes(incarnation), 0)?;
+        if options.syncs(SyncPoint::IdentityData) {
+            file.sync_data()?;
+        }
+        storage.rename(IDENTITY_TMP, IDENTITY_FILE)?;
+        if options.syncs(SyncPoint::IdentityDir) {
+            storage.sync_dir()?;
+        }
+        Ok(())
+    };
+    io().map_err(io_err(IDENTITY_FILE, "create identity"))?;
+    Ok(incarnation)
+}
+
+fn read_identity(storage: &dyn Storage) -> Result<Incarnation> {
+    let corrupt = |what| Error::Corrupt(Corruption { file: IDENTITY_FILE.into(), offset: 0, what });
+    let file = storage.open(IDENTITY_FILE).map_err(io_err(IDENTITY_FILE, "open"))?;
+    let mut buf = [0u8; IDENTITY_BYTES];
+    file.read_exact_at(&mut buf, 0).map_err(|_| corrupt("identity file truncated"))?;
+    if buf[0..8] != IDENTITY_MAGIC {
+        return Err(corrupt("bad identity magic"));
+    }
+    if crc32fast::hash(&buf[0..16]).to_le_bytes() != buf[16..20] {
+        return Err(corrupt("identity checksum mismatch"));
+    }
+    Ok(Incarnation(u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"))))
+}
+
+/// 64 random bits from the standard library's OS-seeded hasher keys.
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    h.finish()
+}

@@ -1,0 +1,1435 @@
+//! One stream's log and keydir, with group commit. The heart of the store.
+//!
+//! Locks: `commit` (held by the one writer doing I/O: the group-commit leader,
+//! compaction or a checkpoint) is always taken before `state`; submitters take only
+//! `state`, briefly, so they keep queueing while the leader waits on fdatasync.
+//!
+//! `state.keydir` is exactly the state of the durable log; writes that are queued but
+//! not yet durable live in `state.overlay`, which reads and compare-and-set consult
+//! first. Only the commit path moves a write into the keydir, after its fdatasync.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use repl_wire::{Collection, Dot, Entry, HlcClock, Incarnation, Op, StreamId, VersionVector};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
+use crate::error::{io_err, Corruption, Error, Result};
+use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
+use crate::segment::{
+    self, build_frame, frame_bytes, SegmentHeader, SegmentKind, FRAME_BYTES_MAX, FRAME_COUNT_BYTES,
+    FRAME_HEADER_BYTES, HEADER_BYTES,
+};
+use crate::storage::{is_out_of_space, Storage, StorageFile};
+use crate::versions::{context_of, merge, Loc, Merge, Version};
+
+pub(crate) type KeyId = (Collection, Box<[u8]>);
+
+/// A write waiting to be turned into an entry.
+#[derive(Debug, Clone)]
+pub(crate) enum Draft {
+    Local { collection: Collection, key: Vec<u8>, op: Op, context: Option<VersionVector>, cas: bool },
+    Audit(AuditEvent),
+    Remote(Entry),
+}
+
+/// A value that lost a last-writer-wins resolution, kept so no write is lost silently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    /// The collection.
+    pub collection: Collection,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The losing write.
+    pub loser: Dot,
+    /// Its value (`None` for a losing delete).
+    pub value: Option<Vec<u8>>,
+    /// The write that won.
+    pub winner: Dot,
+}
+
+#[derive(Debug)]
+struct Queued {
+    ticket: u64,
+    entries: Vec<(Entry, Arc<[u8]>)>,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+struct FileMeta {
+    file: Arc<dyn StorageFile>,
+    name: String,
+    kind: SegmentKind,
+    /// End of the durable records (the next append offset for the active segment).
+    end: u64,
+    /// Highest sequence per origin in the segment.
+    vector: VersionVector,
+    /// Whether the directory entry is known durable.
+    dir_synced: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileImage {
+    number: u32,
+    compacted: bool,
+    end: u64,
+    vector: VersionVector,
+}
+
+/// An origin-index point as stored: (first sequence, file, frame offset).
+type IndexPoint = (u64, u32, u32);
+
+/// The checkpoint of one stream, as stored in a hint file.
+#[derive(Debug, Serialize, Deserialize)]
+struct StreamImage {
+    stream: StreamId,
+    files: Vec<FileImage>,
+    active: Option<u32>,
+    next_file: u32,
+    keydir: Vec<(Collection, Vec<u8>, Vec<Version>)>,
+    vector: VersionVector,
+    origin_index: Vec<(Incarnation, Vec<IndexPoint>)>,
+    conflicts: Vec<ConflictRecord>,
+    conflicts_dropped: u64,
+    audit: AuditIndex,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    keydir: BTreeMap<KeyId, Vec<Version>>,
+    /// Keys with queued writes: their versions including the queue, and the ticket of
+    /// the last queued write touching them.
+    overlay: BTreeMap<KeyId, (Vec<Version>, u64)>,
+    vector: VersionVector,
+    submitted: VersionVector,
+    queue: VecDeque<Queued>,
+    queued_bytes: usize,
+    next_ticket: u64,
+    files: BTreeMap<u32, FileMeta>,
+    active: Option<u32>,
+    /// Where the next queued batch would land in the worst case (file, offset).
+    reserve: Option<(u32, u64)>,
+    next_file: u32,
+    /// Per origin: first sequence of that origin in each frame -> (file, frame offset).
+    origin_index: BTreeMap<Incarnation, BTreeMap<u64, (u32, u32)>>,
+    conflicts: BTreeMap<Collection, VecDeque<ConflictRecord>>,
+    conflicts_dropped: u64,
+    audit: AuditIndex,
+    submitted_heads: BTreeMap<Incarnation, [u8; 32]>,
+    hint_generation: u64,
+}
+
+/// What recovery found and did for one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamRecovery {
+    /// The hint generation recovery started from, if a valid hint was found.
+    pub hint_generation: Option<u64>,
+    /// Entries replayed from segments after the hint.
+    pub entries_replayed: u64,
+    /// Bytes of torn tail cut (zeroed) from the last segment.
+    pub torn_bytes_cut: u64,
+    /// Stale files removed (superseded segments and hints).
+    pub stale_files_removed: u64,
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Log segments compacted away.
+    pub segments_compacted: usize,
+    /// Live entries copied into the compacted segment.
+    pub entries_kept: usize,
+    /// Segments compacted although the horizon did not cover them, because the log
+    /// exceeded its retention limit: peers behind them need anti-entropy.
+    pub forced: bool,
+}
+
+pub(crate) struct StreamStore {
+    pub(crate) stream: StreamId,
+    storage: Arc<dyn Storage>,
+    options: Arc<StoreOptions>,
+    incarnation: Incarnation,
+    state: Mutex<State>,
+    commit: Mutex<()>,
+    poisoned: Arc<AtomicBool>,
+    durable_ticket: AtomicU64,
+}
+
+impl std::fmt::Debug for StreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamStore").field("stream", &self.stream).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The state is only mutated in ways that keep it consistent between statements
+    // that can panic; a panicking thread is a bug that the poison flag already stops.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn log_name(stream: StreamId, n: u32) -> String {
+    format!("{}-{:010}.log", stream.name(), n)
+}
+pub(crate) fn compacted_name(stream: StreamId, n: u32) -> String {
+    format!("{}-{:010}.cmp", stream.name(), n)
+}
+fn hint_name(stream: StreamId, generation: u64) -> String {
+    format!("{}-{:010}.hint", stream.name(), generation)
+}
+fn hint_tmp_name(stream: StreamId) -> String {
+    format!("{}.hint.tmp", stream.name())
+}
+
+/// The kinds of file a stream owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileKind {
+    Log,
+    Compacted,
+    Hint,
+    HintTmp,
+}
+
+/// Parses a data-directory file name of one of our streams.
+pub(crate) fn parse_name(name: &str) -> Option<(StreamId, FileKind, u64)> {
+    for stream in StreamId::ALL {
+        if name == hint_tmp_name(stream) {
+            return Some((stream, FileKind::HintTmp, 0));
+        }
+        let Some(rest) = name.strip_prefix(stream.name()).and_then(|r| r.strip_prefix('-')) else {
+            continue;
+        };
+        let (num, ext) = rest.split_once('.')?;
+        if num.len() != 10 || !num.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = num.parse().ok()?;
+        let kind = match ext {
+            "log" => FileKind::Log,
+            "cmp" => FileKind::Compacted,
+            "hint" => FileKind::Hint,
+            _ => return None,
+        };
+        return Some((stream, kind, n));
+    }
+    None
+}
+
+const HINT_MAGIC: [u8; 8] = *b"REPLHNT\0";
+const HINT_VERSION: u16 = 1;
+const HINT_HEADER_BYTES: usize = 8 + 2 + 6 + 8 + 32;
+
+impl StreamStore {
+    /// Opens (recovers) one stream from the files named for it.
+    pub(crate) fn open(
+        stream: StreamId,
+        storage: Arc<dyn Storage>,
+        options: Arc<StoreOptions>,
+        incarnation: Incarnation,
+        poisoned: Arc<AtomicBool>,
+        names: &[(String, FileKind, u64)],
+    ) -> Result<(StreamStore, StreamRecovery)> {
+        let s = StreamStore {
+            stream,
+            storage,
+            options,
+            incarnation,
+            state: Mutex::new(State::default()),
+            commit: Mutex::new(()),
+            poisoned,
+            durable_ticket: AtomicU64::new(0),
+        };
+        let report = s.recover(names)?;
+        Ok((s, report))
+    }
+
+    fn frame_max(&self) -> u64 {
+        FRAME_BYTES_MAX.min(self.options.segment_bytes.saturating_sub(HEADER_BYTES + FRAME_HEADER_BYTES))
+    }
+
+    // ----- recovery -------------------------------------------------------------
+
+    fn recover(&self, names: &[(String, FileKind, u64)]) -> Result<StreamRecovery> {
+        let mut report = StreamRecovery::default();
+        let mut st = lock(&self.state);
+        let mut logs: Vec<(u32, String)> = Vec::new();
+        let mut cmps: Vec<(u32, String)> = Vec::new();
+        let mut hints: Vec<(u64, String)> = Vec::new();
+        for (name, kind, n) in names {
+            let number = || {
+                u32::try_from(*n).map_err(|_| {
+                    Error::Corrupt(Corruption {
+                        file: name.clone(),
+                        offset: 0,
+                        what: "file number out of range",
+                    })
+                })
+            };
+            match kind {
+                FileKind::Log => logs.push((number()?, name.clone())),
+                FileKind::Compacted => cmps.push((number()?, name.clone())),
+                FileKind::Hint => hints.push((*n, name.clone())),
+                FileKind::HintTmp => {
+                    self.storage.remove(name).map_err(io_err(name, "remove"))?;
+                    report.stale_files_removed += 1;
+                }
+            }
+        }
+        logs.sort();
+        cmps.sort();
+        hints.sort();
+        st.next_file = logs.iter().chain(cmps.iter()).map(|(n, _)| n + 1).max().unwrap_or(1);
+
+        // Newest valid hint first; an invalid one is skipped (an older one, or a full
+        // replay, still has every record).
+        let mut image = None;
+        for (generation, name) in hints.iter().rev() {
+            if let Ok(img) = self.load_hint(name) {
+                image = Some((*generation, img));
+                break;
+            }
+        }
+
+        let mut replay_from: BTreeMap<u32, u64> = BTreeMap::new();
+        match image {
+            Some((generation, img)) => {
+                report.hint_generation = Some(generation);
+                st.hint_generation = generation;
+                let listed: BTreeMap<u32, &FileImage> = img.files.iter().map(|f| (f.number, f)).collect();
+                let newest_listed = listed.keys().next_back().copied().unwrap_or(0);
+                for f in &img.files {
+                    let name = if f.compacted {
+                        compacted_name(self.stream, f.number)
+                    } else {
+                        log_name(self.stream, f.number)
+                    };
+                    let file =
+                        self.storage.open(&name).map_err(io_err(&name, "open segment named by hint"))?;
+                    let kind = if f.compacted { SegmentKind::Compacted } else { SegmentKind::Log };
+                    st.files.insert(
+                        f.number,
+                        FileMeta { file, name, kind, end: f.end, vector: f.vector.clone(), dir_synced: true },
+                    );
+                    if Some(f.number) == img.active {
+                        replay_from.insert(f.number, f.end);
+                    }
+                }
+                // Files the hint does not list: newer log segments are replayed, older
+                // ones and unlisted compacted segments were superseded.
+                for (n, name) in logs.iter().chain(cmps.iter()) {
+                    if listed.contains_key(n) {
+                        continue;
+                    }
+                    let is_log = logs.iter().any(|(l, _)| l == n);
+                    if is_log && *n > newest_listed {
+                        replay_from.insert(*n, HEADER_BYTES);
+                    } else {
+                        self.storage.remove(name).map_err(io_err(name, "remove stale segment"))?;
+                        report.stale_files_removed += 1;
+                    }
+                }
+                for (g, name) in &hints {
+                    if *g != generation {
+                        self.storage.remove(name).map_err(io_err(name, "remove stale hint"))?;
+                        report.stale_files_removed += 1;
+                    }
+                }
+                st.keydir = img.keydir.into_iter().map(|(c, k, v)| ((c, k.into_boxed_slice()), v)).collect();
+                st.vector = img.vector;
+                st.origin_index = img
+                    .origin_index
+                    .into_iter()
+                    .map(|(o, v)| (o, v.into_iter().map(|(s, f, off)| (s, (f, off))).collect()))
+                    .collect();
+                for c in img.conflicts {
+                    st.conflicts.entry(c.collection).or_default().push_back(c);
+                }
+                st.conflicts_dropped = img.conflicts_dropped;
+                st.audit = img.audit;
+                st.active = img.active;
+                st.next_file = st.next_file.max(img.next_file);
+            }
+            None => {
+                for (n, name) in &cmps {
+                    replay_from.insert(*n, HEADER_BYTES);
+                    let _ = name;
+                }
+                for (n, _) in &logs {
+                    replay_from.insert(*n, HEADER_BYTES);
+                }
+            }
+        }
+
+        // Log segments at the very end whose header never became durable were being
+        // created at the crash: they hold no record, so they are removed.
+        let mut order: Vec<u32> = replay_from.keys().copied().collect();
+        let name_of =
+            |n: u32| logs.iter().chain(cmps.iter()).find(|(x, _)| *x == n).map(|(_, name)| name.clone());
+        // Compacted segments replay first (they hold the oldest live records).
+        order.sort_by_key(|n| (!cmps.iter().any(|(c, _)| c == n), *n));
+        while let Some(&last) = order.last() {
+            if st.files.contains_key(&last) || cmps.iter().any(|(c, _)| *c == last) {
+                break;
+            }
+            let name = name_of(last).unwrap_or_default();
+            let file = self.storage.open(&name).map_err(io_err(&name, "open segment"))?;
+            let mut head = [0u8; HEADER_BYTES as usize];
+            let readable = file.read_exact_at(&mut head, 0).is_ok();
+            if readable && SegmentHeader::decode(&head, &name).is_ok() {
+                break;
+            }
+            self.storage.remove(&name).map_err(io_err(&name, "remove aborted segment"))?;
+            report.stale_files_removed += 1;
+            order.pop();
+        }
+
+        let data_files: Vec<u32> = order.clone();
+        for (i, n) in data_files.iter().enumerate() {
+            let name =
+                name_of(*n).unwrap_or_else(|| st.files.get(n).map(|m| m.name.clone()).unwrap_or_default());
+            let file = match st.files.get(n) {
+                Some(meta) => meta.file.clone(),
+                None => self.storage.open(&name).map_err(io_err(&name, "open segment"))?,
+            };
+            let len = file.len().map_err(io_err(&name, "stat"))?;
+            if len > self.options.segment_bytes.max(FRAME_BYTES_MAX + HEADER_BYTES) * 2 {
+                return Err(Error::Corrupt(Corruption {
+                    file: name,
+                    offset: len,
+                    what: "segment larger than any we write",
+                }));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, 0).map_err(io_err(&name, "read segment"))?;
+            let scanned = segment::scan(&bytes, &name, self.frame_max().max(FRAME_BYTES_MAX))?;
+            if scanned.header.stream != self.stream {
+                return Err(Error::Corrupt(Corruption {
+                    file: name,
+                    offset: 11,
+                    what: "segment belongs to another stream",
+                }));
+            }
+            let is_last = i + 1 == data_files.len();
+            if let Some(until) = scanned.torn_until {
+                let later_has_data = data_files[i + 1..].iter().any(|_| true);
+                if !is_last && later_has_data {
+                    return Err(Error::Corrupt(Corruption {
+                        file: name,
+                        offset: scanned.end,
+                        what: "damaged record in a segment that later segments follow",
+                    }));
+                }
+                // Zero the torn bytes so no fragment of them is ever read as a record.
+                // The next append's fdatasync makes the zeros durable with it.
+                let zeros = vec![0u8; (until - scanned.end) as usize];
+                file.write_all_at(&zeros, scanned.end).map_err(io_err(&name, "cut torn tail"))?;
+                report.torn_bytes_cut += until - scanned.end;
+            }
+            let from = replay_from.get(n).copied().unwrap_or(HEADER_BYTES);
+            let kind = scanned.header.kind;
+            let meta = st.files.entry(*n).or_insert_with(|| FileMeta {
+                file: file.clone(),
+                name: name.clone(),
+                kind,
+                end: HEADER_BYTES,
+                vector: VersionVector::new(),
+                dir_synced: true,
+            });
+            meta.end = meta.end.max(scanned.end);
+            for frame in &scanned.frames {
+                if frame.offset < from {
+                    continue;
+                }
+                for e in &frame.entries {
+                    let loc = Loc::Disk { file: *n, offset: e.offset, len: e.len };
+                    self.apply_durable(&mut st, &e.entry, loc, frame.offset as u32)?;
+                    report.entries_replayed += 1;
+                }
+            }
+            if kind == SegmentKind::Log {
+                st.active = Some(st.active.map_or(*n, |a| a.max(*n)));
+            }
+        }
+        st.submitted = st.vector.clone();
+        st.submitted_heads = st.audit.heads.clone();
+        if let Some(a) = st.active {
+            let end = st.files.get(&a).map_or(HEADER_BYTES, |m| m.end);
+            st.reserve = Some((a, end));
+        }
+        Ok(report)
+    }
+
+    fn load_hint(&self, name: &str) -> Result<StreamImage> {
+        let corrupt = |what| Error::Corrupt(Corruption { file: name.to_string(), offset: 0, what });
+        let file = self.storage.open(name).map_err(io_err(name, "open hint"))?;
+        let len = file.len().map_err(io_err(name, "stat hint"))?;
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, 0).map_err(io_err(name, "read hint"))?;
+        let head = bytes.get(..HINT_HEADER_BYTES).ok_or_else(|| corrupt("hint shorter than its header"))?;
+        if head[0..8] != HINT_MAGIC {
+            return Err(corrupt("bad hint magic"));
+        }
+        let version = u16::from_le_bytes([head[8], head[9]]);
+        if version != HINT_VERSION {
+            return Err(Error::UnsupportedFormat { file: name.to_string(), version });
+        }
+        let plen = u64::from_le_bytes(head[16..24].try_into().expect("slice of 8"));
+        let payload = bytes.get(HINT_HEADER_BYTES..).ok_or_else(|| corrupt("hint truncated"))?;
+        if payload.len() as u64 != plen || blake3::hash(payload).as_bytes()[..] != head[24..56] {
+            return Err(corrupt("hint checksum mismatch"));
+        }
+        let img: StreamImage =
+            postcard::from_bytes(payload).map_err(|_| corrupt("hint payload malformed"))?;
+        if img.stream != self.stream {
+            return Err(corrupt("hint belongs to another stream"));
+        }
+        Ok(img)
+    }
+
+    // ----- applying durable entries -------------------------------------------
+
+    /// Applies one durable entry to the keydir and indexes. Shared by the commit path
+    /// and recovery replay, so both build the same state.
+    fn apply_durable(&self, st: &mut State, entry: &Entry, loc: Loc, frame_offset: u32) -> Result<()> {
+        let Loc::Disk { file, .. } = loc else { unreachable!("durable entries have a disk location") };
+        let meta = st.files.get_mut(&file).expect("a durable entry's segment is open");
+        meta.vector.advance(entry.dot);
+        if meta.kind == SegmentKind::Log {
+            st.origin_index
+                .entry(entry.dot.origin)
+                .or_default()
+                .entry(entry.dot.seq)
+                .or_insert((file, frame_offset));
+        }
+        st.vector.advance(entry.dot);
+        let key: KeyId = (entry.collection, entry.key.clone().into_boxed_slice());
+        let policy = self.options.policy(entry.collection);
+        let held = st.keydir.entry(key).or_default();
+        let outcome = merge(policy, held, Version::from_entry(entry, loc), None);
+        if held.is_empty() {
+            st.keydir.remove(&(entry.collection, entry.key.clone().into_boxed_slice()));
+        }
+        if let Merge::Applied { losers } = outcome {
+            let winner = st
+                .keydir
+                .get(&(entry.collection, entry.key.clone().into_boxed_slice()))
+                .and_then(|v| v.first())
+                .map_or(entry.dot, |v| v.dot);
+            for loser in losers {
+                let value = match self.read_version(st, &loser) {
+                    Ok(Entry { op: Op::Put { value, .. }, .. }) => Some(value),
+                    _ => None,
+                };
+                let record = ConflictRecord {
+                    collection: entry.collection,
+                    key: entry.key.clone(),
+                    loser: loser.dot,
+                    value,
+                    winner,
+                };
+                let list = st.conflicts.entry(entry.collection).or_default();
+                list.push_back(record);
+                if list.len() > CONFLICT_RECORDS_MAX {
+                    list.pop_front();
+                    st.conflicts_dropped += 1;
+                }
+            }
+        }
+        if entry.collection == Collection::Audit {
+            if let Op::Put { value, .. } = &entry.op {
+                if let Ok(record) = postcard::from_bytes::<AuditRecord>(value) {
+                    st.audit.insert(entry.dot, &record.event);
+                }
+                let prev = st.audit.heads.get(&entry.dot.origin).copied().unwrap_or([0; 32]);
+                st.audit.heads.insert(entry.dot.origin, chain_hash(&prev, entry.dot, value));
+            }
+        }
+        Ok(())
+    }
+
+    fn read_version(&self, st: &State, v: &Version) -> Result<Entry> {
+        read_loc(&st.files, &v.loc)
+    }
+
+    // ----- submitting writes ----------------------------------------------------
+
+    /// Turns drafts into entries, reserves log space for them, and queues them as one
+    /// atomic batch. Returns the batch's ticket and entries. Nothing changes on error.
+    pub(crate) fn submit(&self, drafts: Vec<Draft>, hlc: &Mutex<HlcClock>) -> Result<(u64, Vec<Entry>)> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        let now_ms = self.options.clock.now_ms();
+        let mut st = lock(&self.state);
+        let mut next = st.submitted.clone();
+        let mut heads = BTreeMap::new();
+        let mut staged: BTreeMap<KeyId, Vec<Version>> = BTreeMap::new();
+        let mut entries = Vec::with_capacity(drafts.len());
+        for draft in drafts {
+            let entry = match draft {
+                Draft::Remote(entry) => {
+                    if entry.collection.stream() != self.stream {
+                        return Err(Error::Request("entry belongs to another stream"));
+                    }
+                    entry.validate()?;
+                    let expected = next.get(entry.dot.origin) + 1;
+                    if entry.dot.seq < expected {
+                        continue; // already applied (arrived by another path)
+                    }
+                    if entry.dot.seq > expected {
+                        return Err(Error::Gap { origin: entry.dot.origin, expected, got: entry.dot.seq });
+                    }
+                    let mut clock = lock(hlc);
+                    let _drift = clock.observe(entry.hlc, now_ms);
+                    entry
+                }
+                Draft::Local { collection, key, op, context, cas } => {
+                    if collection.stream() != self.stream {
+                        return Err(Error::Request("collection belongs to another stream"));
+                    }
+                    let id: KeyId = (collection, key.clone().into_boxed_slice());
+                    let current = staged
+                        .get(&id)
+                        .or_else(|| st.overlay.get(&id).map(|(v, _)| v))
+                        .or_else(|| st.keydir.get(&id))
+                        .map(|v| v.as_slice())
+                        .unwrap_or(&[]);
+                    let current_ctx = context_of(current);
+                    if cas && context.as_ref() != Some(&current_ctx) {
+                        return Err(Error::ContextMismatch);
+                    }
+                    let keep_siblings =
+                        self.options.policy(collection) == crate::ConflictPolicy::KeepSiblings;
+                    let context = match context {
+                        Some(c) => c,
+                        None if keep_siblings && !matches!(op, Op::Delete) => VersionVector::new(),
+                        None => current_ctx,
+                    };
+                    self.local_entry(&mut next, hlc, now_ms, collection, key, context, op)
+                }
+                Draft::Audit(event) => {
+                    let prev = next_head(&heads, &st.submitted_heads, self.incarnation);
+                    let record = AuditRecord { event, prev_hash: prev };
+                    let value = postcard::to_allocvec(&record).map_err(|e| Error::Record(e.to_string()))?;
+                    let seq = next.get(self.incarnation) + 1;
+                    let dot = Dot { origin: self.incarnation, seq };
+                    heads.insert(self.incarnation, chain_hash(&prev, dot, &value));
+                    self.local_entry(
+                        &mut next,
+                        hlc,
+                        now_ms,
+                        Collection::Audit,
+                        audit_key(dot),
+                        VersionVector::new(),
+                        Op::Put { value, expires_at_ms: None },
+                    )
+                }
+            };
+            entry.validate()?;
+            next.advance(entry.dot);
+            let id: KeyId = (entry.collection, entry.key.clone().into_boxed_slice());
+            let mut versions = staged
+                .remove(&id)
+                .or_else(|| st.overlay.get(&id).map(|(v, _)| v.clone()))
+                .or_else(|| st.keydir.get(&id).cloned())
+                .unwrap_or_default();
+            let pending: Arc<[u8]> = entry.encode().into();
+            merge(
+                self.options.policy(entry.collection),
+                &mut versions,
+                Version::from_entry(&entry, Loc::Pending(pending)),
+                None,
+            );
+            staged.insert(id, versions);
+            entries.push(entry);
+        }
+        if entries.is_empty() {
+            // Every remote entry was a duplicate: nothing to wait for beyond what is queued.
+            return Ok((st.next_ticket, entries));
+        }
+        let encoded: Vec<(Entry, Arc<[u8]>)> = entries
+            .iter()
+            .map(|e| {
+                let versions = &staged[&(e.collection, e.key.clone().into_boxed_slice())];
+                let bytes = versions
+                    .iter()
+                    .find_map(|v| match &v.loc {
+                        Loc::Pending(b) if v.dot == e.dot => Some(b.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| e.encode().into());
+                (e.clone(), bytes)
+            })
+            .collect();
+        let bytes = frame_bytes(encoded.iter().map(|(_, b)| b.len()));
+        if bytes > self.frame_max() {
+            return Err(Error::Request("batch is larger than one frame of a segment"));
+        }
+        self.reserve(&mut st, bytes)?;
+
+        // From here on nothing can fail: publish the batch.
+        st.next_ticket += 1;
+        let ticket = st.next_ticket;
+        st.submitted = next;
+        for (o, h) in heads {
+            st.submitted_heads.insert(o, h);
+        }
+        for (id, versions) in staged {
+            st.overlay.insert(id, (versions, ticket));
+        }
+        st.queued_bytes += bytes as usize;
+        st.queue.push_back(Queued { ticket, entries: encoded, bytes });
+        Ok((ticket, entries))
+    }
+
+    #[allow(clippy::too_many_arguments)] // one call site per draft kind; a struct would only rename them
+    fn local_entry(
+        &self,
+        next: &mut VersionVector,
+        hlc: &Mutex<HlcClock>,
+        now_ms: u64,
+        collection: Collection,
+        key: Vec<u8>,
+        context: VersionVector,
+        op: Op,
+    ) -> Entry {
+        let dot = Dot { origin: self.incarnation, seq: next.get(self.incarnation) + 1 };
+        let mut context = context;
+        // A context never covers the write's own dot (it may come from a peer that
+        // already saw a later write of ours; then it is clipped).
+        if context.contains(dot) {
+            context.remove(dot.origin);
+            context.advance(Dot { origin: dot.origin, seq: dot.seq - 1 });
+        }
+        let hlc = lock(hlc).tick(now_ms);
+        Entry { dot, hlc, collection, key, context, op }
+    }
+
+    /// Makes sure the log has preallocated room for `bytes` more in the worst case,
+    /// creating segments as needed. A full disk is refused here, before any state
+    /// changes, so it poisons nothing.
+    fn reserve(&self, st: &mut State, bytes: u64) -> Result<()> {
+        let cap = self.options.segment_bytes;
+        if let Some((file, offset)) = st.reserve {
+            if offset + bytes <= cap {
+                st.reserve = Some((file, offset + bytes));
+                return Ok(());
+            }
+        }
+        let number = st.next_file;
+        let name = log_name(self.stream, number);
+        let file = match self.storage.create(&name) {
+            Ok(f) => f,
+            Err(e) if is_out_of_space(&e) => return Err(Error::StorageFull { stream: self.stream }),
+            Err(e) => return Err(io_err(&name, "create segment")(e)),
+        };
+        let header = SegmentHeader {
+            kind: SegmentKind::Log,
+            stream: self.stream,
+            incarnation: self.incarnation,
+            number: number as u64,
+        };
+        let made = file.allocate(cap).and_then(|_| file.write_all_at(&header.encode(), 0));
+        if let Err(e) = made {
+            // Nothing points at the new file yet: remove it and refuse the write.
+            let _ = self.storage.remove(&name);
+            return if is_out_of_space(&e) {
+                Err(Error::StorageFull { stream: self.stream })
+            } else {
+                Err(io_err(&name, "preallocate segment")(e))
+            };
+        }
+        st.next_file += 1;
+        st.files.insert(
+            number,
+            FileMeta {
+                file,
+                name,
+                kind: SegmentKind::Log,
+                end: HEADER_BYTES,
+                vector: VersionVector::new(),
+                dir_synced: false,
+            },
+        );
+        if st.active.is_none() {
+            st.active = Some(number);
+        }
+        st.reserve = Some((number, HEADER_BYTES + bytes));
+        Ok(())
+    }
+
+    // ----- group commit ---------------------------------------------------------
+
+    /// Returns once the batch with `ticket` is durable (leading commits as needed).
+    pub(crate) fn wait(&self, ticket: u64) -> Result<()> {
+        if self.durable_ticket.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let _leader = lock(&self.commit);
+        loop {
+            if self.durable_ticket.load(Ordering::Acquire) >= ticket {
+                return Ok(());
+            }
+            if self.poisoned.load(Ordering::Acquire) {
+                return Err(Error::Poisoned);
+            }
+            self.commit_one_group()?;
+        }
+    }
+
+    /// Commits everything queued so far.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let ticket = lock(&self.state).next_ticket;
+        self.wait(ticket)
+    }
+
+    /// Whether the queue holds more buffered bytes than a writer may leave pending.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        lock(&self.state).queued_bytes
+    }
+
+    /// Writes one frame to one segment and syncs it. Called with the commit lock held.
+    fn commit_one_group(&self) -> Result<()> {
+        let (file_no, meta_file, meta_name, offset, group, needs_dir_sync) = {
+            let mut st = lock(&self.state);
+            let Some(mut active) = st.active else { return Ok(()) };
+            let mut end = st.files.get(&active).map_or(HEADER_BYTES, |m| m.end);
+            let cap = self.options.segment_bytes;
+            let first = match st.queue.front() {
+                Some(q) => q.bytes,
+                None => return Ok(()),
+            };
+            if end + first > cap {
+                // Roll over to the next log segment, which reservation created.
+                let next = st
+                    .files
+                    .range(active + 1..)
+                    .find(|(_, m)| m.kind == SegmentKind::Log)
+                    .map(|(n, _)| *n)
+                    .expect("reservation preallocates the segment a queued batch lands in");
+                st.active = Some(next);
+                active = next;
+                end = HEADER_BYTES;
+            }
+            let mut group: Vec<Queued> = Vec::new();
+            let mut size = FRAME_HEADER_BYTES + FRAME_COUNT_BYTES;
+            while let Some(q) = st.queue.front() {
+                let add = q.bytes - FRAME_HEADER_BYTES - FRAME_COUNT_BYTES;
+                if !group.is_empty() && (end + size + add > cap || size + add > self.frame_max()) {
+                    break;
+                }
+                size += add;
+                let q = st.queue.pop_front().expect("front exists");
+                st.queued_bytes -= q.bytes as usize;
+                group.push(q);
+            }
+            let meta = st.files.get(&active).expect("active segment is open");
+            (active, meta.file.clone(), meta.name.clone(), end, group, !meta.dir_synced)
+        };
+
+        let refs: Vec<&[u8]> = group.iter().flat_map(|q| q.entries.iter().map(|(_, b)| &b[..])).collect();
+        let (frame, spans) = build_frame(&refs);
+        let io = || -> std::io::Result<()> {
+            meta_file.write_all_at(&frame, offset)?;
+            if self.options.syncs(SyncPoint::LogAppend) {
+                meta_file.sync_data()?;
+            }
+            if needs_dir_sync && self.options.syncs(SyncPoint::SegmentCreateDir) {
+                self.storage.sync_dir()?;
+            }
+            Ok(())
+        };
+        if let Err(e) = io() {
+            // Fail-stop: a failed fsync may have dropped pages; retrying could report
+            // success for data that is gone. Nothing in this group is acknowledged.
+            self.poisoned.store(true, Ordering::Release);
+            return Err(io_err(&meta_name, "append and sync")(e));
+        }
+
+        let mut st = lock(&self.state);
+        if needs_dir_sync {
+            for m in st.files.values_mut() {
+                m.dir_synced = true;
+            }
+        }
+        let mut span = spans.iter();
+        let mut last_ticket = 0;
+        for q in &group {
+            for (entry, _) in &q.entries {
+                let &(rel, len) = span.next().expect("one span per entry");
+                let loc = Loc::Disk { file: file_no, offset: offset as u32 + rel, len };
+                self.apply_durable(&mut st, entry, loc, offset as u32)?;
+                let id: KeyId = (entry.collection, entry.key.clone().into_boxed_slice());
+                if st.overlay.get(&id).is_some_and(|(_, t)| *t == q.ticket) {
+                    st.overlay.remove(&id);
+                }
+            }
+            last_ticket = q.ticket;
+        }
+        // Versions still in the overlay may point at entries just written: repoint them.
+        if !st.overlay.is_empty() {
+            let written: BTreeMap<Dot, Loc> = group
+                .iter()
+                .flat_map(|q| q.entries.iter())
+                .zip(spans.iter())
+                .map(|((e, _), &(rel, len))| {
+                    (e.dot, Loc::Disk { file: file_no, offset: offset as u32 + rel, len })
+                })
+                .collect();
+            for (versions, _) in st.overlay.values_mut() {
+                for v in versions.iter_mut() {
+                    if matches!(v.loc, Loc::Pending(_)) {
+                        if let Some(loc) = written.get(&v.dot) {
+                            v.loc = loc.clone();
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(m) = st.files.get_mut(&file_no) {
+            m.end = offset + frame.len() as u64;
+        }
+        self.durable_ticket.store(last_ticket, Ordering::Release);
+        Ok(())
+    }
+}
+
+fn next_head(
+    staged: &BTreeMap<Incarnation, [u8; 32]>,
+    submitted: &BTreeMap<Incarnation, [u8; 32]>,
+    origin: Incarnation,
+) -> [u8; 32] {
+    staged.get(&origin).or_else(|| submitted.get(&origin)).copied().unwrap_or([0; 32])
+}
+
+/// Reads the entry a location points at.
+fn read_loc(files: &BTreeMap<u32, FileMeta>, loc: &Loc) -> Result<Entry> {
+    match loc {
+        Loc::Pending(bytes) => Ok(Entry::decode(bytes)?),
+        Loc::Disk { file, offset, len } => {
+            let meta = files.get(file).ok_or_else(|| {
+                Error::Corrupt(Corruption {
+                    file: format!("segment {file}"),
+                    offset: *offset as u64,
+                    what: "segment missing",
+                })
+            })?;
+            let mut buf = vec![0u8; *len as usize];
+            meta.file.read_exact_at(&mut buf, *offset as u64).map_err(io_err(&meta.name, "read entry"))?;
+            segment::decode_entry_at(&buf, &meta.name, *offset as u64)
+        }
+    }
+}
+
+/// A version read back with its value.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadVersion {
+    pub(crate) version: Version,
+    pub(crate) value: Vec<u8>,
+}
+
+impl StreamStore {
+    // ----- reads ----------------------------------------------------------------
+
+    /// The live versions of a key (tombstones and expired versions hidden) and the
+    /// causal context of everything held (tombstones included).
+    pub(crate) fn read(&self, id: &KeyId, now_ms: u64) -> Result<(Vec<ReadVersion>, VersionVector)> {
+        let (versions, handles) = {
+            let st = lock(&self.state);
+            let versions =
+                st.overlay.get(id).map(|(v, _)| v).or_else(|| st.keydir.get(id)).cloned().unwrap_or_default();
+            let handles: BTreeMap<u32, (Arc<dyn StorageFile>, String)> = versions
+                .iter()
+                .filter_map(|v| match v.loc {
+                    Loc::Disk { file, .. } => {
+                        st.files.get(&file).map(|m| (file, (m.file.clone(), m.name.clone())))
+                    }
+                    Loc::Pending(_) => None,
+                })
+                .collect();
+            (versions, handles)
+        };
+        let context = context_of(&versions);
+        let mut out = Vec::new();
+        for v in versions {
+            if v.tombstone || v.is_expired(now_ms) {
+                continue;
+            }
+            let entry = match &v.loc {
+                Loc::Pending(bytes) => Entry::decode(bytes)?,
+                Loc::Disk { file, offset, len } => {
+                    let (handle, name) = handles.get(file).ok_or_else(|| {
+                        Error::Corrupt(Corruption {
+                            file: format!("segment {file}"),
+                            offset: *offset as u64,
+                            what: "segment missing",
+                        })
+                    })?;
+                    let mut buf = vec![0u8; *len as usize];
+                    handle.read_exact_at(&mut buf, *offset as u64).map_err(io_err(name, "read entry"))?;
+                    segment::decode_entry_at(&buf, name, *offset as u64)?
+                }
+            };
+            if let Op::Put { value, .. } = entry.op {
+                out.push(ReadVersion { version: v, value });
+            }
+        }
+        Ok((out, context))
+    }
+
+    /// Keys of a collection in order, from `start` (inclusive), at most `limit`.
+    pub(crate) fn keys(
+        &self,
+        collection: Collection,
+        start: &[u8],
+        limit: usize,
+        now_ms: u64,
+    ) -> Vec<Vec<u8>> {
+        let st = lock(&self.state);
+        let from: KeyId = (collection, start.to_vec().into_boxed_slice());
+        let live = |v: &Vec<Version>| v.iter().any(|x| !x.tombstone && !x.is_expired(now_ms));
+        // Merge the durable keydir with queued writes, the queued side winning.
+        let mut keys: BTreeMap<&[u8], bool> = BTreeMap::new();
+        for ((c, k), v) in st.keydir.range(from.clone()..) {
+            if *c != collection || keys.len() > limit * 2 {
+                break;
+            }
+            keys.insert(k, live(v));
+        }
+        for ((c, k), (v, _)) in st.overlay.range(from..) {
+            if *c != collection {
+                break;
+            }
+            keys.insert(k, live(v));
+        }
+        keys.into_iter().filter(|(_, live)| *live).map(|(k, _)| k.to_vec()).take(limit).collect()
+    }
+
+    /// The durable vector of the stream.
+    pub(crate) fn vector(&self) -> VersionVector {
+        lock(&self.state).vector.clone()
+    }
+
+    /// Per origin, the lowest sequence number the log still holds.
+    pub(crate) fn log_floors(&self) -> BTreeMap<Incarnation, u64> {
+        let st = lock(&self.state);
+        st.vector
+            .iter()
+            .map(|d| {
+                let floor = st
+                    .origin_index
+                    .get(&d.origin)
+                    .and_then(|m| m.keys().next().copied())
+                    .unwrap_or(d.seq + 1);
+                (d.origin, floor)
+            })
+            .collect()
+    }
+
+    /// Durable entries above `from`, in log order, at most `max` of them: what
+    /// replication ships next. Each origin's entries come in sequence order.
+    pub(crate) fn entries_since(&self, from: &VersionVector, max: usize) -> Result<Vec<Entry>> {
+        let (start, files) = {
+            let st = lock(&self.state);
+            let mut start: Option<(u32, u32)> = None;
+            for d in st.vector.iter() {
+                let want = from.get(d.origin) + 1;
+                if want > d.seq {
+                    continue;
+                }
+                let index = st.origin_index.get(&d.origin);
+                let pos = index.and_then(|m| m.range(..=want).next_back()).map(|(_, p)| *p);
+                let floor = index.and_then(|m| m.keys().next().copied()).unwrap_or(d.seq + 1);
+                match pos {
+                    Some(p) if want >= floor => start = Some(start.map_or(p, |s: (u32, u32)| s.min(p))),
+                    _ => return Err(Error::NotCovered { stream: self.stream, origin: d.origin, floor }),
+                }
+            }
+            let Some(start) = start else { return Ok(Vec::new()) };
+            let files: Vec<(u32, Arc<dyn StorageFile>, String, u64)> = st
+                .files
+                .range(start.0..)
+                .filter(|(_, m)| m.kind == SegmentKind::Log)
+                .map(|(n, m)| (*n, m.file.clone(), m.name.clone(), m.end))
+                .collect();
+            (start, files)
+        };
+        let mut out = Vec::new();
+        let mut seen = from.clone();
+        for (n, file, name, end) in files {
+            let mut at = if n == start.0 { start.1 as u64 } else { HEADER_BYTES };
+            while at < end && out.len() < max {
+                let mut head = [0u8; FRAME_HEADER_BYTES as usize];
+                file.read_exact_at(&mut head, at).map_err(io_err(&name, "read frame"))?;
+                let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
+                let mut buf = vec![0u8; (FRAME_HEADER_BYTES + len) as usize];
+                file.read_exact_at(&mut buf, at).map_err(io_err(&name, "read frame"))?;
+                let scanned = segment::scan_frame(&buf, &name, at, self.frame_max().max(FRAME_BYTES_MAX))?;
+                for e in scanned {
+                    if !seen.contains(e.dot) && out.len() < max {
+                        seen.advance(e.dot);
+                        out.push(e);
+                    }
+                }
+                at += buf.len() as u64;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recorded LWW losses of a collection, oldest first, and how many were dropped.
+    pub(crate) fn conflicts(&self, collection: Collection) -> (Vec<ConflictRecord>, u64) {
+        let st = lock(&self.state);
+        (
+            st.conflicts.get(&collection).map(|l| l.iter().cloned().collect()).unwrap_or_default(),
+            st.conflicts_dropped,
+        )
+    }
+
+    /// Audit index lookups and the values of the records found.
+    pub(crate) fn audit_query(
+        &self,
+        q: &crate::audit::AuditQuery,
+        now_ms: u64,
+    ) -> Result<Vec<crate::StoredAudit>> {
+        let dots = lock(&self.state).audit.query(q);
+        let mut out = Vec::with_capacity(dots.len());
+        for dot in dots {
+            let id: KeyId = (Collection::Audit, audit_key(dot).into_boxed_slice());
+            for rv in self.read(&id, now_ms)?.0 {
+                let record = postcard::from_bytes(&rv.value).map_err(|e| Error::Record(e.to_string()))?;
+                out.push(crate::StoredAudit { dot, record });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Verifies every origin's audit chain over the durable records; returns how many
+    /// records were checked.
+    pub(crate) fn audit_verify(&self, now_ms: u64) -> Result<u64> {
+        let keys: Vec<(Dot, Loc)> = {
+            let st = lock(&self.state);
+            st.keydir
+                .range((Collection::Audit, Vec::new().into_boxed_slice())..)
+                .take_while(|((c, _), _)| *c == Collection::Audit)
+                .filter_map(|(_, v)| v.first().map(|v| (v.dot, v.loc.clone())))
+                .collect()
+        };
+        let _ = now_ms;
+        let mut running: BTreeMap<Incarnation, [u8; 32]> = BTreeMap::new();
+        let mut checked = 0;
+        for (dot, loc) in keys {
+            let entry = {
+                let st = lock(&self.state);
+                read_loc(&st.files, &loc)?
+            };
+            let Op::Put { value, .. } = &entry.op else { continue };
+            let record: AuditRecord =
+                postcard::from_bytes(value).map_err(|e| Error::Record(e.to_string()))?;
+            // The first record kept of an origin anchors its chain (older ones may have
+            // been pruned by retention); every later one must link to its predecessor.
+            let prev = running.get(&dot.origin).copied().unwrap_or(record.prev_hash);
+            if record.prev_hash != prev || entry.dot != dot {
+                return Err(Error::AuditChainBroken { origin: dot.origin, dot });
+            }
+            running.insert(dot.origin, chain_hash(&prev, dot, value));
+            checked += 1;
+        }
+        Ok(checked)
+    }
+
+    // ----- maintenance ------------------------------------------------------------
+
+    /// Removes expired versions from the keydir (sessions vanish without tombstones).
+    pub(crate) fn expire(&self, now_ms: u64) -> usize {
+        let mut st = lock(&self.state);
+        let mut removed = 0;
+        st.keydir.retain(|_, versions| {
+            let before = versions.len();
+            versions.retain(|v| !v.is_expired(now_ms));
+            removed += before - versions.len();
+            !versions.is_empty()
+        });
+        removed
+    }
+
+    /// Drops tombstones every replica has seen: covered by every acked vector, with
+    /// the local vector covering every acked vector (so nothing concurrent is in flight).
+    pub(crate) fn collect_tombstones(&self, acked: &[VersionVector]) -> usize {
+        let mut st = lock(&self.state);
+        let local = st.vector.clone();
+        if !acked.iter().all(|a| local.descends(a)) {
+            return 0;
+        }
+        let stable = acked
+            .iter()
+            .skip(1)
+            .fold(acked.first().cloned().unwrap_or_else(|| local.clone()), |m, a| m.meet(a));
+        let mut dropped = 0;
+        st.keydir.retain(|_, versions| {
+            let before = versions.len();
+            versions.retain(|v| !(v.tombstone && stable.contains(v.dot) && stable.descends(&v.context)));
+            dropped += before - versions.len();
+            !versions.is_empty()
+        });
+        dropped
+    }
+
+    /// Writes a checkpoint of the keydir (hint file) covering the durable log.
+    pub(crate) fn checkpoint(&self) -> Result<u64> {
+        let _c = lock(&self.commit);
+        self.checkpoint_locked()
+    }
+
+    fn checkpoint_locked(&self) -> Result<u64> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        let (payload, generation, old) = {
+            let mut st = lock(&self.state);
+            st.hint_generation += 1;
+            let image = StreamImage {
+                stream: self.stream,
+                files: st
+                    .files
+                    .iter()
+                    .filter(|(n, m)| m.dir_synced || Some(**n) == st.active)
+                    .map(|(n, m)| FileImage {
+                        number: *n,
+                        compacted: m.kind == SegmentKind::Compacted,
+                        end: m.end,
+                        vector: m.vector.clone(),
+                    })
+                    .collect(),
+                active: st.active,
+                next_file: st.next_file,
+                keydir: st.keydir.iter().map(|((c, k), v)| (*c, k.to_vec(), v.clone())).collect(),
+                vector: st.vector.clone(),
+                origin_index: st
+                    .origin_index
+                    .iter()
+                    .map(|(o, m)| (*o, m.iter().map(|(s, (f, off))| (*s, *f, *off)).collect()))
+                    .collect(),
+                conflicts: st.conflicts.values().flat_map(|l| l.iter().cloned()).collect(),
+                conflicts_dropped: st.conflicts_dropped,
+                audit: st.audit.clone(),
+            };
+            debug_assert!(image
+                .keydir
+                .iter()
+                .all(|(_, _, vs)| vs.iter().all(|v| matches!(v.loc, Loc::Disk { .. }))));
+            let payload = postcard::to_allocvec(&image).map_err(|e| Error::Record(e.to_string()))?;
+            (payload, st.hint_generation, st.hint_generation - 1)
+        };
+        let mut bytes = Vec::with_capacity(HINT_HEADER_BYTES + payload.len());
+        bytes.extend_from_slice(&HINT_MAGIC);
+        bytes.extend_from_slice(&HINT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 6]);
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(blake3::hash(&payload).as_bytes());
+        bytes.extend_from_slice(&payload);
+        let tmp = hint_tmp_name(self.stream);
+        let name = hint_name(self.stream, generation);
+        let _ = self.storage.remove(&tmp);
+        let io = || -> std::io::Result<()> {
+            let file = self.storage.create(&tmp)?;
+            file.write_all_at(&bytes, 0)?;
+            if self.options.syncs(SyncPoint::HintData) {
+                file.sync_data()?;
+            }
+            self.storage.rename(&tmp, &name)?;
+            if self.options.syncs(SyncPoint::HintDir) {
+                self.storage.sync_dir()?;
+            }
+            Ok(())
+        };
+        io().map_err(|e| {
+            if is_out_of_space(&e) {
+                Error::StorageFull { stream: self.stream }
+            } else {
+                self.poisoned.store(true, Ordering::Release);
+                io_err(&name, "write hint")(e)
+            }
+        })?;
+        if old > 0 {
+            // Older hints are no longer needed; a leftover one is removed at open.
+            let _ = self.storage.remove(&hint_name(self.stream, old));
+        }
+        Ok(generation)
+    }
+
+    /// Compacts sealed log segments whose entries `horizon` covers (and, past the
+    /// retention limit, the oldest ones regardless) into one compacted segment.
+    pub(crate) fn compact(&self, horizon: &VersionVector) -> Result<CompactionReport> {
+        let _c = lock(&self.commit);
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        let mut report = CompactionReport::default();
+        let (selected, old_compacted, live) = {
+            let st = lock(&self.state);
+            let Some(active) = st.active else { return Ok(report) };
+            let logs: Vec<(u32, u64, bool)> = st
+                .files
+                .iter()
+                .filter(|(n, m)| m.kind == SegmentKind::Log && **n < active)
+                .map(|(n, m)| (*n, m.end, horizon.descends(&m.vector)))
+                .collect();
+            let mut total: u64 =
+                st.files.values().filter(|m| m.kind == SegmentKind::Log).map(|m| m.end).sum();
+            let mut selected = Vec::new();
+            for (n, end, covered) in logs {
+                let over = total > self.options.log_retained_bytes_max;
+                if !(covered || over) {
+                    break;
+                }
+                report.forced |= !covered;
+                total -= end;
+                selected.push(n);
+            }
+            if selected.is_empty() {
+                return Ok(report);
+            }
+            let old_compacted: Vec<u32> =
+                st.files.iter().filter(|(_, m)| m.kind == SegmentKind::Compacted).map(|(n, _)| *n).collect();
+            let sources: Vec<u32> = old_compacted.iter().chain(selected.iter()).copied().collect();
+            let mut live: Vec<(u32, u32, u32)> = st
+                .keydir
+                .values()
+                .flatten()
+                .filter_map(|v| match v.loc {
+                    Loc::Disk { file, offset, len } if sources.contains(&file) => Some((file, offset, len)),
+                    _ => None,
+                })
+                .collect();
+            // Keep log order: compacted first, then segments by number, then offset.
+            live.sort_by_key(|&(f, o, _)| (!old_compacted.contains(&f), f, o));
+            live.dedup();
+            (selected, old_compacted, live)
+        };
+
+        // Copy live entries into a new compacted segment.
+        let (number, name, file) = {
+            let mut st = lock(&self.state);
+            let number = st.next_file;
+            st.next_file += 1;
+            let name = compacted_name(self.stream, number);
+            let file = self.storage.create(&name).map_err(|e| {
+                if is_out_of_space(&e) {
+                    Error::StorageFull { stream: self.stream }
+                } else {
+                    io_err(&name, "create compacted segment")(e)
+                }
+            })?;
+            (number, name, file)
+        };
+        let header = SegmentHeader {
+            kind: SegmentKind::Compacted,
+            stream: self.stream,
+            incarnation: self.incarnation,
+            number: number as u64,
+        };
+        let mut moved: BTreeMap<(u32, u32), Loc> = BTreeMap::new();
+        let mut vector = VersionVector::new();
+        let mut at = HEADER_BYTES;
+        let mut copy = || -> Result<u64> {
+            file.write_all_at(&header.encode(), 0).map_err(io_err(&name, "write compacted header"))?;
+            let mut pending: Vec<(u32, u32, Vec<u8>)> = Vec::new();
+            let mut pending_bytes = FRAME_HEADER_BYTES + FRAME_COUNT_BYTES;
+            let mut flush = |pending: &mut Vec<(u32, u32, Vec<u8>)>, at: &mut u64| -> Result<()> {
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                let refs: Vec<&[u8]> = pending.iter().map(|(_, _, b)| b.as_slice()).collect();
+                let (frame, spans) = build_frame(&refs);
+                file.write_all_at(&frame, *at).map_err(io_err(&name, "write compacted frame"))?;
+                for ((f, o, _), (rel, len)) in pending.iter().zip(spans) {
+                    moved.insert((*f, *o), Loc::Disk { file: number, offset: *at as u32 + rel, len });
+                }
+                *at += frame.len() as u64;
+                pending.clear();
+                Ok(())
+            };
+            for &(f, o, len) in &live {
+                let entry = {
+                    let st = lock(&self.state);
+                    read_loc(&st.files, &Loc::Disk { file: f, offset: o, len })?
+                };
+                vector.advance(entry.dot);
+                let bytes = entry.encode();
+                let add = segment::ENTRY_HEADER_BYTES + bytes.len() as u64;
+                if pending_bytes + add > self.frame_max().max(FRAME_BYTES_MAX) {
+                    flush(&mut pending, &mut at)?;
+                    pending_bytes = FRAME_HEADER_BYTES + FRAME_COUNT_BYTES;
+                }
+                pending_bytes += add;
+                pending.push((f, o, bytes));
+            }
+            flush(&mut pending, &mut at)?;
+            if self.options.syncs(SyncPoint::CompactedData) {
+                file.sync_data().map_err(io_err(&name, "sync compacted segment"))?;
+            }
+            if self.options.syncs(SyncPoint::CompactedDir) {
+                self.storage.sync_dir().map_err(io_err(&name, "sync directory"))?;
+            }
+            Ok(at)
+        };
+        let end = match copy() {
+            Ok(end) => end,
+            Err(e) => {
+                // Nothing points into the new file yet; the old segments are intact.
+                let _ = self.storage.remove(&name);
+                if !matches!(e, Error::StorageFull { .. })
+                    && !matches!(&e, Error::Io { source, .. } if is_out_of_space(source))
+                {
+                    self.poisoned.store(true, Ordering::Release);
+                }
+                return Err(e);
+            }
+        };
+
+        let removed_names = {
+            let mut st = lock(&self.state);
+            let repoint = |v: &mut Version| {
+                if let Loc::Disk { file, offset, .. } = v.loc {
+                    if let Some(new) = moved.get(&(file, offset)) {
+                        v.loc = new.clone();
+                    }
+                }
+            };
+            st.keydir.values_mut().flatten().for_each(repoint);
+            st.overlay.values_mut().flat_map(|(v, _)| v.iter_mut()).for_each(repoint);
+            st.files.insert(
+                number,
+                FileMeta {
+                    file: file.clone(),
+                    name: name.clone(),
+                    kind: SegmentKind::Compacted,
+                    end,
+                    vector,
+                    dir_synced: true,
+                },
+            );
+            let mut removed = Vec::new();
+            for n in selected.iter().chain(old_compacted.iter()) {
+                if let Some(m) = st.files.remove(n) {
+                    removed.push(m.name);
+                }
+            }
+            for index in st.origin_index.values_mut() {
+                index.retain(|_, (f, _)| !selected.contains(f));
+            }
+            st.origin_index.retain(|_, m| !m.is_empty());
+            removed
+        };
+        report.segments_compacted = selected.len();
+        report.entries_kept = live.len();
+        // The hint records the new file set before the old files go.
+        self.checkpoint_locked()?;
+        for name in removed_names {
+            let _ = self.storage.remove(&name);
+        }
+        Ok(report)
+    }
+}
