@@ -27,8 +27,6 @@ pub enum SyncPoint {
     SegmentCreateDir,
     /// fdatasync of a compacted segment before the keydir points into it.
     CompactedData,
-    /// Directory fsync after a compacted segment was created.
-    CompactedDir,
     /// fdatasync of a hint file before it is renamed into place.
     HintData,
     /// Directory fsync after the hint rename.
@@ -41,11 +39,10 @@ pub enum SyncPoint {
 
 impl SyncPoint {
     /// Every sync point, for tests that remove each in turn.
-    pub const ALL: [SyncPoint; 8] = [
+    pub const ALL: [SyncPoint; 7] = [
         SyncPoint::LogAppend,
         SyncPoint::SegmentCreateDir,
         SyncPoint::CompactedData,
-        SyncPoint::CompactedDir,
         SyncPoint::HintData,
         SyncPoint::HintDir,
         SyncPoint::IdentityData,

@@ -285,7 +285,12 @@ impl StreamStore {
         // replay, still has every record).
         let mut image = None;
         for (generation, name) in hints.iter().rev() {
-            if let Ok(img) = self.load_hint(name) {
+            let Ok(img) = self.load_hint(name) else { continue };
+            let present = img.files.iter().all(|f| {
+                let set = if f.compacted { &cmps } else { &logs };
+                set.iter().any(|(n, _)| *n == f.number)
+            });
+            if present {
                 image = Some((*generation, img));
                 break;
             }
@@ -297,7 +302,10 @@ impl StreamStore {
                 report.hint_generation = Some(generation);
                 st.hint_generation = generation;
                 let listed: BTreeMap<u32, &FileImage> = img.files.iter().map(|f| (f.number, f)).collect();
-                let newest_listed = listed.keys().next_back().copied().unwrap_or(0);
+                // Log segments older than the oldest listed one were compacted away;
+                // any other unlisted log segment was created after the checkpoint.
+                let oldest_listed_log =
+                    img.files.iter().filter(|f| !f.compacted).map(|f| f.number).min().unwrap_or(0);
                 for f in &img.files {
                     let name = if f.compacted {
                         compacted_name(self.stream, f.number)
@@ -322,7 +330,7 @@ impl StreamStore {
                         continue;
                     }
                     let is_log = logs.iter().any(|(l, _)| l == n);
-                    if is_log && *n > newest_listed {
+                    if is_log && *n > oldest_listed_log {
                         replay_from.insert(*n, HEADER_BYTES);
                     } else {
                         self.storage.remove(name).map_err(io_err(name, "remove stale segment"))?;
@@ -1370,9 +1378,8 @@ impl StreamStore {
             if self.options.syncs(SyncPoint::CompactedData) {
                 file.sync_data().map_err(io_err(&name, "sync compacted segment"))?;
             }
-            if self.options.syncs(SyncPoint::CompactedDir) {
-                self.storage.sync_dir().map_err(io_err(&name, "sync directory"))?;
-            }
+            // No directory fsync here: the hint written next syncs the directory
+            // before any old segment is removed, which makes this entry durable too.
             Ok(at)
         };
         let end = match copy() {

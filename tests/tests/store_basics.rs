@@ -1,0 +1,242 @@
+//! The store's API contract: reads, writes, versions, conflicts, sessions, audit and
+//! the replication hooks, on the simulated disk.
+
+use repl_engine::{
+    AuditEvent, AuditQuery, AuditRecord, ConflictPolicy, Durability, Error, ManualClock, Session, SimConfig,
+    SimStorage, Store, User, WriteBatch,
+};
+use repl_tests::{options, sim_store};
+use repl_wire::{Collection, Dot, Entry, Hlc, Incarnation, Op, StreamId, VersionVector};
+use std::sync::Arc;
+
+fn remote(origin: u64, seq: u64, wall: u64, key: &[u8], value: &[u8], context: VersionVector) -> Entry {
+    Entry {
+        dot: Dot { origin: Incarnation(origin), seq },
+        hlc: Hlc { wall_ms: wall, logical: 0 },
+        collection: Collection::Users,
+        key: key.to_vec(),
+        context,
+        op: Op::Put { value: value.to_vec(), expires_at_ms: None },
+    }
+}
+
+#[test]
+fn put_get_delete_and_compare_and_set() {
+    let (_disk, store, _clock) = sim_store(1);
+    assert!(store.get(Collection::Users, b"bob").expect("read").values.is_empty());
+    let d1 = store.put(Collection::Users, b"bob", b"v1").expect("put");
+    let read = store.get(Collection::Users, b"bob").expect("read");
+    assert_eq!(read.value(), Some(&b"v1"[..]));
+    assert!(read.context.contains(d1));
+    store.compare_and_put(Collection::Users, b"bob", b"v2", &read.context).expect("current context wins");
+    let err =
+        store.compare_and_put(Collection::Users, b"bob", b"v3", &read.context).expect_err("stale context");
+    assert!(matches!(err, Error::ContextMismatch));
+    assert_eq!(store.get(Collection::Users, b"bob").expect("read").value(), Some(&b"v2"[..]));
+    store.delete(Collection::Users, b"bob").expect("delete");
+    let gone = store.get(Collection::Users, b"bob").expect("read");
+    assert!(gone.values.is_empty());
+    assert!(!gone.context.is_empty(), "a tombstone keeps its context");
+    assert!(store.scan_keys(Collection::Users, b"", 10).is_empty());
+}
+
+#[test]
+fn sequences_are_per_stream_and_contiguous() {
+    let (_disk, store, _clock) = sim_store(2);
+    let me = store.incarnation();
+    store.put(Collection::Users, b"a", b"1").expect("put");
+    store.put(Collection::UserPolicies, b"p", b"1").expect("put");
+    let s = store.write(
+        std::mem::take(WriteBatch::new().put_expiring(Collection::Sessions, b"s", b"x", 9_999_999)),
+        Durability::Durable,
+    );
+    assert_eq!(s.expect("session")[0], Dot { origin: me, seq: 1 });
+    assert_eq!(store.vector(StreamId::Enterprise).get(me), 2);
+    assert_eq!(store.vector(StreamId::Sessions).get(me), 1);
+    assert_eq!(store.vector(StreamId::Audit).get(me), 0);
+    let mixed = std::mem::take(WriteBatch::new().put(Collection::Users, b"x", b"1").put(
+        Collection::Sessions,
+        b"y",
+        b"1",
+    ));
+    assert!(matches!(store.write(mixed, Durability::Durable), Err(Error::Request(_))));
+}
+
+#[test]
+fn concurrent_remote_write_lww_keeps_a_conflict_record() {
+    let (_disk, store, _clock) = sim_store(3);
+    let local = store.put(Collection::Users, b"carol", b"local").expect("put");
+    // A peer wrote the same key without having seen ours, later in HLC time.
+    let theirs = remote(42, 1, 5_000_000, b"carol", b"remote", VersionVector::new());
+    store.apply_remote(StreamId::Enterprise, vec![theirs.clone()]).expect("apply").wait().expect("durable");
+    let read = store.get(Collection::Users, b"carol").expect("read");
+    assert_eq!(read.value(), Some(&b"remote"[..]));
+    assert!(read.context.contains(local) && read.context.contains(theirs.dot));
+    let (conflicts, dropped) = store.conflicts(Collection::Users);
+    assert_eq!(dropped, 0);
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].loser, local);
+    assert_eq!(conflicts[0].value.as_deref(), Some(&b"local"[..]));
+    assert_eq!(conflicts[0].winner, theirs.dot);
+}
+
+#[test]
+fn keep_siblings_until_resolved() {
+    let disk = SimStorage::new(SimConfig::default());
+    let clock = Arc::new(ManualClock::new(1_000));
+    let mut opts = options(&clock, 16 * 1024);
+    opts.policies.insert(Collection::SsoEnrollments, ConflictPolicy::KeepSiblings);
+    let store = Store::open(Arc::new(disk), opts).expect("open");
+    store.put(Collection::SsoEnrollments, b"e", b"mine").expect("put");
+    let mut theirs = remote(7, 1, 1, b"e", b"theirs", VersionVector::new());
+    theirs.collection = Collection::SsoEnrollments;
+    store.apply_remote(StreamId::Enterprise, vec![theirs]).expect("apply").wait().expect("durable");
+    let read = store.get(Collection::SsoEnrollments, b"e").expect("read");
+    let mut values: Vec<_> = read.values.iter().map(|v| v.bytes.clone()).collect();
+    values.sort();
+    assert_eq!(values, vec![b"mine".to_vec(), b"theirs".to_vec()]);
+    assert!(store.conflicts(Collection::SsoEnrollments).0.is_empty());
+    store.put_with_context(Collection::SsoEnrollments, b"e", b"merged", &read.context).expect("resolve");
+    assert_eq!(store.get(Collection::SsoEnrollments, b"e").expect("read").value(), Some(&b"merged"[..]));
+}
+
+#[test]
+fn remote_entries_apply_in_order_only() {
+    let (_disk, store, _clock) = sim_store(4);
+    let e1 = remote(9, 1, 10, b"k1", b"a", VersionVector::new());
+    let e3 = remote(9, 3, 12, b"k3", b"c", VersionVector::new());
+    let gap = store.apply_remote(StreamId::Enterprise, vec![e3]).expect_err("gap");
+    assert!(matches!(gap, Error::Gap { expected: 1, got: 3, .. }));
+    store.apply_remote(StreamId::Enterprise, vec![e1.clone()]).expect("in order").wait().expect("durable");
+    // A duplicate (arrived by another path) is skipped, not an error.
+    let dup = store.apply_remote(StreamId::Enterprise, vec![e1]).expect("duplicate is fine");
+    assert!(dup.dots().is_empty());
+    assert_eq!(store.vector(StreamId::Enterprise).get(Incarnation(9)), 1);
+}
+
+#[test]
+fn entries_since_ships_in_order_and_floors_rise_after_compaction() {
+    let (_disk, store, _clock) = sim_store(5);
+    let me = store.incarnation();
+    for i in 0..400u32 {
+        store.put(Collection::Users, format!("user{:03}", i % 50).as_bytes(), &[7u8; 100]).expect("put");
+    }
+    let all = store.entries_since(StreamId::Enterprise, &VersionVector::new(), 10_000).expect("ship");
+    assert_eq!(all.len(), 400);
+    assert!(all.windows(2).all(|w| w[0].dot.seq + 1 == w[1].dot.seq));
+    let from: VersionVector = [Dot { origin: me, seq: 390 }].into_iter().collect();
+    let tail = store.entries_since(StreamId::Enterprise, &from, 5).expect("ship tail");
+    assert_eq!(tail.iter().map(|e| e.dot.seq).collect::<Vec<_>>(), vec![391, 392, 393, 394, 395]);
+
+    let horizon = store.vector(StreamId::Enterprise);
+    let report = store.compact(StreamId::Enterprise, &horizon).expect("compact");
+    assert!(report.segments_compacted > 0);
+    let floor = store.log_floors(StreamId::Enterprise)[&me];
+    assert!(floor > 1, "the floor rose to {floor}");
+    assert!(matches!(
+        store.entries_since(StreamId::Enterprise, &VersionVector::new(), 10),
+        Err(Error::NotCovered { .. })
+    ));
+    // Every live value survived compaction.
+    for i in 0..50u32 {
+        let read = store.get(Collection::Users, format!("user{i:03}").as_bytes()).expect("read");
+        assert_eq!(read.value(), Some(&[7u8; 100][..]));
+    }
+}
+
+#[test]
+fn sessions_expire_without_tombstones() {
+    let (_disk, store, clock) = sim_store(6);
+    let session = Session {
+        id: "s1".into(),
+        user_id: "u1".into(),
+        computer: "pc-17".into(),
+        appliance: "a1".into(),
+        created_ms: 1_000_000,
+        expires_ms: 1_000_500,
+    };
+    store.put_record(&session).expect("put session");
+    assert_eq!(store.get_record::<Session>(b"s1").expect("read"), vec![session]);
+    clock.advance(501);
+    assert!(store.get_record::<Session>(b"s1").expect("read").is_empty());
+    assert_eq!(store.expire(), 1);
+}
+
+#[test]
+fn typed_records_round_trip() {
+    let (_disk, store, _clock) = sim_store(7);
+    let user = User {
+        id: "u-1".into(),
+        login: "alice".into(),
+        display_name: "Alice".into(),
+        email: "alice@example.org".into(),
+        disabled: false,
+        groups: vec!["staff".into()],
+    };
+    store.put_record(&user).expect("put");
+    assert_eq!(store.get_record::<User>(b"u-1").expect("get"), vec![user]);
+}
+
+#[test]
+fn audit_chain_indexes_and_tamper_evidence() {
+    let (disk, store, _clock) = sim_store(8);
+    for i in 0..30u64 {
+        store
+            .append_audit(AuditEvent {
+                time_ms: 1_000 + i,
+                user: format!("user{}", i % 3),
+                appliance: if i % 2 == 0 { "a1".into() } else { "a2".into() },
+                action: "login".into(),
+                detail: format!("event {i}"),
+            })
+            .expect("append");
+    }
+    assert_eq!(store.audit_verify().expect("chain verifies"), 30);
+    let by_user =
+        store.audit_query(&AuditQuery { user: Some("user1".into()), ..Default::default() }).expect("q");
+    assert_eq!(by_user.len(), 10);
+    assert!(by_user.iter().all(|r| r.record.event.user == "user1"));
+    let window = AuditQuery {
+        from_ms: Some(1_010),
+        until_ms: Some(1_020),
+        appliance: Some("a1".into()),
+        ..Default::default()
+    };
+    let hits = store.audit_query(&window).expect("q");
+    assert_eq!(
+        hits.iter().map(|r| r.record.event.time_ms).collect::<Vec<_>>(),
+        vec![1010, 1012, 1014, 1016, 1018]
+    );
+    let both = AuditQuery { user: Some("user0".into()), appliance: Some("a2".into()), ..Default::default() };
+    assert!(store
+        .audit_query(&both)
+        .expect("q")
+        .iter()
+        .all(|r| r.record.event.user == "user0" && r.record.event.appliance == "a2"));
+
+    // A peer (or a disk editor) rewrites one record but keeps every checksum valid:
+    // the store that receives the stream sees the chain break at the next record.
+    let victim = hits[0].dot;
+    let forged: Vec<Entry> = store
+        .entries_since(StreamId::Audit, &VersionVector::new(), 1_000)
+        .expect("ship the audit stream")
+        .into_iter()
+        .map(|mut e| {
+            if e.dot == victim {
+                let Op::Put { value, .. } = &e.op else { panic!("audit entries are puts") };
+                let mut record: AuditRecord = postcard::from_bytes(value).expect("decodes");
+                record.event.detail = "nothing happened".into();
+                e.op =
+                    Op::Put { value: postcard::to_allocvec(&record).expect("encodes"), expires_at_ms: None };
+            }
+            e
+        })
+        .collect();
+    let (_disk2, receiver, _clock2) = sim_store(80);
+    receiver.apply_remote(StreamId::Audit, forged).expect("apply").wait().expect("durable");
+    match receiver.audit_verify() {
+        Err(Error::AuditChainBroken { dot, .. }) => assert_eq!(dot.seq, victim.seq + 1),
+        other => panic!("expected a broken chain, got {other:?}"),
+    }
+    drop(disk);
+}
