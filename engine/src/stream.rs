@@ -382,10 +382,16 @@ impl StreamStore {
             }
             let name = name_of(last).unwrap_or_default();
             let file = self.storage.open(&name).map_err(io_err(&name, "open segment"))?;
-            let mut head = [0u8; HEADER_BYTES as usize];
-            let readable = file.read_exact_at(&mut head, 0).is_ok();
-            if readable && SegmentHeader::decode(&head, &name).is_ok() {
-                break;
+            let len =
+                file.len().map_err(io_err(&name, "stat"))?.min(self.options.segment_bytes.max(HEADER_BYTES));
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, 0).map_err(io_err(&name, "read segment"))?;
+            match SegmentHeader::decode(&bytes, &name) {
+                Ok(_) => break,
+                // A header that is damaged but with nothing written after it is a
+                // creation the crash interrupted; anything else is not ours to remove.
+                Err(Error::Corrupt(_)) if bytes.iter().skip(HEADER_BYTES as usize).all(|&b| b == 0) => {}
+                Err(e) => return Err(e),
             }
             self.storage.remove(&name).map_err(io_err(&name, "remove aborted segment"))?;
             report.stale_files_removed += 1;
