@@ -1,1 +1,209 @@
-fn main() {}
+//! Store benchmarks: durable put throughput (1 writer, 8 pipelined writers, the batch
+//! API) next to two baselines at the same durability in the same run — a plain
+//! CRC-framed append loop and redb, each syncing once per 1,000 records — plus get
+//! throughput and reopen/recovery time, and the keydir's memory per key.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use repl_benches::{key, plain_log_append, quick, redb_insert, value_256};
+use repl_engine::{Durability, Store, StoreOptions, WriteBatch};
+use repl_wire::Collection;
+
+/// Counts live heap bytes, so the keydir's memory per key is measured exactly.
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+#[allow(unsafe_code)] // GlobalAlloc is an unsafe trait; this only forwards to System and counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const PER_ITER: u64 = 8_000;
+const WRITERS: u64 = 8;
+const IN_FLIGHT: usize = 128;
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open_dir(dir, StoreOptions::default()).expect("open the bench store")
+}
+
+fn put_one_writer(store: &Store, base: u64, n: u64) {
+    for i in base..base + n {
+        store.put(Collection::Users, &key(i), &value_256(i)).expect("durable put");
+    }
+}
+
+fn put_pipelined(store: &Store, base: u64, n: u64) {
+    std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            let store = store.clone();
+            s.spawn(move || {
+                let mut in_flight = VecDeque::with_capacity(IN_FLIGHT);
+                let per = n / WRITERS;
+                for j in 0..per {
+                    let i = base + w * per + j;
+                    let mut b = WriteBatch::new();
+                    b.put(Collection::Users, &key(i), &value_256(i));
+                    in_flight.push_back(store.submit(b).expect("submit"));
+                    if in_flight.len() == IN_FLIGHT {
+                        in_flight.pop_front().expect("non-empty").wait().expect("durable");
+                    }
+                }
+                for p in in_flight {
+                    p.wait().expect("durable");
+                }
+            });
+        }
+    });
+}
+
+fn put_batches(store: &Store, base: u64, n: u64) {
+    for chunk in (base..base + n).step_by(1_000) {
+        let mut b = WriteBatch::new();
+        for i in chunk..(chunk + 1_000).min(base + n) {
+            b.put(Collection::Users, &key(i), &value_256(i));
+        }
+        store.write(b, Durability::Durable).expect("durable batch");
+    }
+}
+
+fn durable_put(c: &mut Criterion) {
+    let mut g = c.benchmark_group("durable_put_256B");
+    g.throughput(Throughput::Elements(PER_ITER));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(if quick() { 1 } else { 8 }));
+    let one_writer_n = if quick() { 200 } else { 2_000 };
+    g.bench_function(BenchmarkId::new("store", "1_writer"), |b| {
+        // One writer pays one fdatasync per put: measured on fewer puts, scaled.
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = open(dir.path());
+        let mut base = 0;
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                put_one_writer(&store, base, one_writer_n);
+                base += one_writer_n;
+            }
+            start.elapsed().mul_f64(PER_ITER as f64 / one_writer_n as f64)
+        });
+    });
+    for (name, f) in [
+        ("8_writers_128_in_flight", put_pipelined as fn(&Store, u64, u64)),
+        ("batch_api_1000", put_batches as fn(&Store, u64, u64)),
+    ] {
+        g.bench_function(BenchmarkId::new("store", name), |b| {
+            let dir = tempfile::tempdir().expect("tmp");
+            let store = open(dir.path());
+            let mut base = 0;
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    f(&store, base, PER_ITER);
+                    base += PER_ITER;
+                }
+                start.elapsed()
+            });
+        });
+    }
+    g.bench_function(BenchmarkId::new("baseline", "plain_crc_log_sync_per_1000"), |b| {
+        b.iter_custom(|iters| {
+            let dir = tempfile::tempdir().expect("tmp");
+            let start = Instant::now();
+            for _ in 0..iters {
+                plain_log_append(dir.path(), PER_ITER, 1_000).expect("plain log");
+            }
+            start.elapsed()
+        });
+    });
+    g.bench_function(BenchmarkId::new("baseline", "redb_commit_per_1000"), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = tempfile::tempdir().expect("tmp");
+                let start = Instant::now();
+                redb_insert(dir.path(), PER_ITER, 1_000).expect("redb");
+                total += start.elapsed();
+            }
+            total
+        });
+    });
+    g.finish();
+}
+
+fn fill(store: &Store, n: u64) {
+    for chunk in (0..n).step_by(10_000) {
+        let mut b = WriteBatch::new();
+        for i in chunk..(chunk + 10_000).min(n) {
+            b.put(Collection::Users, &key(i), &value_256(i));
+        }
+        store.write(b, Durability::Durable).expect("fill");
+    }
+}
+
+fn get(c: &mut Criterion) {
+    let n = if quick() { 10_000 } else { 200_000 };
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = open(dir.path());
+    fill(&store, n);
+    let mut g = c.benchmark_group("get_256B");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("store_random_keys", |b| {
+        let mut x = 0x9e37_79b9_u64;
+        b.iter(|| {
+            for _ in 0..10_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let read = store.get(Collection::Users, &key(x % n)).expect("get");
+                assert_eq!(read.values.len(), 1);
+            }
+        });
+    });
+    g.finish();
+}
+
+fn recovery(c: &mut Criterion) {
+    let n = if quick() { 20_000 } else { 1_000_000 };
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let store = open(dir.path());
+        fill(&store, n);
+    }
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let store = open(dir.path());
+    let after = LIVE_BYTES.load(Ordering::Relaxed);
+    println!(
+        "keydir memory: {:.0} bytes per key ({n} keys of 16 B, {:.1} MiB live heap after open)",
+        after.saturating_sub(before) as f64 / n as f64,
+        after.saturating_sub(before) as f64 / (1 << 20) as f64
+    );
+    drop(store);
+    let mut g = c.benchmark_group("reopen");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n));
+    g.bench_function(BenchmarkId::new("full_replay", n), |b| {
+        b.iter(|| open(dir.path()));
+    });
+    open(dir.path()).checkpoint().expect("checkpoint");
+    g.bench_function(BenchmarkId::new("from_hint", n), |b| {
+        b.iter(|| open(dir.path()));
+    });
+    g.finish();
+}
+
+criterion_group!(benches, durable_put, get, recovery);
+criterion_main!(benches);

@@ -116,11 +116,17 @@ fn main() {
 
     let store = Store::open_dir(&dir, StoreOptions::default()).expect("reopen after the crash");
     for (stream, r) in &store.recovery().streams {
-        println!("recovered {stream:<10}: {} entries replayed, {} torn bytes cut", r.entries_replayed, r.torn_bytes_cut);
+        println!(
+            "recovered {stream:<10}: {} entries replayed, {} torn bytes cut",
+            r.entries_replayed, r.torn_bytes_cut
+        );
     }
     let mut missing = 0;
     for i in 0..acked {
-        let found = store.get_record::<User>(format!("u{i:05}").as_bytes()).map(|v| v == vec![user(i)]).unwrap_or(false)
+        let found = store
+            .get_record::<User>(format!("u{i:05}").as_bytes())
+            .map(|v| v == vec![user(i)])
+            .unwrap_or(false)
             && store.get_record::<Session>(format!("s{i}").as_bytes()).map(|v| v.len() == 1).unwrap_or(false)
             && store
                 .get_record::<SsoEnrollment>(format!("u{i:05}\u{1f}mail").as_bytes())
@@ -134,7 +140,9 @@ fn main() {
     let audit = store.audit_query(&AuditQuery::default()).expect("audit query").len() as u64;
     let chain = store.audit_verify().expect("audit chain verifies");
     println!("users, sessions, enrollments: {} of {acked} acknowledged rounds present", acked - missing);
-    println!("audit records: {audit} present (at least {acked} acknowledged), hash chain verified over {chain}");
+    println!(
+        "audit records: {audit} present (at least {acked} acknowledged), hash chain verified over {chain}"
+    );
     let sample = store.get_record::<User>(b"u00000").expect("read");
     println!("sample record u00000: {sample:?}");
     if args.get(1).is_none() {

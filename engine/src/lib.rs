@@ -12,6 +12,7 @@
 //! through the [`Clock`] given in [`StoreOptions`].
 //!
 //! Start with [`Store::open_dir`] (or [`Store::open`] on a [`SimStorage`] in tests).
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod audit;

@@ -121,6 +121,9 @@ pub(crate) fn merge(
         }
     }
     held.retain(|h| !incoming.supersedes(h));
+    // Most keys hold one version for life: grow by exactly one, not to the usual four,
+    // which would triple the keydir's memory per key.
+    held.reserve_exact(1);
     held.push(incoming);
     if held.len() == 1 || (policy == ConflictPolicy::KeepSiblings && held.len() <= SIBLINGS_MAX) {
         return Merge::Applied { losers: Vec::new() };

@@ -95,10 +95,16 @@ fn current_code_reads_the_v1_fixture() {
             assert_eq!(got, vec![user(i)]);
         }
     }
-    assert_eq!(store.get(Collection::UserPolicies, b"p1").expect("read").value(), Some(&b"lock-after=300"[..]));
+    assert_eq!(
+        store.get(Collection::UserPolicies, b"p1").expect("read").value(),
+        Some(&b"lock-after=300"[..])
+    );
     assert_eq!(store.get_record::<Session>(b"s1").expect("read").len(), 1);
     assert_eq!(store.audit_verify().expect("chain"), 10);
-    assert_eq!(store.audit_query(&AuditQuery { user: Some("user1".into()), ..Default::default() }).expect("q").len(), 5);
+    assert_eq!(
+        store.audit_query(&AuditQuery { user: Some("user1".into()), ..Default::default() }).expect("q").len(),
+        5
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! [`HlcClock`] as an argument, so the simulator and the real runtime drive the same
 //! code. Decoding never panics on hostile bytes and never allocates more than the
 //! input it was handed: every failure is a typed [`DecodeError`].
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
 
 mod entry;
