@@ -52,21 +52,21 @@ pub fn plain_log_append(dir: &Path, records: u64, sync_every: u64) -> std::io::R
 
 /// Baseline: redb alone, inserting `records` 256-byte values with a durable commit per
 /// `commit_every`.
-pub fn redb_insert(dir: &Path, records: u64, commit_every: u64) -> Result<(), redb::Error> {
+pub fn redb_insert(dir: &Path, records: u64, commit_every: u64) -> Result<(), Box<redb::Error>> {
     const TABLE: redb::TableDefinition<'_, &[u8], &[u8]> = redb::TableDefinition::new("users");
-    let db = redb::Database::create(dir.join("redb.db"))?;
+    let db = redb::Database::create(dir.join("redb.db")).map_err(|e| Box::new(e.into()))?;
     let mut i = 0;
     while i < records {
-        let tx = db.begin_write()?;
+        let tx = db.begin_write().map_err(|e| Box::new(e.into()))?;
         {
-            let mut table = tx.open_table(TABLE)?;
+            let mut table = tx.open_table(TABLE).map_err(|e| Box::new(e.into()))?;
             let end = (i + commit_every).min(records);
             while i < end {
-                table.insert(&key(i)[..], &value_256(i)[..])?;
+                table.insert(&key(i)[..], &value_256(i)[..]).map_err(|e| Box::new(e.into()))?;
                 i += 1;
             }
         }
-        tx.commit()?;
+        tx.commit().map_err(|e| Box::new(e.into()))?;
     }
     Ok(())
 }
