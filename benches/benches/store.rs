@@ -3,6 +3,8 @@
 //! CRC-framed append loop and redb, each syncing once per 1,000 records — plus get
 //! throughput and reopen/recovery time, and the keydir's memory per key.
 
+#![allow(missing_docs)] // criterion_group! and criterion_main! generate undocumented public items
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};

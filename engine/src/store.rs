@@ -349,6 +349,12 @@ impl Store {
         self.inner.poisoned.load(Ordering::Acquire)
     }
 
+    /// How many remote timestamps ran further ahead of the local clock than
+    /// `HLC_DRIFT_MAX_MS` (absorbed only up to the limit, and applied).
+    pub fn hlc_drift_alarms(&self) -> u64 {
+        self.inner.streams.iter().map(|s| s.hlc_drift_alarms.load(Ordering::Relaxed)).sum()
+    }
+
     /// The storage the store runs on.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
@@ -369,12 +375,7 @@ impl Store {
         if s.queued_bytes() > BUFFERED_BYTES_MAX {
             s.wait(ticket)?;
         }
-        Ok(PendingWrite {
-            store: self.clone(),
-            stream,
-            ticket,
-            dots: entries.iter().map(|e| e.dot).collect(),
-        })
+        Ok(PendingWrite { store: self.clone(), stream, ticket, dots: entries })
     }
 
     /// Writes a batch atomically with the given durability; returns the dots.
@@ -450,12 +451,7 @@ impl Store {
         let s = self.stream(stream);
         let drafts = entries.into_iter().map(Draft::Remote).collect();
         let (ticket, applied) = s.submit(drafts, &self.inner.hlc)?;
-        Ok(PendingWrite {
-            store: self.clone(),
-            stream,
-            ticket,
-            dots: applied.iter().map(|e| e.dot).collect(),
-        })
+        Ok(PendingWrite { store: self.clone(), stream, ticket, dots: applied })
     }
 
     // ----- reads ----------------------------------------------------------------------

@@ -1,16 +1,16 @@
 //! One stream's log and keydir, with group commit. The heart of the store.
 //!
-//! Locks: `commit` (held by the one writer doing I/O: the group-commit leader,
-//! compaction or a checkpoint) is always taken before `state`; submitters take only
-//! `state`, briefly, so they keep queueing while the leader waits on fdatasync.
+//! Locks: `io` (held by the one writer doing I/O: the group-commit leader, compaction
+//! or a checkpoint) is always taken before `state`; submitters take only `state`,
+//! briefly, so they keep queueing while the leader waits on fdatasync.
 //!
 //! `state.keydir` is exactly the state of the durable log; writes that are queued but
 //! not yet durable live in `state.overlay`, which reads and compare-and-set consult
 //! first. Only the commit path moves a write into the keydir, after its fdatasync.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{btree_map, BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use repl_wire::{Collection, Dot, Entry, HlcClock, Incarnation, Op, StreamId, VersionVector};
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,7 @@ pub struct ConflictRecord {
 #[derive(Debug)]
 struct Queued {
     ticket: u64,
-    entries: Vec<(Entry, Arc<[u8]>)>,
+    entries: Vec<(Entry, Arc<Vec<u8>>)>,
     bytes: u64,
 }
 
@@ -152,9 +152,14 @@ pub(crate) struct StreamStore {
     options: Arc<StoreOptions>,
     incarnation: Incarnation,
     state: Mutex<State>,
-    commit: Mutex<()>,
+    /// Held while writing and syncing a group, checkpointing or compacting.
+    io: Mutex<()>,
+    /// Whether a group-commit leader is active; waiters sleep on `leader_changed`.
+    leader: Mutex<bool>,
+    leader_changed: Condvar,
     poisoned: Arc<AtomicBool>,
     durable_ticket: AtomicU64,
+    pub(crate) hlc_drift_alarms: AtomicU64,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -236,9 +241,12 @@ impl StreamStore {
             options,
             incarnation,
             state: Mutex::new(State::default()),
-            commit: Mutex::new(()),
+            io: Mutex::new(()),
+            leader: Mutex::new(false),
+            leader_changed: Condvar::new(),
             poisoned,
             durable_ticket: AtomicU64::new(0),
+            hlc_drift_alarms: AtomicU64::new(0),
         };
         let report = s.recover(names)?;
         Ok((s, report))
@@ -455,9 +463,12 @@ impl StreamStore {
                 if frame.offset < from {
                     continue;
                 }
+                let mut seen: Vec<Incarnation> = Vec::new();
                 for e in &frame.entries {
                     let loc = Loc::Disk { file: *n, offset: e.offset, len: e.len };
-                    self.apply_durable(&mut st, &e.entry, loc, frame.offset as u32)?;
+                    let index_at =
+                        first_of_origin(&mut seen, e.entry.dot.origin).then_some(frame.offset as u32);
+                    self.apply_durable(&mut st, &e.entry, loc, index_at)?;
                     report.entries_replayed += 1;
                 }
             }
@@ -504,34 +515,37 @@ impl StreamStore {
     // ----- applying durable entries -------------------------------------------
 
     /// Applies one durable entry to the keydir and indexes. Shared by the commit path
-    /// and recovery replay, so both build the same state.
-    fn apply_durable(&self, st: &mut State, entry: &Entry, loc: Loc, frame_offset: u32) -> Result<()> {
+    /// and recovery replay, so both build the same state. `index_at` is the frame's
+    /// offset when this is the first entry of its origin in the frame: the per-origin
+    /// index keeps one point per frame, not per entry.
+    fn apply_durable(&self, st: &mut State, entry: &Entry, loc: Loc, index_at: Option<u32>) -> Result<()> {
         let Loc::Disk { file, .. } = loc else { unreachable!("durable entries have a disk location") };
         let meta = st.files.get_mut(&file).expect("a durable entry's segment is open");
         meta.vector.advance(entry.dot);
-        if meta.kind == SegmentKind::Log {
-            st.origin_index
-                .entry(entry.dot.origin)
-                .or_default()
-                .entry(entry.dot.seq)
-                .or_insert((file, frame_offset));
+        if let (Some(frame_offset), SegmentKind::Log) = (index_at, meta.kind) {
+            st.origin_index.entry(entry.dot.origin).or_default().insert(entry.dot.seq, (file, frame_offset));
         }
         st.vector.advance(entry.dot);
-        let key: KeyId = (entry.collection, entry.key.clone().into_boxed_slice());
         let policy = self.options.policy(entry.collection);
-        let held = st.keydir.entry(key).or_default();
-        let outcome = merge(policy, held, Version::from_entry(entry, loc), None);
-        if held.is_empty() {
-            st.keydir.remove(&(entry.collection, entry.key.clone().into_boxed_slice()));
-        }
+        let incoming = Version::from_entry(entry, loc);
+        let (outcome, winner) = match st.keydir.entry((entry.collection, entry.key.as_slice().into())) {
+            btree_map::Entry::Occupied(mut held) => {
+                let outcome = merge(policy, held.get_mut(), incoming, None);
+                (outcome, held.get().first().map(|v| v.dot))
+            }
+            btree_map::Entry::Vacant(slot) => {
+                let mut held = Vec::with_capacity(1);
+                let outcome = merge(policy, &mut held, incoming, None);
+                if !held.is_empty() {
+                    slot.insert(held);
+                }
+                (outcome, None)
+            }
+        };
         if let Merge::Applied { losers } = outcome {
-            let winner = st
-                .keydir
-                .get(&(entry.collection, entry.key.clone().into_boxed_slice()))
-                .and_then(|v| v.first())
-                .map_or(entry.dot, |v| v.dot);
+            let winner = winner.unwrap_or(entry.dot);
             for loser in losers {
-                let value = match self.read_version(st, &loser) {
+                let value = match read_loc(&st.files, &loser.loc) {
                     Ok(Entry { op: Op::Put { value, .. }, .. }) => Some(value),
                     _ => None,
                 };
@@ -562,15 +576,12 @@ impl StreamStore {
         Ok(())
     }
 
-    fn read_version(&self, st: &State, v: &Version) -> Result<Entry> {
-        read_loc(&st.files, &v.loc)
-    }
-
     // ----- submitting writes ----------------------------------------------------
 
     /// Turns drafts into entries, reserves log space for them, and queues them as one
-    /// atomic batch. Returns the batch's ticket and entries. Nothing changes on error.
-    pub(crate) fn submit(&self, drafts: Vec<Draft>, hlc: &Mutex<HlcClock>) -> Result<(u64, Vec<Entry>)> {
+    /// atomic batch. Returns the batch's ticket and the dots given. Nothing changes on
+    /// error.
+    pub(crate) fn submit(&self, drafts: Vec<Draft>, hlc: &Mutex<HlcClock>) -> Result<(u64, Vec<Dot>)> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
@@ -578,15 +589,15 @@ impl StreamStore {
         let mut st = lock(&self.state);
         let mut next = st.submitted.clone();
         let mut heads = BTreeMap::new();
-        let mut staged: BTreeMap<KeyId, Vec<Version>> = BTreeMap::new();
-        let mut entries = Vec::with_capacity(drafts.len());
+        // Keys this batch touches, with their versions after the batch.
+        let mut staged: Vec<(KeyId, Vec<Version>)> = Vec::with_capacity(drafts.len());
+        let mut encoded: Vec<(Entry, Arc<Vec<u8>>)> = Vec::with_capacity(drafts.len());
         for draft in drafts {
             let entry = match draft {
                 Draft::Remote(entry) => {
                     if entry.collection.stream() != self.stream {
                         return Err(Error::Request("entry belongs to another stream"));
                     }
-                    entry.validate()?;
                     let expected = next.get(entry.dot.origin) + 1;
                     if entry.dot.seq < expected {
                         continue; // already applied (arrived by another path)
@@ -594,22 +605,18 @@ impl StreamStore {
                     if entry.dot.seq > expected {
                         return Err(Error::Gap { origin: entry.dot.origin, expected, got: entry.dot.seq });
                     }
-                    let mut clock = lock(hlc);
-                    let _drift = clock.observe(entry.hlc, now_ms);
+                    if lock(hlc).observe(entry.hlc, now_ms).is_err() {
+                        // Applied anyway (the origin's order must not stall), but counted
+                        // so the operator sees a clock that runs ahead.
+                        self.hlc_drift_alarms.fetch_add(1, Ordering::Relaxed);
+                    }
                     entry
                 }
                 Draft::Local { collection, key, op, context, cas } => {
                     if collection.stream() != self.stream {
                         return Err(Error::Request("collection belongs to another stream"));
                     }
-                    let id: KeyId = (collection, key.clone().into_boxed_slice());
-                    let current = staged
-                        .get(&id)
-                        .or_else(|| st.overlay.get(&id).map(|(v, _)| v))
-                        .or_else(|| st.keydir.get(&id))
-                        .map(|v| v.as_slice())
-                        .unwrap_or(&[]);
-                    let current_ctx = context_of(current);
+                    let current_ctx = context_of(current_versions(&st, &staged, collection, &key));
                     if cas && context.as_ref() != Some(&current_ctx) {
                         return Err(Error::ContextMismatch);
                     }
@@ -642,40 +649,25 @@ impl StreamStore {
             };
             entry.validate()?;
             next.advance(entry.dot);
-            let id: KeyId = (entry.collection, entry.key.clone().into_boxed_slice());
-            let mut versions = staged
-                .remove(&id)
-                .or_else(|| st.overlay.get(&id).map(|(v, _)| v.clone()))
-                .or_else(|| st.keydir.get(&id).cloned())
-                .unwrap_or_default();
-            let pending: Arc<[u8]> = entry.encode().into();
-            merge(
-                self.options.policy(entry.collection),
-                &mut versions,
-                Version::from_entry(&entry, Loc::Pending(pending)),
-                None,
-            );
-            staged.insert(id, versions);
-            entries.push(entry);
+            let bytes = Arc::new(entry.encode());
+            let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
+            let policy = self.options.policy(entry.collection);
+            match staged.iter_mut().rev().find(|(id, _)| id.0 == entry.collection && *id.1 == *entry.key) {
+                Some((_, versions)) => {
+                    merge(policy, versions, incoming, None);
+                }
+                None => {
+                    let mut versions = current_versions(&st, &[], entry.collection, &entry.key).to_vec();
+                    merge(policy, &mut versions, incoming, None);
+                    staged.push(((entry.collection, entry.key.as_slice().into()), versions));
+                }
+            }
+            encoded.push((entry, bytes));
         }
-        if entries.is_empty() {
+        if encoded.is_empty() {
             // Every remote entry was a duplicate: nothing to wait for beyond what is queued.
-            return Ok((st.next_ticket, entries));
+            return Ok((st.next_ticket, Vec::new()));
         }
-        let encoded: Vec<(Entry, Arc<[u8]>)> = entries
-            .iter()
-            .map(|e| {
-                let versions = &staged[&(e.collection, e.key.clone().into_boxed_slice())];
-                let bytes = versions
-                    .iter()
-                    .find_map(|v| match &v.loc {
-                        Loc::Pending(b) if v.dot == e.dot => Some(b.clone()),
-                        _ => None,
-                    })
-                    .unwrap_or_else(|| e.encode().into());
-                (e.clone(), bytes)
-            })
-            .collect();
         let bytes = frame_bytes(encoded.iter().map(|(_, b)| b.len()));
         if bytes > self.frame_max() {
             return Err(Error::Request("batch is larger than one frame of a segment"));
@@ -693,8 +685,9 @@ impl StreamStore {
             st.overlay.insert(id, (versions, ticket));
         }
         st.queued_bytes += bytes as usize;
+        let dots = encoded.iter().map(|(e, _)| e.dot).collect();
         st.queue.push_back(Queued { ticket, entries: encoded, bytes });
-        Ok((ticket, entries))
+        Ok((ticket, dots))
     }
 
     #[allow(clippy::too_many_arguments)] // one call site per draft kind; a struct would only rename them
@@ -775,21 +768,45 @@ impl StreamStore {
 
     // ----- group commit ---------------------------------------------------------
 
-    /// Returns once the batch with `ticket` is durable (leading commits as needed).
+    /// Returns once the batch with `ticket` is durable. The first waiter to find no
+    /// leader becomes the leader and commits groups until its ticket is durable; the
+    /// others sleep and are woken after each group, so nobody queues behind the I/O
+    /// just to learn that their write is already durable.
     pub(crate) fn wait(&self, ticket: u64) -> Result<()> {
-        if self.durable_ticket.load(Ordering::Acquire) >= ticket {
-            return Ok(());
-        }
-        let _leader = lock(&self.commit);
         loop {
-            if self.durable_ticket.load(Ordering::Acquire) >= ticket {
-                return Ok(());
+            {
+                let mut leading = lock(&self.leader);
+                loop {
+                    if self.durable_ticket.load(Ordering::Acquire) >= ticket {
+                        return Ok(());
+                    }
+                    if self.poisoned.load(Ordering::Acquire) {
+                        return Err(Error::Poisoned);
+                    }
+                    if !*leading {
+                        break;
+                    }
+                    leading = self.leader_changed.wait(leading).unwrap_or_else(|p| p.into_inner());
+                }
+                *leading = true;
             }
+            let result = self.lead(ticket);
+            *lock(&self.leader) = false;
+            self.leader_changed.notify_all();
+            result?;
+        }
+    }
+
+    fn lead(&self, ticket: u64) -> Result<()> {
+        let _io = lock(&self.io);
+        while self.durable_ticket.load(Ordering::Acquire) < ticket {
             if self.poisoned.load(Ordering::Acquire) {
                 return Err(Error::Poisoned);
             }
             self.commit_one_group()?;
+            self.leader_changed.notify_all();
         }
+        Ok(())
     }
 
     /// Commits everything queued so far.
@@ -803,7 +820,7 @@ impl StreamStore {
         lock(&self.state).queued_bytes
     }
 
-    /// Writes one frame to one segment and syncs it. Called with the commit lock held.
+    /// Writes one frame to one segment and syncs it. Called with the `io` lock held.
     fn commit_one_group(&self) -> Result<()> {
         let (file_no, meta_file, meta_name, offset, group, needs_dir_sync) = {
             let mut st = lock(&self.state);
@@ -869,43 +886,54 @@ impl StreamStore {
         }
         let mut span = spans.iter();
         let mut last_ticket = 0;
+        let mut seen: Vec<Incarnation> = Vec::new();
         for q in &group {
             for (entry, _) in &q.entries {
                 let &(rel, len) = span.next().expect("one span per entry");
                 let loc = Loc::Disk { file: file_no, offset: offset as u32 + rel, len };
-                self.apply_durable(&mut st, entry, loc, offset as u32)?;
-                let id: KeyId = (entry.collection, entry.key.clone().into_boxed_slice());
-                if st.overlay.get(&id).is_some_and(|(_, t)| *t == q.ticket) {
-                    st.overlay.remove(&id);
+                let index_at = first_of_origin(&mut seen, entry.dot.origin).then_some(offset as u32);
+                self.apply_durable(&mut st, entry, loc, index_at)?;
+                if let btree_map::Entry::Occupied(o) =
+                    st.overlay.entry((entry.collection, entry.key.as_slice().into()))
+                {
+                    if o.get().1 == q.ticket {
+                        o.remove();
+                    }
                 }
             }
             last_ticket = q.ticket;
         }
-        // Versions still in the overlay may point at entries just written: repoint them.
-        if !st.overlay.is_empty() {
-            let written: BTreeMap<Dot, Loc> = group
-                .iter()
-                .flat_map(|q| q.entries.iter())
-                .zip(spans.iter())
-                .map(|((e, _), &(rel, len))| {
-                    (e.dot, Loc::Disk { file: file_no, offset: offset as u32 + rel, len })
-                })
-                .collect();
-            for (versions, _) in st.overlay.values_mut() {
-                for v in versions.iter_mut() {
-                    if matches!(v.loc, Loc::Pending(_)) {
-                        if let Some(loc) = written.get(&v.dot) {
-                            v.loc = loc.clone();
-                        }
-                    }
-                }
-            }
-        }
+        // Overlay versions of entries just written keep their pending bytes: they
+        // stay readable, and the overlay entry goes when its last queued write commits.
         if let Some(m) = st.files.get_mut(&file_no) {
             m.end = offset + frame.len() as u64;
         }
         self.durable_ticket.store(last_ticket, Ordering::Release);
         Ok(())
+    }
+}
+
+/// The versions a key has now: staged by the current batch, queued, or durable.
+fn current_versions<'a>(
+    st: &'a State,
+    staged: &'a [(KeyId, Vec<Version>)],
+    c: Collection,
+    key: &[u8],
+) -> &'a [Version] {
+    if let Some((_, v)) = staged.iter().rev().find(|(id, _)| id.0 == c && *id.1 == *key) {
+        return v;
+    }
+    let id: KeyId = (c, key.into());
+    st.overlay.get(&id).map(|(v, _)| v).or_else(|| st.keydir.get(&id)).map_or(&[], |v| v.as_slice())
+}
+
+/// Whether `origin` appears for the first time in the current frame (and notes it).
+fn first_of_origin(seen: &mut Vec<Incarnation>, origin: Incarnation) -> bool {
+    if seen.contains(&origin) {
+        false
+    } else {
+        seen.push(origin);
+        true
     }
 }
 
@@ -1192,7 +1220,7 @@ impl StreamStore {
 
     /// Writes a checkpoint of the keydir (hint file) covering the durable log.
     pub(crate) fn checkpoint(&self) -> Result<u64> {
-        let _c = lock(&self.commit);
+        let _io = lock(&self.io);
         self.checkpoint_locked()
     }
 
@@ -1276,7 +1304,7 @@ impl StreamStore {
     /// Compacts sealed log segments whose entries `horizon` covers (and, past the
     /// retention limit, the oldest ones regardless) into one compacted segment.
     pub(crate) fn compact(&self, horizon: &VersionVector) -> Result<CompactionReport> {
-        let _c = lock(&self.commit);
+        let _io = lock(&self.io);
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }

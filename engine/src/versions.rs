@@ -33,7 +33,7 @@ pub(crate) enum Loc {
     Disk { file: u32, offset: u32, len: u32 },
     /// Queued for the next commit; the encoded entry, without header.
     #[serde(skip)]
-    Pending(Arc<[u8]>),
+    Pending(Arc<Vec<u8>>),
 }
 
 /// One version of a key.

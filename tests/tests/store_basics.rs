@@ -240,3 +240,73 @@ fn audit_chain_indexes_and_tamper_evidence() {
     }
     drop(disk);
 }
+
+#[test]
+fn buffered_writes_are_not_shipped_before_they_are_durable() {
+    let (_disk, store, _clock) = sim_store(9);
+    let dots = store
+        .write(std::mem::take(WriteBatch::new().put(Collection::Users, b"fast", b"1")), Durability::Buffered)
+        .expect("buffered write is acknowledged at once");
+    // Visible to reads on this appliance, but not durable, so not shipped.
+    assert_eq!(store.get(Collection::Users, b"fast").expect("read").value(), Some(&b"1"[..]));
+    assert!(store.vector(StreamId::Enterprise).is_empty());
+    assert!(store.entries_since(StreamId::Enterprise, &VersionVector::new(), 10).expect("ship").is_empty());
+    store.flush().expect("flush");
+    let shipped = store.entries_since(StreamId::Enterprise, &VersionVector::new(), 10).expect("ship");
+    assert_eq!(shipped.iter().map(|e| e.dot).collect::<Vec<_>>(), dots);
+}
+
+#[test]
+fn tombstones_are_collected_only_when_every_replica_has_them() {
+    let (_disk, store, _clock) = sim_store(10);
+    store.put(Collection::Users, b"gone", b"v").expect("put");
+    let del = store.delete(Collection::Users, b"gone").expect("delete");
+    let local = store.vector(StreamId::Enterprise);
+    let behind: VersionVector = [Dot { origin: del.origin, seq: del.seq - 1 }].into_iter().collect();
+    // A replica that has not seen the delete keeps the tombstone alive.
+    assert_eq!(store.collect_tombstones(StreamId::Enterprise, &[local.clone(), behind]), 0);
+    // A replica that has seen something this one has not: a concurrent write may be in flight.
+    let mut ahead = local.clone();
+    ahead.advance(Dot { origin: Incarnation(77), seq: 1 });
+    assert_eq!(store.collect_tombstones(StreamId::Enterprise, &[local.clone(), ahead]), 0);
+    assert!(!store.get(Collection::Users, b"gone").expect("read").context.is_empty());
+    assert_eq!(store.collect_tombstones(StreamId::Enterprise, &[local.clone(), local]), 1);
+    assert!(store.get(Collection::Users, b"gone").expect("read").context.is_empty());
+}
+
+#[test]
+fn far_future_remote_clock_raises_an_alarm_but_applies() {
+    let (_disk, store, clock) = sim_store(11);
+    let now = repl_engine::Clock::now_ms(&*clock);
+    let e =
+        remote(5, 1, now + repl_wire::HLC_DRIFT_MAX_MS + 10_000, b"clock", b"skewed", VersionVector::new());
+    store.apply_remote(StreamId::Enterprise, vec![e]).expect("apply").wait().expect("durable");
+    assert_eq!(store.hlc_drift_alarms(), 1);
+    assert_eq!(store.get(Collection::Users, b"clock").expect("read").value(), Some(&b"skewed"[..]));
+    // Local writes stay within the drift limit of local time.
+    let d = store.put(Collection::Users, b"mine", b"x").expect("put");
+    let hlc = store.get(Collection::Users, b"mine").expect("read").values[0].hlc;
+    assert!(hlc.wall_ms <= now + repl_wire::HLC_DRIFT_MAX_MS, "{hlc} for {d}");
+}
+
+#[test]
+fn retention_limit_forces_compaction_past_a_dead_peer() {
+    let disk = SimStorage::new(SimConfig::default());
+    let clock = Arc::new(ManualClock::new(1_000));
+    let mut opts = options(&clock, 4 * 1024);
+    opts.log_retained_bytes_max = 16 * 1024;
+    let store = Store::open(Arc::new(disk), opts).expect("open");
+    for i in 0..300u32 {
+        store.put(Collection::Users, format!("k{}", i % 20).as_bytes(), &[1u8; 120]).expect("put");
+    }
+    // A dead peer acknowledged nothing: the horizon is empty.
+    let report = store.compact(StreamId::Enterprise, &VersionVector::new()).expect("compact");
+    assert!(report.forced && report.segments_compacted > 0, "{report:?}");
+    assert!(store.log_floors(StreamId::Enterprise)[&store.incarnation()] > 1);
+    for i in 0..20u32 {
+        assert_eq!(
+            store.get(Collection::Users, format!("k{i}").as_bytes()).expect("read").value(),
+            Some(&[1u8; 120][..])
+        );
+    }
+}

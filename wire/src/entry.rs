@@ -14,6 +14,7 @@ pub enum Op {
     /// every replica once passed, without a tombstone; used by sessions.
     Put {
         /// The value bytes.
+        #[serde(with = "crate::bytes")]
         value: Vec<u8>,
         /// When the version expires, if it does.
         expires_at_ms: Option<u64>,
@@ -32,6 +33,7 @@ pub struct Entry {
     /// Which collection the key lives in (and so which stream).
     pub collection: Collection,
     /// The key.
+    #[serde(with = "crate::bytes")]
     pub key: Vec<u8>,
     /// The causal context the write supersedes: every held version whose dot this
     /// vector covers is replaced. It never covers `dot` itself (a dotted version
@@ -48,13 +50,18 @@ impl Entry {
     /// `docs/format.md` has the byte layout.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         // Encoding into a Vec fails only on allocation failure, which aborts anyway.
-        let bytes = postcard::to_allocvec(self).expect("postcard encoding into a Vec is infallible");
-        out.extend_from_slice(&bytes);
+        let taken = std::mem::take(out);
+        *out = postcard::to_extend(self, taken).expect("postcard encoding into a Vec is infallible");
     }
 
     /// The encoded entry as a new buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        // Sized up front: growing from empty would reallocate once per doubling.
+        let value_len = match &self.op {
+            Op::Put { value, .. } => value.len(),
+            Op::Delete => 0,
+        };
+        let mut out = Vec::with_capacity(64 + self.key.len() + value_len + self.context.len() * 20);
         self.encode_into(&mut out);
         out
     }

@@ -1,0 +1,42 @@
+//! Profiling aid: 8 writer threads, 128 writes in flight each, 256-byte values.
+//! `cargo run --release -p repl-engine --example put_profile -- [DIR] [WRITES]`
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use repl_engine::{Store, StoreOptions, WriteBatch};
+use repl_wire::Collection;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| std::env::temp_dir().join("repl-put-profile").display().to_string());
+    let total: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(400_000);
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open_dir(&dir, StoreOptions::default()).expect("open");
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..8u64 {
+            let store = store.clone();
+            s.spawn(move || {
+                let mut in_flight = VecDeque::new();
+                for j in 0..total / 8 {
+                    let mut b = WriteBatch::new();
+                    b.put(Collection::Users, format!("user-{w}-{j:010}").as_bytes(), &[7u8; 256]);
+                    in_flight.push_back(store.submit(b).expect("submit"));
+                    if in_flight.len() == 128 {
+                        in_flight.pop_front().expect("non-empty").wait().expect("durable");
+                    }
+                }
+                for p in in_flight {
+                    p.wait().expect("durable");
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    println!("{total} durable puts in {secs:.2}s: {:.0}/s", total as f64 / secs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
