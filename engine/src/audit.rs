@@ -4,23 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
+pub use repl_wire::AuditEvent;
 use repl_wire::{Dot, Incarnation};
 use serde::{Deserialize, Serialize};
-
-/// An audit event as the application reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEvent {
-    /// When it happened, wall-clock milliseconds.
-    pub time_ms: u64,
-    /// The user it concerns.
-    pub user: String,
-    /// The appliance that recorded it.
-    pub appliance: String,
-    /// What happened (`login`, `logout`, `policy-change`, ...).
-    pub action: String,
-    /// Free-form detail.
-    pub detail: String,
-}
 
 /// An audit event as stored: the event plus the hash of the previous record of the
 /// same origin.

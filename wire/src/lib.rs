@@ -12,18 +12,24 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
 
+mod audit;
 mod bytes;
+mod codec;
 mod entry;
 mod error;
 mod hlc;
 mod id;
 pub mod limits;
+mod message;
 mod stream;
 mod version;
 
+pub use audit::AuditEvent;
+pub use codec::{decode_frame, encode_frame, FrameReader, WireMessage, FRAME_PREFIX_BYTES};
 pub use entry::{Entry, Op};
 pub use error::DecodeError;
 pub use hlc::{Hlc, HlcClock, HlcDrift, HLC_DRIFT_MAX_MS};
 pub use id::{Incarnation, NodeId, NodeIdError};
+pub use message::*;
 pub use stream::{Collection, StreamId};
 pub use version::{Causality, Dot, VersionVector};

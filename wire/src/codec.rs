@@ -1,0 +1,480 @@
+//! Framing and bounded decoding of messages.
+//!
+//! A frame is `[len u32 LE][payload]` with `1 <= len <= FRAME_BYTES_MAX`; the payload
+//! is the postcard encoding of one message. Decoding refuses oversized frames before
+//! reading them, never allocates more than the frame, and then checks every list and
+//! string against the named limits ([`WireMessage::check`]).
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::entry::Entry;
+use crate::error::DecodeError;
+use crate::limits::{
+    BATCH_ENTRIES_MAX, FRAME_BYTES_MAX, KEY_BYTES_MAX, LIST_ITEMS_MAX, STRING_BYTES_MAX, VALUE_BYTES_MAX,
+};
+use crate::message::{AdminCall, ClientCall, ClientReply, ClientRequest, PeerMessage};
+
+/// Bytes of the frame length prefix.
+pub const FRAME_PREFIX_BYTES: usize = 4;
+
+/// A message type of one of the protocols.
+pub trait WireMessage: Serialize + DeserializeOwned {
+    /// Name used in errors.
+    const NAME: &'static str;
+    /// Checks every bound the decoder alone cannot: list lengths, string lengths,
+    /// entry invariants.
+    fn check(&self) -> Result<(), DecodeError>;
+}
+
+fn list(what: &'static str, n: usize, limit: usize) -> Result<(), DecodeError> {
+    if n > limit {
+        return Err(DecodeError::TooLarge { what, actual: n, limit });
+    }
+    Ok(())
+}
+
+fn text(what: &'static str, s: &str) -> Result<(), DecodeError> {
+    list(what, s.len(), STRING_BYTES_MAX)
+}
+
+fn entries(e: &[Entry]) -> Result<(), DecodeError> {
+    list("entry batch", e.len(), BATCH_ENTRIES_MAX)?;
+    e.iter().try_for_each(Entry::validate)
+}
+
+fn key(k: &[u8]) -> Result<(), DecodeError> {
+    list("key", k.len(), KEY_BYTES_MAX)
+}
+
+impl WireMessage for PeerMessage {
+    const NAME: &'static str = "peer message";
+
+    fn check(&self) -> Result<(), DecodeError> {
+        match self {
+            PeerMessage::Hello(h) => {
+                list("handshake streams", h.streams.len(), 16)?;
+                h.streams.iter().try_for_each(|s| list("log floors", s.floors.len(), LIST_ITEMS_MAX))
+            }
+            PeerMessage::Entries { entries: e, .. }
+            | PeerMessage::SnapshotChunk { entries: e, .. }
+            | PeerMessage::AuditForward { entries: e } => entries(e),
+            PeerMessage::TreeRequest { buckets, .. } => list("buckets", buckets.len(), LIST_ITEMS_MAX),
+            PeerMessage::TreeReply { hashes, .. } => list("bucket hashes", hashes.len(), LIST_ITEMS_MAX),
+            PeerMessage::TopologyPrepare { topology, .. } => {
+                list("topology", topology.len(), VALUE_BYTES_MAX)
+            }
+            PeerMessage::TopologyVote { reason, .. } | PeerMessage::Goodbye { reason } => {
+                text("reason", reason)
+            }
+            PeerMessage::Error(e) => text("error message", &e.message),
+            PeerMessage::Ack { .. }
+            | PeerMessage::Credit { .. }
+            | PeerMessage::Rewind { .. }
+            | PeerMessage::NotCovered { .. }
+            | PeerMessage::SnapshotRequest { .. }
+            | PeerMessage::AuditAck { .. }
+            | PeerMessage::TopologyCommit { .. } => Ok(()),
+        }
+    }
+}
+
+impl WireMessage for ClientRequest {
+    const NAME: &'static str = "client request";
+
+    fn check(&self) -> Result<(), DecodeError> {
+        match &self.body {
+            ClientCall::Get { key: k, .. } | ClientCall::Delete { key: k, .. } => key(k),
+            ClientCall::Put { key: k, value, .. } => {
+                key(k)?;
+                list("value", value.len(), VALUE_BYTES_MAX)
+            }
+            ClientCall::Scan { start, limit, .. } => {
+                key(start)?;
+                list("scan limit", *limit as usize, LIST_ITEMS_MAX)
+            }
+            ClientCall::SessionCreate { id, record, .. } => {
+                text("session id", id)?;
+                list("session record", record.len(), VALUE_BYTES_MAX)
+            }
+            ClientCall::SessionTouch { id, .. } | ClientCall::SessionEnd { id } => text("session id", id),
+            ClientCall::AuditAppend(e) => {
+                for s in [&e.user, &e.appliance, &e.action, &e.detail] {
+                    text("audit field", s)?;
+                }
+                Ok(())
+            }
+            ClientCall::AuditQuery { user, appliance, limit, .. } => {
+                for s in [user, appliance].into_iter().flatten() {
+                    text("audit filter", s)?;
+                }
+                list("audit limit", *limit as usize, LIST_ITEMS_MAX)
+            }
+            ClientCall::Admin(AdminCall::TopologyPrepare { topology, .. }) => {
+                list("topology", topology.len(), VALUE_BYTES_MAX)
+            }
+            ClientCall::Admin(_) => Ok(()),
+        }
+    }
+}
+
+impl WireMessage for ClientReply {
+    const NAME: &'static str = "client reply";
+
+    fn check(&self) -> Result<(), DecodeError> {
+        match self {
+            ClientReply::Values { values, .. } => {
+                list("values", values.len(), LIST_ITEMS_MAX)?;
+                values.iter().try_for_each(|v| list("value", v.value.len(), VALUE_BYTES_MAX))
+            }
+            ClientReply::Keys(keys) => {
+                list("keys", keys.len(), LIST_ITEMS_MAX)?;
+                keys.iter().try_for_each(|k| key(k))
+            }
+            ClientReply::Audit(rows) => list("audit rows", rows.len(), LIST_ITEMS_MAX),
+            ClientReply::Status { streams, .. } => list("streams", streams.len(), 16),
+            ClientReply::Error(e) => text("error message", &e.message),
+            ClientReply::Written { .. }
+            | ClientReply::Blob(_)
+            | ClientReply::Root { .. }
+            | ClientReply::Done => Ok(()),
+        }
+    }
+}
+
+/// Encodes a message as one frame (length prefix included).
+pub fn encode_frame<M: WireMessage>(message: &M) -> Result<Vec<u8>, DecodeError> {
+    let out = postcard::to_extend(message, vec![0u8; FRAME_PREFIX_BYTES])
+        .map_err(|e| DecodeError::Malformed { what: M::NAME, reason: e.to_string() })?;
+    let len = out.len() - FRAME_PREFIX_BYTES;
+    if len > FRAME_BYTES_MAX {
+        return Err(DecodeError::TooLarge { what: "frame", actual: len, limit: FRAME_BYTES_MAX });
+    }
+    let mut out = out;
+    if let Some(prefix) = out.get_mut(..FRAME_PREFIX_BYTES) {
+        prefix.copy_from_slice(&(len as u32).to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// Decodes one message from a frame's payload (without the length prefix).
+pub fn decode_frame<M: WireMessage>(payload: &[u8]) -> Result<M, DecodeError> {
+    if payload.len() > FRAME_BYTES_MAX {
+        return Err(DecodeError::TooLarge { what: "frame", actual: payload.len(), limit: FRAME_BYTES_MAX });
+    }
+    let (message, rest): (M, _) =
+        postcard::take_from_bytes(payload).map_err(|e| DecodeError::from_postcard(M::NAME, e))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    message.check()?;
+    Ok(message)
+}
+
+/// Splits a byte stream into frame payloads, refusing a bad length before buffering it.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// An empty reader.
+    pub fn new() -> Self {
+        FrameReader::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet returned.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame's payload, `None` if more bytes are needed, or an error
+    /// if the length prefix is zero or over [`FRAME_BYTES_MAX`] (the stream is then
+    /// unusable and must be closed).
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, DecodeError> {
+        let Some(Ok(prefix)) = self.buf.get(..FRAME_PREFIX_BYTES).map(<[u8; 4]>::try_from) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes(prefix) as usize;
+        if len == 0 {
+            return Err(DecodeError::Invalid { what: "frame", reason: "zero length" });
+        }
+        if len > FRAME_BYTES_MAX {
+            return Err(DecodeError::TooLarge { what: "frame", actual: len, limit: FRAME_BYTES_MAX });
+        }
+        if self.buf.len() < FRAME_PREFIX_BYTES + len {
+            return Ok(None);
+        }
+        let payload = self.buf.get(FRAME_PREFIX_BYTES..FRAME_PREFIX_BYTES + len).map(<[u8]>::to_vec);
+        self.buf.drain(..FRAME_PREFIX_BYTES + len);
+        Ok(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::message::*;
+    use crate::{AuditEvent, Collection, Dot, Hlc, Incarnation, NodeId, Op, StreamId, VersionVector};
+
+    fn vv() -> impl Strategy<Value = VersionVector> {
+        proptest::collection::vec((any::<u64>(), 1u64..1000), 0..4)
+            .prop_map(|p| p.into_iter().map(|(o, seq)| Dot { origin: Incarnation(o), seq }).collect())
+    }
+
+    fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..max)
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (any::<u64>(), 1u64..1000, bytes(32), bytes(64), any::<bool>()).prop_map(
+            |(o, seq, key, value, del)| Entry {
+                dot: Dot { origin: Incarnation(o), seq },
+                hlc: Hlc { wall_ms: seq, logical: 1 },
+                collection: Collection::Users,
+                key,
+                context: VersionVector::new(),
+                op: if del { Op::Delete } else { Op::Put { value, expires_at_ms: Some(seq) } },
+            },
+        )
+    }
+
+    fn stream() -> impl Strategy<Value = StreamId> {
+        prop_oneof![Just(StreamId::Enterprise), Just(StreamId::Sessions), Just(StreamId::Audit)]
+    }
+
+    fn event() -> impl Strategy<Value = AuditEvent> {
+        (any::<u64>(), "[a-z]{0,8}", "[a-z]{0,8}").prop_map(|(t, user, action)| AuditEvent {
+            time_ms: t,
+            user,
+            appliance: "a1".into(),
+            action,
+            detail: String::new(),
+        })
+    }
+
+    fn peer() -> impl Strategy<Value = PeerMessage> {
+        let entries = || proptest::collection::vec(entry(), 0..4);
+        prop_oneof![
+            (any::<u16>(), any::<u64>(), vv(), stream()).prop_map(|(minor, inc, vector, stream)| {
+                PeerMessage::Hello(Handshake {
+                    major: PROTOCOL_MAJOR,
+                    minor,
+                    features: 0,
+                    appliance: NodeId::new("db1").expect("valid"),
+                    incarnation: Incarnation(inc),
+                    topology_epoch: 3,
+                    streams: vec![StreamPosition { stream, vector, floors: vec![(Incarnation(inc), 4)] }],
+                })
+            }),
+            (stream(), entries()).prop_map(|(stream, entries)| PeerMessage::Entries { stream, entries }),
+            (stream(), vv()).prop_map(|(stream, vector)| PeerMessage::Ack { stream, vector }),
+            (stream(), any::<u64>()).prop_map(|(stream, bytes)| PeerMessage::Credit { stream, bytes }),
+            (stream(), vv()).prop_map(|(stream, vector)| PeerMessage::Rewind { stream, vector }),
+            (stream(), any::<u64>()).prop_map(|(stream, f)| PeerMessage::NotCovered {
+                stream,
+                origin: Incarnation(f),
+                floor: f
+            }),
+            (stream(), vv(), proptest::collection::vec(any::<u32>(), 0..8)).prop_map(
+                |(stream, at, buckets)| {
+                    PeerMessage::TreeRequest { stream, at, expiry_cutoff_ms: 9, level: 1, buckets }
+                }
+            ),
+            (stream(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(stream, bucket, hash)| {
+                PeerMessage::TreeReply { stream, level: 2, hashes: vec![BucketHash { bucket, hash }] }
+            }),
+            (stream(), vv(), entries(), any::<[u8; 32]>(), any::<bool>()).prop_map(
+                |(stream, at, entries, checksum, last)| {
+                    PeerMessage::SnapshotChunk { stream, at, offset: 7, entries, checksum, last }
+                }
+            ),
+            (stream(), any::<u64>())
+                .prop_map(|(stream, offset)| PeerMessage::SnapshotRequest { stream, offset }),
+            entries().prop_map(|entries| PeerMessage::AuditForward { entries }),
+            vv().prop_map(|vector| PeerMessage::AuditAck { vector }),
+            (any::<u64>(), bytes(64)).prop_map(|(e, topology)| PeerMessage::TopologyPrepare {
+                expected_epoch: e,
+                new_epoch: e.wrapping_add(1),
+                topology
+            }),
+            (any::<u64>(), any::<bool>(), "[a-z ]{0,20}").prop_map(|(new_epoch, accept, reason)| {
+                PeerMessage::TopologyVote { new_epoch, accept, reason }
+            }),
+            any::<u64>().prop_map(|new_epoch| PeerMessage::TopologyCommit { new_epoch }),
+            "[a-z ]{0,20}".prop_map(|message| PeerMessage::Error(ProtocolError {
+                code: ErrorCode::BadRequest,
+                message
+            })),
+            "[a-z ]{0,20}".prop_map(|reason| PeerMessage::Goodbye { reason }),
+        ]
+    }
+
+    fn collection() -> impl Strategy<Value = Collection> {
+        (0usize..7).prop_map(|i| Collection::ALL[i])
+    }
+
+    fn call() -> impl Strategy<Value = ClientCall> {
+        prop_oneof![
+            (collection(), bytes(16)).prop_map(|(collection, key)| ClientCall::Get {
+                collection,
+                key,
+                after: None
+            }),
+            (collection(), bytes(16), bytes(64), proptest::option::of(vv()), any::<bool>()).prop_map(
+                |(collection, key, value, context, cas)| ClientCall::Put {
+                    collection,
+                    key,
+                    value,
+                    context,
+                    cas
+                }
+            ),
+            (collection(), bytes(16), proptest::option::of(vv()))
+                .prop_map(|(collection, key, context)| ClientCall::Delete { collection, key, context }),
+            (collection(), bytes(16), any::<u16>()).prop_map(|(collection, start, l)| ClientCall::Scan {
+                collection,
+                start,
+                limit: l as u32
+            }),
+            ("[a-z0-9]{1,12}", bytes(32), any::<u64>()).prop_map(|(id, record, expires_at_ms)| {
+                ClientCall::SessionCreate { id, record, expires_at_ms }
+            }),
+            ("[a-z0-9]{1,12}", any::<u64>())
+                .prop_map(|(id, expires_at_ms)| ClientCall::SessionTouch { id, expires_at_ms }),
+            "[a-z0-9]{1,12}".prop_map(|id| ClientCall::SessionEnd { id }),
+            event().prop_map(ClientCall::AuditAppend),
+            (proptest::option::of(any::<u64>()), proptest::option::of("[a-z]{1,8}")).prop_map(
+                |(from_ms, user)| {
+                    ClientCall::AuditQuery { from_ms, until_ms: None, user, appliance: None, limit: 10 }
+                }
+            ),
+            prop_oneof![
+                Just(AdminCall::Status),
+                Just(AdminCall::TopologyShow),
+                bytes(32).prop_map(|topology| AdminCall::TopologyPrepare { expected_epoch: 1, topology }),
+                any::<u64>().prop_map(|new_epoch| AdminCall::TopologyCommit { new_epoch }),
+                Just(AdminCall::Backup),
+                any::<[u8; 32]>().prop_map(|checksum| AdminCall::Restore { checksum }),
+                stream().prop_map(|stream| AdminCall::Verify { stream }),
+                collection().prop_map(|collection| AdminCall::Conflicts { collection }),
+            ]
+            .prop_map(ClientCall::Admin),
+        ]
+    }
+
+    fn reply() -> impl Strategy<Value = ClientReply> {
+        prop_oneof![
+            (bytes(32), vv()).prop_map(|(value, context)| ClientReply::Values {
+                values: vec![ValueView {
+                    value,
+                    dot: Dot { origin: Incarnation(1), seq: 1 },
+                    hlc: Hlc::default()
+                }],
+                context
+            }),
+            any::<u64>().prop_map(|o| ClientReply::Written { token: Dot { origin: Incarnation(o), seq: 1 } }),
+            proptest::collection::vec(bytes(8), 0..4).prop_map(ClientReply::Keys),
+            event().prop_map(|e| ClientReply::Audit(vec![(Dot { origin: Incarnation(2), seq: 3 }, e)])),
+            vv().prop_map(|vector| ClientReply::Status {
+                appliance: NodeId::new("svc1").expect("valid"),
+                incarnation: Incarnation(5),
+                topology_epoch: 2,
+                streams: vec![StreamStatus { stream: StreamId::Audit, vector, lag: vec![] }],
+            }),
+            bytes(64).prop_map(ClientReply::Blob),
+            (vv(), any::<[u8; 32]>()).prop_map(|(at, root)| ClientReply::Root { at, root }),
+            Just(ClientReply::Done),
+            "[a-z]{0,10}"
+                .prop_map(|message| ClientReply::Error(ProtocolError { code: ErrorCode::NotFound, message })),
+        ]
+    }
+
+    fn round_trip<M: WireMessage + PartialEq + std::fmt::Debug>(m: &M) -> Result<(), TestCaseError> {
+        let frame = encode_frame(m).expect("encodes");
+        let mut reader = FrameReader::new();
+        // Byte by byte for the first few, then the rest: partial frames must wait.
+        for b in frame.iter().take(3) {
+            reader.push(&[*b]);
+            prop_assert_eq!(reader.next_frame().expect("no error on a partial frame"), None);
+        }
+        reader.push(frame.get(3..).unwrap_or_default());
+        let payload = reader.next_frame().expect("valid").expect("complete");
+        prop_assert_eq!(&decode_frame::<M>(&payload).expect("decodes"), m);
+        for cut in 0..payload.len() {
+            prop_assert!(decode_frame::<M>(&payload[..cut]).is_err(), "truncation at {} decoded", cut);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn peer_messages_round_trip(m in peer()) { round_trip(&m)?; }
+
+        #[test]
+        fn client_requests_round_trip(body in call(), key in any::<[u8; 16]>()) {
+            round_trip(&ClientRequest { idempotency_key: key, body })?;
+        }
+
+        #[test]
+        fn client_replies_round_trip(m in reply()) { round_trip(&m)?; }
+
+        #[test]
+        fn random_bytes_never_panic(b in bytes(600)) {
+            let _ = decode_frame::<PeerMessage>(&b);
+            let _ = decode_frame::<ClientRequest>(&b);
+            let _ = decode_frame::<ClientReply>(&b);
+            let mut r = FrameReader::new();
+            r.push(&b);
+            while let Ok(Some(_)) = r.next_frame() {}
+        }
+    }
+
+    #[test]
+    fn oversized_and_zero_frames_are_refused_before_buffering() {
+        let mut r = FrameReader::new();
+        r.push(&((FRAME_BYTES_MAX as u32) + 1).to_le_bytes());
+        assert!(matches!(r.next_frame(), Err(DecodeError::TooLarge { .. })));
+        let mut r = FrameReader::new();
+        r.push(&[0, 0, 0, 0, 1]);
+        assert!(matches!(r.next_frame(), Err(DecodeError::Invalid { .. })));
+    }
+
+    #[test]
+    fn batch_limits_are_enforced() {
+        let e = Entry {
+            dot: Dot { origin: Incarnation(1), seq: 1 },
+            hlc: Hlc::default(),
+            collection: Collection::Audit,
+            key: vec![],
+            context: VersionVector::new(),
+            op: Op::Delete,
+        };
+        let m = PeerMessage::AuditForward { entries: vec![e; BATCH_ENTRIES_MAX + 1] };
+        let frame = encode_frame(&m).expect("encodes");
+        assert!(matches!(decode_frame::<PeerMessage>(&frame[4..]), Err(DecodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn unknown_major_version_is_refused_with_a_clear_error() {
+        let h = Handshake {
+            major: PROTOCOL_MAJOR + 1,
+            minor: 0,
+            features: 0,
+            appliance: NodeId::new("db2").expect("valid"),
+            incarnation: Incarnation(1),
+            topology_epoch: 1,
+            streams: vec![],
+        };
+        let err = h.check_version().expect_err("unknown major");
+        assert_eq!(err.code, ErrorCode::UnsupportedVersion);
+        assert!(err.message.contains("protocol 2.0"), "{}", err.message);
+    }
+}
