@@ -22,6 +22,8 @@ mod id;
 pub mod limits;
 mod message;
 mod stream;
+#[cfg(feature = "transport")]
+pub mod transport;
 mod version;
 
 pub use audit::AuditEvent;
