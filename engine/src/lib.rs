@@ -21,10 +21,12 @@ mod error;
 mod options;
 mod records;
 mod rng;
+pub mod routing;
 mod segment;
 mod storage;
 mod store;
 mod stream;
+pub mod topology;
 mod versions;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord, StoredAudit};
