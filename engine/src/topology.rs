@@ -450,3 +450,150 @@ impl Topology {
         self.site(site).and_then(|s| s.external.as_ref()).unwrap_or(&self.external)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(s: &str) -> IpRange {
+        s.parse().expect("valid range")
+    }
+
+    fn appliance(id: &str, site: &str, roles: &[Role]) -> Appliance {
+        Appliance {
+            id: NodeId::new(id).expect("id"),
+            name: id.to_uppercase(),
+            site: site.into(),
+            address: "127.0.0.1:7809".parse().expect("addr"),
+            roles: roles.iter().copied().collect(),
+        }
+    }
+
+    fn site(id: &str, ranges: &[&str], primary: Option<&str>) -> Site {
+        Site {
+            id: id.into(),
+            name: id.into(),
+            kind: SiteKind::Active,
+            ranges: ranges.iter().map(|r| range(r)).collect(),
+            primary_failover: primary.map(str::to_string),
+            secondary_failover: None,
+            external: None,
+        }
+    }
+
+    fn g3() -> Topology {
+        Topology {
+            enterprise: "acme".into(),
+            generation: Generation::G3,
+            epoch: 1,
+            external: ExternalServers::default(),
+            bootstrap: Some(NodeId::new("a1").expect("id")),
+            sites: vec![site("a", &["10.1.0.0/16"], Some("b")), site("b", &["10.2.0.0-10.2.255.255"], Some("a"))],
+            appliances: vec![
+                appliance("a1", "a", &[Role::Audit]),
+                appliance("a2", "a", &[]),
+                appliance("b1", "b", &[Role::Audit]),
+                appliance("b2", "b", &[]),
+            ],
+        }
+    }
+
+    #[test]
+    fn ranges_parse_in_both_forms_and_families() {
+        let r = range("10.0.0.0/8");
+        assert!(r.contains("10.255.1.2".parse().expect("ip")));
+        assert!(!r.contains("11.0.0.0".parse().expect("ip")));
+        assert_eq!(range("10.0.0.0-10.255.255.255"), r);
+        let v6 = range("2001:db8::/32");
+        assert!(v6.contains("2001:db8:1::5".parse().expect("ip")));
+        assert!(!v6.contains("10.0.0.1".parse().expect("ip")));
+        assert!(range("0.0.0.0/0").is_default() && range("::/0").is_default());
+        assert!(range("10.0.0.0/8").covers(&range("10.1.0.0/16")));
+        for bad in ["10.0.0.0/33", "10.0.0.1/8", "10.0.0.9-10.0.0.1", "10.0.0.1-::1", "ten", "1.2.3.4"] {
+            match bad.parse::<IpRange>() {
+                Err(TopologyError::Range { text, .. }) => assert_eq!(text, bad),
+                other => panic!("{bad} should be refused, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_valid_g3_passes_and_round_trips() {
+        let t = g3();
+        assert_eq!(t.validate(), Validation::default());
+        assert_eq!(Topology::decode(&t.encode()), Ok(t));
+        assert!(Topology::decode(b"\x05junk").is_err());
+    }
+
+    #[test]
+    fn validation_finds_every_rule() {
+        let mut t = g3();
+        t.appliances[2].roles.clear();
+        assert_eq!(t.validate().errors, vec![Finding::TooFewAuditHolders(1)]);
+        let mut t = g3();
+        t.appliances[2].roles.clear();
+        t.appliances[1].roles.insert(Role::Audit);
+        assert_eq!(t.validate().warnings, vec![Finding::AuditHoldersInOneSite("a".into())]);
+        let mut t = g3();
+        t.sites[1].ranges.push(range("10.1.5.0/24"));
+        assert!(matches!(t.validate().errors.as_slice(), [Finding::OverlappingRanges(a, _, b, _)] if a == "a" && b == "b"));
+        let mut t = g3();
+        t.sites[0].primary_failover = Some("a".into());
+        t.sites[1].primary_failover = Some("zz".into());
+        assert_eq!(
+            t.validate().errors,
+            vec![Finding::SelfFailover("a".into()), Finding::UnknownFailoverSite("b".into(), "zz".into())]
+        );
+        let mut t = g3();
+        t.sites.push(site("c", &[], None));
+        assert_eq!(t.validate().warnings, vec![Finding::EmptySite("c".into())]);
+        let mut t = g3();
+        t.generation = Generation::G4;
+        t.sites.push(site("c", &[], None));
+        t.appliances.push(appliance("c1", "c", &[]));
+        t.appliances[0].roles.insert(Role::Database);
+        let v = t.validate();
+        assert_eq!(v.errors, vec![Finding::DatabaseCount(1)]);
+        assert_eq!(v.warnings, vec![Finding::TooManySitesForG4(3)]);
+        let mut t = g3();
+        t.appliances.push(appliance("a1", "nowhere", &[]));
+        let errors = t.validate().errors;
+        assert!(errors.contains(&Finding::Duplicate("appliance a1".into())));
+        assert!(errors.contains(&Finding::UnknownSite(NodeId::new("a1").expect("id"), "nowhere".into())));
+    }
+
+    #[test]
+    fn g3_scopes() {
+        let t = g3();
+        let id = |s: &str| NodeId::new(s).expect("id");
+        let s = t.scope(&id("a2"), &id("a1"));
+        assert_eq!(s.send, [StreamId::Enterprise, StreamId::Sessions, StreamId::Audit].into_iter().collect());
+        assert_eq!(s.receive, [StreamId::Enterprise, StreamId::Sessions].into_iter().collect());
+        let cross = t.scope(&id("a1"), &id("b2"));
+        assert_eq!(cross.send, [StreamId::Enterprise].into_iter().collect());
+        assert_eq!(cross.receive, [StreamId::Enterprise, StreamId::Audit].into_iter().collect());
+        assert_eq!(t.scope(&id("a1"), &id("a1")), Scope::default());
+        assert_eq!(t.scope(&id("a1"), &id("zz")), Scope::default());
+    }
+
+    #[test]
+    fn g4_scopes() {
+        let mut t = g3();
+        t.generation = Generation::G4;
+        t.appliances = vec![
+            appliance("db1", "a", &[Role::Database]),
+            appliance("db2", "b", &[Role::Database]),
+            appliance("s1", "a", &[Role::Service]),
+            appliance("s2", "b", &[Role::Service]),
+        ];
+        t.bootstrap = None;
+        assert!(t.validate().is_ok());
+        let id = |s: &str| NodeId::new(s).expect("id");
+        let all: BTreeSet<StreamId> = StreamId::ALL.into_iter().collect();
+        assert_eq!(t.scope(&id("db1"), &id("db2")), Scope { send: all.clone(), receive: all });
+        let audit: BTreeSet<StreamId> = [StreamId::Audit].into_iter().collect();
+        assert_eq!(t.scope(&id("s1"), &id("db2")), Scope { send: audit.clone(), receive: BTreeSet::new() });
+        assert_eq!(t.scope(&id("db1"), &id("s1")), Scope { send: BTreeSet::new(), receive: audit });
+        assert_eq!(t.scope(&id("s1"), &id("s2")), Scope::default());
+    }
+}
