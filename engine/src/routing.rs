@@ -90,7 +90,10 @@ pub fn home_site(topology: &Topology, host: IpAddr, routes: &[IpRange]) -> HomeS
     for route in routes.iter().filter(|r| !r.is_default()) {
         for site in active() {
             if let Some(range) = site.ranges.iter().find(|r| route.covers(r)) {
-                return HomeSite { site: Some(site.id.clone()), reason: HomeReason::Route { route: *route, range: *range } };
+                return HomeSite {
+                    site: Some(site.id.clone()),
+                    reason: HomeReason::Route { route: *route, range: *range },
+                };
             }
         }
     }
@@ -238,7 +241,8 @@ impl Agent {
 
     fn random_of_site(&self, site: &str, exclude: &[NodeId], rng: &mut dyn Randomness) -> Option<NodeId> {
         let t = self.topology.as_ref()?;
-        let pool: Vec<&NodeId> = t.appliances_of(site).map(|a| &a.id).filter(|id| !exclude.contains(id)).collect();
+        let pool: Vec<&NodeId> =
+            t.appliances_of(site).map(|a| &a.id).filter(|id| !exclude.contains(id)).collect();
         (!pool.is_empty()).then(|| pool[rng.below(pool.len())].clone())
     }
 
@@ -247,7 +251,11 @@ impl Agent {
         self.promote();
         let Some(t) = self.topology.clone() else {
             // Nothing known yet: only the bootstrap appliance (which hands out the topology).
-            let candidates = vec![Candidate { appliance: self.config.bootstrap.clone(), site: String::new(), step: Step::Bootstrap }];
+            let candidates = vec![Candidate {
+                appliance: self.config.bootstrap.clone(),
+                site: String::new(),
+                step: Step::Bootstrap,
+            }];
             return Attempt { home: HomeSite { site: None, reason: HomeReason::NoMatch }, candidates };
         };
         let home = home_site(&t, self.host, &self.routes);
@@ -261,7 +269,11 @@ impl Agent {
                     } else {
                         // Re-pick among the others when there are any, else keep.
                         let others: Vec<&NodeId> = members.iter().filter(|m| *m != id).collect();
-                        let next = if others.is_empty() { id.clone() } else { others[rng.below(others.len())].clone() };
+                        let next = if others.is_empty() {
+                            id.clone()
+                        } else {
+                            others[rng.below(others.len())].clone()
+                        };
                         Some((next, now_ms))
                     }
                 }
@@ -271,18 +283,32 @@ impl Agent {
                 out.push(Candidate { appliance: id.clone(), site: site.clone(), step: Step::Chosen });
                 self.chosen = Some((id, since));
             }
-            let mut rest: Vec<NodeId> = members.into_iter().filter(|m| out.iter().all(|c| &c.appliance != m)).collect();
+            let mut rest: Vec<NodeId> =
+                members.into_iter().filter(|m| out.iter().all(|c| &c.appliance != m)).collect();
             shuffle(&mut rest, rng);
-            out.extend(rest.into_iter().map(|a| Candidate { appliance: a, site: site.clone(), step: Step::HomeSite }));
+            out.extend(rest.into_iter().map(|a| Candidate {
+                appliance: a,
+                site: site.clone(),
+                step: Step::HomeSite,
+            }));
             self.push_failover_sites(&t, site, &mut out, rng);
         }
         self.push_bootstrap(&mut out);
         Attempt { home, candidates: out }
     }
 
-    fn push_failover_sites(&self, t: &Topology, home: &str, out: &mut Vec<Candidate>, rng: &mut dyn Randomness) {
+    fn push_failover_sites(
+        &self,
+        t: &Topology,
+        home: &str,
+        out: &mut Vec<Candidate>,
+        rng: &mut dyn Randomness,
+    ) {
         let Some(site) = t.site(home) else { return };
-        for (failover, step) in [(&site.primary_failover, Step::PrimaryFailover), (&site.secondary_failover, Step::SecondaryFailover)] {
+        for (failover, step) in [
+            (&site.primary_failover, Step::PrimaryFailover),
+            (&site.secondary_failover, Step::SecondaryFailover),
+        ] {
             let Some(f) = failover else { continue };
             if f == home || out.iter().any(|c| &c.site == f) {
                 continue;
@@ -310,7 +336,11 @@ impl Agent {
         if served_by.step == Step::HomeSite {
             self.chosen = Some((served_by.appliance.clone(), now_ms));
         }
-        let site = if served_by.site.is_empty() { self.site_of(&served_by.appliance).unwrap_or_default() } else { served_by.site.clone() };
+        let site = if served_by.site.is_empty() {
+            self.site_of(&served_by.appliance).unwrap_or_default()
+        } else {
+            served_by.site.clone()
+        };
         Session { appliance: served_by.appliance.clone(), site, home_site: attempt.home.site.clone() }
     }
 
@@ -324,7 +354,12 @@ impl Agent {
     /// Rule 6: the session's appliance failed. Try the other appliances of the
     /// session's site first (no new login), then the home site's failover sites that
     /// come after the session's site in the order (never back), then the bootstrap.
-    pub fn plan_session_failover(&mut self, session: &Session, now_ms: u64, rng: &mut dyn Randomness) -> Attempt {
+    pub fn plan_session_failover(
+        &mut self,
+        session: &Session,
+        now_ms: u64,
+        rng: &mut dyn Randomness,
+    ) -> Attempt {
         let _ = now_ms;
         self.promote();
         let home = match (&self.topology, &session.home_site) {
@@ -333,18 +368,30 @@ impl Agent {
         };
         let mut out = Vec::new();
         if let Some(t) = self.topology.clone() {
-            let mut same: Vec<NodeId> =
-                t.appliances_of(&session.site).map(|a| a.id.clone()).filter(|id| id != &session.appliance).collect();
+            let mut same: Vec<NodeId> = t
+                .appliances_of(&session.site)
+                .map(|a| a.id.clone())
+                .filter(|id| id != &session.appliance)
+                .collect();
             shuffle(&mut same, rng);
-            out.extend(same.into_iter().map(|a| Candidate { appliance: a, site: session.site.clone(), step: Step::SessionSite }));
+            out.extend(same.into_iter().map(|a| Candidate {
+                appliance: a,
+                site: session.site.clone(),
+                step: Step::SessionSite,
+            }));
             if let Some(home_id) = session.home_site.as_ref().and_then(|h| t.site(h)) {
-                let order: Vec<(&Option<String>, Step)> =
-                    vec![(&home_id.primary_failover, Step::PrimaryFailover), (&home_id.secondary_failover, Step::SecondaryFailover)];
+                let order: Vec<(&Option<String>, Step)> = vec![
+                    (&home_id.primary_failover, Step::PrimaryFailover),
+                    (&home_id.secondary_failover, Step::SecondaryFailover),
+                ];
                 // Sites strictly after the session's current site in the home order.
                 let position = if session.site == home_id.id {
                     0
                 } else {
-                    order.iter().position(|(s, _)| s.as_deref() == Some(session.site.as_str())).map_or(order.len(), |p| p + 1)
+                    order
+                        .iter()
+                        .position(|(s, _)| s.as_deref() == Some(session.site.as_str()))
+                        .map_or(order.len(), |p| p + 1)
                 };
                 for (failover, step) in order.into_iter().skip(position) {
                     let Some(f) = failover else { continue };

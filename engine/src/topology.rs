@@ -149,7 +149,13 @@ impl FromStr for IpRange {
                 return Err(err("address has bits set past the prefix"));
             }
             let (first, last) = (x, x | mask);
-            let make = |v: u128| if v6 { IpAddr::from(std::net::Ipv6Addr::from(v)) } else { IpAddr::from(std::net::Ipv4Addr::from(v as u32)) };
+            let make = |v: u128| {
+                if v6 {
+                    IpAddr::from(std::net::Ipv6Addr::from(v))
+                } else {
+                    IpAddr::from(std::net::Ipv4Addr::from(v as u32))
+                }
+            };
             return Ok(IpRange { first: make(first), last: make(last) });
         }
         let (a, b) = text_t.split_once('-').ok_or_else(|| err("expected first-last or a CIDR block"))?;
@@ -397,7 +403,8 @@ impl Topology {
                 }
             }
             Generation::G3 => {
-                let holders: Vec<&Appliance> = self.appliances.iter().filter(|a| a.has(Role::Audit)).collect();
+                let holders: Vec<&Appliance> =
+                    self.appliances.iter().filter(|a| a.has(Role::Audit)).collect();
                 if holders.len() < 2 {
                     v.errors.push(Finding::TooFewAuditHolders(holders.len()));
                 } else {
@@ -488,7 +495,10 @@ mod tests {
             epoch: 1,
             external: ExternalServers::default(),
             bootstrap: Some(NodeId::new("a1").expect("id")),
-            sites: vec![site("a", &["10.1.0.0/16"], Some("b")), site("b", &["10.2.0.0-10.2.255.255"], Some("a"))],
+            sites: vec![
+                site("a", &["10.1.0.0/16"], Some("b")),
+                site("b", &["10.2.0.0-10.2.255.255"], Some("a")),
+            ],
             appliances: vec![
                 appliance("a1", "a", &[Role::Audit]),
                 appliance("a2", "a", &[]),
@@ -536,7 +546,9 @@ mod tests {
         assert_eq!(t.validate().warnings, vec![Finding::AuditHoldersInOneSite("a".into())]);
         let mut t = g3();
         t.sites[1].ranges.push(range("10.1.5.0/24"));
-        assert!(matches!(t.validate().errors.as_slice(), [Finding::OverlappingRanges(a, _, b, _)] if a == "a" && b == "b"));
+        assert!(
+            matches!(t.validate().errors.as_slice(), [Finding::OverlappingRanges(a, _, b, _)] if a == "a" && b == "b")
+        );
         let mut t = g3();
         t.sites[0].primary_failover = Some("a".into());
         t.sites[1].primary_failover = Some("zz".into());

@@ -120,7 +120,10 @@ fn run_case(file: &str, topology: &Topology, case: &Case) {
                 assert_eq!(spec.expect_offline.unwrap_or(false), served.is_none(), "{ctx}: offline");
                 let Some(served) = served else {
                     let retry = agent.attempt_failed(now);
-                    assert!(agent.is_offline(now) && !agent.is_offline(retry), "{ctx}: retry at the interval");
+                    assert!(
+                        agent.is_offline(now) && !agent.is_offline(retry),
+                        "{ctx}: retry at the interval"
+                    );
                     continue;
                 };
                 if let Some(want) = &spec.expect_served {
@@ -130,7 +133,11 @@ fn run_case(file: &str, topology: &Topology, case: &Case) {
                     assert_eq!(&served.site, want, "{ctx}: served by site");
                 }
                 if let Some(same) = spec.expect_same_as_previous {
-                    assert_eq!(previous.as_ref() == Some(&served.appliance), same, "{ctx}: same appliance as before");
+                    assert_eq!(
+                        previous.as_ref() == Some(&served.appliance),
+                        same,
+                        "{ctx}: same appliance as before"
+                    );
                 }
                 if spec.action == "fail-session" {
                     let s = session.as_mut().expect("session");
@@ -164,7 +171,11 @@ fn run_case(file: &str, topology: &Topology, case: &Case) {
             other => panic!("{ctx}: unknown action {other}"),
         }
         if let Some(want) = &spec.expect_session_appliance {
-            assert_eq!(session.as_ref().map(|s| s.appliance.as_str()), Some(want.as_str()), "{ctx}: session stays put");
+            assert_eq!(
+                session.as_ref().map(|s| s.appliance.as_str()),
+                Some(want.as_str()),
+                "{ctx}: session stays put"
+            );
         }
     }
 }
@@ -172,7 +183,8 @@ fn run_case(file: &str, topology: &Topology, case: &Case) {
 #[test]
 fn routing_tables() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join("routing");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("testdata/routing").map(|e| e.expect("entry").path()).collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(&dir).expect("testdata/routing").map(|e| e.expect("entry").path()).collect();
     files.sort();
     let mut cases = 0;
     for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "toml")) {
