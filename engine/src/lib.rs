@@ -26,6 +26,7 @@ mod segment;
 mod storage;
 mod store;
 mod stream;
+pub mod sync;
 pub mod topology;
 mod versions;
 

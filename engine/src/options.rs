@@ -23,6 +23,8 @@ pub const BUFFERED_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub enum SyncPoint {
     /// fdatasync of a log segment after appending a commit group.
     LogAppend,
+    /// fdatasync of a new log segment's header, before any frame goes into it.
+    SegmentHeader,
     /// Directory fsync after a new log segment was created.
     SegmentCreateDir,
     /// fdatasync of a compacted segment before the keydir points into it.
@@ -39,8 +41,9 @@ pub enum SyncPoint {
 
 impl SyncPoint {
     /// Every sync point, for tests that remove each in turn.
-    pub const ALL: [SyncPoint; 7] = [
+    pub const ALL: [SyncPoint; 8] = [
         SyncPoint::LogAppend,
+        SyncPoint::SegmentHeader,
         SyncPoint::SegmentCreateDir,
         SyncPoint::CompactedData,
         SyncPoint::HintData,

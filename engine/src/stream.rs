@@ -331,16 +331,23 @@ impl StreamStore {
                         replay_from.insert(f.number, f.end);
                     }
                 }
-                // Files the hint does not list: newer log segments are replayed, older
-                // ones and unlisted compacted segments were superseded.
+                // Log segments after the active one were created (and maybe written)
+                // after the checkpoint: replay them whole. Unlisted older segments and
+                // unlisted compacted segments were superseded.
+                let active = img.active.unwrap_or(0);
                 for (n, name) in logs.iter().chain(cmps.iter()) {
-                    if listed.contains_key(n) {
-                        continue;
-                    }
                     let is_log = logs.iter().any(|(l, _)| l == n);
-                    if is_log && *n > oldest_listed_log {
+                    if is_log && *n > active {
                         replay_from.insert(*n, HEADER_BYTES);
-                    } else {
+                        st.files.remove(n);
+                    } else if !listed.contains_key(n) {
+                        if is_log && *n > oldest_listed_log {
+                            return Err(Error::Corrupt(Corruption {
+                                file: name.clone(),
+                                offset: 0,
+                                what: "log segment missing from the checkpoint that covers it",
+                            }));
+                        }
                         self.storage.remove(name).map_err(io_err(name, "remove stale segment"))?;
                         report.stale_files_removed += 1;
                     }
@@ -377,13 +384,16 @@ impl StreamStore {
             }
         }
 
-        // Log segments at the very end whose header never became durable were being
-        // created at the crash: they hold no record, so they are removed.
+        // Log segments at the end that hold no record: preallocated spares. One whose
+        // header never became durable was being created at the crash and is removed;
+        // the scan backwards stops at the first segment with data (whose damage, if
+        // any, the scan below reports).
         let mut order: Vec<u32> = replay_from.keys().copied().collect();
         let name_of =
             |n: u32| logs.iter().chain(cmps.iter()).find(|(x, _)| *x == n).map(|(_, name)| name.clone());
         // Compacted segments replay first (they hold the oldest live records).
         order.sort_by_key(|n| (!cmps.iter().any(|(c, _)| c == n), *n));
+        let mut keep = Vec::new();
         while let Some(&last) = order.last() {
             if st.files.contains_key(&last) || cmps.iter().any(|(c, _)| *c == last) {
                 break;
@@ -394,17 +404,20 @@ impl StreamStore {
                 file.len().map_err(io_err(&name, "stat"))?.min(self.options.segment_bytes.max(HEADER_BYTES));
             let mut bytes = vec![0u8; len as usize];
             file.read_exact_at(&mut bytes, 0).map_err(io_err(&name, "read segment"))?;
+            if bytes.iter().skip(HEADER_BYTES as usize).any(|&b| b != 0) {
+                break;
+            }
             match SegmentHeader::decode(&bytes, &name) {
-                Ok(_) => break,
-                // A header that is damaged but with nothing written after it is a
-                // creation the crash interrupted; anything else is not ours to remove.
-                Err(Error::Corrupt(_)) if bytes.iter().skip(HEADER_BYTES as usize).all(|&b| b == 0) => {}
+                Ok(_) => keep.push(last),
+                Err(Error::Corrupt(_)) => {
+                    self.storage.remove(&name).map_err(io_err(&name, "remove aborted segment"))?;
+                    report.stale_files_removed += 1;
+                }
                 Err(e) => return Err(e),
             }
-            self.storage.remove(&name).map_err(io_err(&name, "remove aborted segment"))?;
-            report.stale_files_removed += 1;
             order.pop();
         }
+        order.extend(keep.into_iter().rev());
 
         let data_files: Vec<u32> = order.clone();
         for (i, n) in data_files.iter().enumerate() {
@@ -590,7 +603,7 @@ impl StreamStore {
         let mut next = st.submitted.clone();
         let mut heads = BTreeMap::new();
         // Keys this batch touches, with their versions after the batch.
-        let mut staged: Vec<(KeyId, Vec<Version>)> = Vec::with_capacity(drafts.len());
+        let mut staged = Staged::with_capacity(drafts.len());
         let mut encoded: Vec<(Entry, Arc<Vec<u8>>)> = Vec::with_capacity(drafts.len());
         for draft in drafts {
             let entry = match draft {
@@ -652,14 +665,15 @@ impl StreamStore {
             let bytes = Arc::new(entry.encode());
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
             let policy = self.options.policy(entry.collection);
-            match staged.iter_mut().rev().find(|(id, _)| id.0 == entry.collection && *id.1 == *entry.key) {
-                Some((_, versions)) => {
-                    merge(policy, versions, incoming, None);
+            match staged.find(entry.collection, &entry.key) {
+                Some(i) => {
+                    merge(policy, &mut staged.keys[i].1, incoming, None);
                 }
                 None => {
-                    let mut versions = current_versions(&st, &[], entry.collection, &entry.key).to_vec();
+                    let mut versions =
+                        current_versions(&st, &Staged::default(), entry.collection, &entry.key).to_vec();
                     merge(policy, &mut versions, incoming, None);
-                    staged.push(((entry.collection, entry.key.as_slice().into()), versions));
+                    staged.push((entry.collection, entry.key.as_slice().into()), versions);
                 }
             }
             encoded.push((entry, bytes));
@@ -681,7 +695,7 @@ impl StreamStore {
         for (o, h) in heads {
             st.submitted_heads.insert(o, h);
         }
-        for (id, versions) in staged {
+        for (id, versions) in staged.keys {
             st.overlay.insert(id, (versions, ticket));
         }
         st.queued_bytes += bytes as usize;
@@ -737,7 +751,19 @@ impl StreamStore {
             incarnation: self.incarnation,
             number: number as u64,
         };
+        // The header is made durable before any frame goes into the segment, so a
+        // damaged header can only ever be corruption, never a torn creation whose
+        // later pages survived.
         let made = file.allocate(cap).and_then(|_| file.write_all_at(&header.encode(), 0));
+        let synced = match made {
+            Ok(()) if self.options.syncs(SyncPoint::SegmentHeader) => file.sync_data(),
+            _ => Ok(()),
+        };
+        if let Err(e) = synced {
+            // Fail-stop on any fsync error, even one nothing depends on yet.
+            self.poisoned.store(true, Ordering::Release);
+            return Err(io_err(&name, "sync new segment header")(e));
+        }
         if let Err(e) = made {
             // Nothing points at the new file yet: remove it and refuse the write.
             let _ = self.storage.remove(&name);
@@ -913,15 +939,47 @@ impl StreamStore {
     }
 }
 
+/// Keys a batch being submitted touches, with their versions after the batch so far.
+/// Small batches search linearly; large ones keep an index so a 1,000-write batch is
+/// not quadratic.
+#[derive(Default)]
+struct Staged {
+    keys: Vec<(KeyId, Vec<Version>)>,
+    index: BTreeMap<KeyId, usize>,
+}
+
+impl Staged {
+    const LINEAR_MAX: usize = 16;
+
+    fn with_capacity(n: usize) -> Self {
+        Staged { keys: Vec::with_capacity(n), index: BTreeMap::new() }
+    }
+
+    fn find(&self, c: Collection, key: &[u8]) -> Option<usize> {
+        if self.keys.len() <= Self::LINEAR_MAX {
+            self.keys.iter().rposition(|(id, _)| id.0 == c && *id.1 == *key)
+        } else {
+            self.index.get(&(c, key.into())).copied()
+        }
+    }
+
+    fn push(&mut self, id: KeyId, versions: Vec<Version>) {
+        self.keys.push((id, versions));
+        if self.keys.len() > Self::LINEAR_MAX {
+            if self.index.is_empty() {
+                self.index = self.keys.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+            } else {
+                let i = self.keys.len() - 1;
+                self.index.insert(self.keys[i].0.clone(), i);
+            }
+        }
+    }
+}
+
 /// The versions a key has now: staged by the current batch, queued, or durable.
-fn current_versions<'a>(
-    st: &'a State,
-    staged: &'a [(KeyId, Vec<Version>)],
-    c: Collection,
-    key: &[u8],
-) -> &'a [Version] {
-    if let Some((_, v)) = staged.iter().rev().find(|(id, _)| id.0 == c && *id.1 == *key) {
-        return v;
+fn current_versions<'a>(st: &'a State, staged: &'a Staged, c: Collection, key: &[u8]) -> &'a [Version] {
+    if let Some(i) = staged.find(c, key) {
+        return &staged.keys[i].1;
     }
     let id: KeyId = (c, key.into());
     st.overlay.get(&id).map(|(v, _)| v).or_else(|| st.keydir.get(&id)).map_or(&[], |v| v.as_slice())
@@ -1236,7 +1294,9 @@ impl StreamStore {
                 files: st
                     .files
                     .iter()
-                    .filter(|(n, m)| m.dir_synced || Some(**n) == st.active)
+                    // Spares after the active segment are found again by number at
+                    // open; listing them would make the hint depend on their entries.
+                    .filter(|(n, m)| m.kind == SegmentKind::Compacted || st.active.is_some_and(|a| **n <= a))
                     .map(|(n, m)| FileImage {
                         number: *n,
                         compacted: m.kind == SegmentKind::Compacted,

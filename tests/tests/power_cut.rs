@@ -16,7 +16,7 @@ const KEYS: u32 = 12;
 
 fn opts(clock: &Arc<ManualClock>, incarnation: u64, skip: Option<SyncPoint>) -> StoreOptions {
     StoreOptions {
-        segment_bytes: 4 * 1024,
+        segment_bytes: 16 * 1024,
         clock: clock.clone(),
         incarnation_seed: Some(incarnation),
         unsafe_skip_sync: skip,
@@ -37,7 +37,9 @@ struct Acked {
 }
 
 fn value(i: u32) -> Vec<u8> {
-    format!("value-{i}-").repeat(1 + (i as usize % 7)).into_bytes()
+    // Every fifth value spans pages, so a commit's frame can be half kept by a crash.
+    let repeat = if i % 5 == 4 { 600 } else { 1 + (i as usize % 7) };
+    format!("value-{i}-").repeat(repeat).into_bytes()
 }
 
 /// Runs the workload until it finishes or the first error (the power cut).

@@ -271,6 +271,7 @@ mod tests {
                     appliance: NodeId::new("db1").expect("valid"),
                     incarnation: Incarnation(inc),
                     topology_epoch: 3,
+                    session: 1,
                     streams: vec![StreamPosition { stream, vector, floors: vec![(Incarnation(inc), 4)] }],
                 })
             }),
@@ -471,6 +472,7 @@ mod tests {
             appliance: NodeId::new("db2").expect("valid"),
             incarnation: Incarnation(1),
             topology_epoch: 1,
+            session: 1,
             streams: vec![],
         };
         let err = h.check_version().expect_err("unknown major");

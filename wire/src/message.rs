@@ -47,6 +47,9 @@ pub struct Handshake {
     pub incarnation: Incarnation,
     /// The sender's topology membership epoch.
     pub topology_epoch: u64,
+    /// A nonce of this session of the sender: a repeated Hello with the same nonce is
+    /// a retransmission, a new nonce is a new session (the sender restarted).
+    pub session: u64,
     /// Per stream in scope: vector and log floors.
     pub streams: Vec<StreamPosition>,
 }

@@ -30,6 +30,7 @@ fn hello(id: &str) -> PeerMessage {
         appliance: node(id),
         incarnation: Incarnation(7),
         topology_epoch: 1,
+        session: 1,
         streams: vec![],
     })
 }
