@@ -92,6 +92,24 @@ impl Default for SyncConfig {
     }
 }
 
+/// Who a sync machine connects and how.
+#[derive(Debug, Clone)]
+pub struct SyncSetup {
+    /// This appliance.
+    pub me: NodeId,
+    /// The peer.
+    pub peer: NodeId,
+    /// The streams the topology puts in scope for the pair, each way.
+    pub scope: Scope,
+    /// This appliance's topology epoch.
+    pub epoch: u64,
+    /// A nonce for this session, fresh at every start (so the peer tells a restart
+    /// from a retransmitted handshake).
+    pub session: u64,
+    /// Tunables.
+    pub config: SyncConfig,
+}
+
 /// Something the driver must know or act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -163,18 +181,10 @@ pub struct PeerSync {
 }
 
 impl PeerSync {
-    /// A machine for `peer`, with the scope the topology gives the pair, starting a
-    /// session with nonce `session` (fresh per start) at `now_ms`.
-    pub fn new(
-        me: NodeId,
-        peer: NodeId,
-        scope: &Scope,
-        epoch: u64,
-        session: u64,
-        config: SyncConfig,
-        now_ms: u64,
-        replica: &dyn Replica,
-    ) -> PeerSync {
+    /// A machine for the pair `setup` describes, starting a session at `now_ms` (its
+    /// `Hello` is queued at once).
+    pub fn new(setup: SyncSetup, now_ms: u64, replica: &dyn Replica) -> PeerSync {
+        let SyncSetup { me, peer, scope, epoch, session, config } = setup;
         let mut streams = BTreeMap::new();
         for stream in StreamId::ALL {
             let (send, receive) = (scope.send.contains(&stream), scope.receive.contains(&stream));
