@@ -71,6 +71,10 @@ pub struct StoreOptions {
     /// outside tests; it breaks durability by design.
     #[doc(hidden)]
     pub unsafe_skip_sync: Option<SyncPoint>,
+    /// Test-only: apply remote entries that skip ahead of their origin's sequence
+    /// instead of refusing the gap. A planted bug the simulator must catch.
+    #[doc(hidden)]
+    pub unsafe_skip_order_check: bool,
 }
 
 impl Default for StoreOptions {
@@ -82,6 +86,7 @@ impl Default for StoreOptions {
             clock: Arc::new(SystemClock),
             incarnation_seed: None,
             unsafe_skip_sync: None,
+            unsafe_skip_order_check: false,
         }
     }
 }

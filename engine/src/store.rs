@@ -504,6 +504,12 @@ impl Store {
 
     // ----- replication hooks --------------------------------------------------------
 
+    /// A digest of the stream's durable state (live versions and values in key order),
+    /// for comparing replicas.
+    pub fn digest(&self, stream: StreamId) -> Result<[u8; 32]> {
+        self.stream(stream).digest(self.now_ms())
+    }
+
     /// The stream's durable version vector: a contiguous prefix per origin.
     pub fn vector(&self, stream: StreamId) -> VersionVector {
         self.stream(stream).vector()

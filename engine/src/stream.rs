@@ -615,7 +615,7 @@ impl StreamStore {
                     if entry.dot.seq < expected {
                         continue; // already applied (arrived by another path)
                     }
-                    if entry.dot.seq > expected {
+                    if entry.dot.seq > expected && !self.options.unsafe_skip_order_check {
                         return Err(Error::Gap { origin: entry.dot.origin, expected, got: entry.dot.seq });
                     }
                     if lock(hlc).observe(entry.hlc, now_ms).is_err() {
@@ -1088,22 +1088,39 @@ impl StreamStore {
     ) -> Vec<Vec<u8>> {
         let st = lock(&self.state);
         let from: KeyId = (collection, start.to_vec().into_boxed_slice());
-        let live = |v: &Vec<Version>| v.iter().any(|x| !x.tombstone && !x.is_expired(now_ms));
-        // Merge the durable keydir with queued writes, the queued side winning.
-        let mut keys: BTreeMap<&[u8], bool> = BTreeMap::new();
-        for ((c, k), v) in st.keydir.range(from.clone()..) {
-            if *c != collection || keys.len() > limit * 2 {
-                break;
+        let live = |v: &[Version]| v.iter().any(|x| !x.tombstone && !x.is_expired(now_ms));
+        // Merge the durable keydir with queued writes (both sorted), the queued side
+        // winning on equal keys, until `limit` live keys are found.
+        let in_collection = |id: &&KeyId| id.0 == collection;
+        let mut durable = st.keydir.range(from.clone()..).take_while(|(id, _)| in_collection(id)).peekable();
+        let mut queued = st.overlay.range(from..).take_while(|(id, _)| in_collection(id)).peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let (key, versions) = match (durable.peek(), queued.peek()) {
+                (Some((d, _)), Some((q, _))) if d.1 < q.1 => {
+                    let (id, v) = durable.next().expect("peeked");
+                    (&id.1, v.as_slice())
+                }
+                (Some((d, _)), Some((q, _))) if d.1 == q.1 => {
+                    durable.next();
+                    let (id, (v, _)) = queued.next().expect("peeked");
+                    (&id.1, v.as_slice())
+                }
+                (_, Some(_)) => {
+                    let (id, (v, _)) = queued.next().expect("peeked");
+                    (&id.1, v.as_slice())
+                }
+                (Some(_), None) => {
+                    let (id, v) = durable.next().expect("peeked");
+                    (&id.1, v.as_slice())
+                }
+                (None, None) => break,
+            };
+            if live(versions) {
+                out.push(key.to_vec());
             }
-            keys.insert(k, live(v));
         }
-        for ((c, k), (v, _)) in st.overlay.range(from..) {
-            if *c != collection {
-                break;
-            }
-            keys.insert(k, live(v));
-        }
-        keys.into_iter().filter(|(_, live)| *live).map(|(k, _)| k.to_vec()).take(limit).collect()
+        out
     }
 
     /// The durable vector of the stream.
@@ -1176,6 +1193,43 @@ impl StreamStore {
             }
         }
         Ok(out)
+    }
+
+    /// A digest of the durable state: every key's live versions (dot, tombstone flag and
+    /// value), in key order; versions expired at `now_ms` are left out. Two replicas
+    /// with equal digests hold the same data.
+    pub(crate) fn digest(&self, now_ms: u64) -> Result<[u8; 32]> {
+        let items: Vec<(KeyId, Vec<Version>)> = {
+            let st = lock(&self.state);
+            st.keydir.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let mut h = blake3::Hasher::new();
+        for ((c, key), mut versions) in items {
+            versions.retain(|v| !v.is_expired(now_ms));
+            if versions.is_empty() {
+                continue;
+            }
+            versions.sort_by_key(|v| v.dot);
+            h.update(c.name().as_bytes());
+            h.update(&(key.len() as u64).to_le_bytes());
+            h.update(&key);
+            for v in versions {
+                h.update(&v.dot.origin.0.to_le_bytes());
+                h.update(&v.dot.seq.to_le_bytes());
+                h.update(&[v.tombstone as u8]);
+                if !v.tombstone {
+                    let entry = {
+                        let st = lock(&self.state);
+                        read_loc(&st.files, &v.loc)?
+                    };
+                    if let Op::Put { value, .. } = entry.op {
+                        h.update(&(value.len() as u64).to_le_bytes());
+                        h.update(&value);
+                    }
+                }
+            }
+        }
+        Ok(*h.finalize().as_bytes())
     }
 
     /// Recorded LWW losses of a collection, oldest first, and how many were dropped.

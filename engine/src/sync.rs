@@ -148,6 +148,8 @@ struct StreamState {
     lag_since: BTreeMap<Incarnation, u64>,
     /// Origins we reported `NotCovered` for in this session.
     not_covered: BTreeSet<Incarnation>,
+    /// The vector we last acknowledged to the peer.
+    told: VersionVector,
 }
 
 /// Counters of what crossed the wire, for tests and metrics.
@@ -228,6 +230,21 @@ impl PeerSync {
         self.peer_session.is_some()
     }
 
+    /// A one-line description of each stream's cursors, for diagnostics.
+    pub fn debug_state(&self, replica: &dyn Replica) -> String {
+        let mut out = format!("established={} ", self.is_established());
+        for (stream, s) in &self.streams {
+            out.push_str(&format!(
+                "{stream}: ours={} acked={} sent={} lag={:?}; ",
+                replica.vector(*stream),
+                s.acked,
+                s.sent,
+                s.lag_since
+            ));
+        }
+        out
+    }
+
     /// The vector the peer acknowledged for a stream (retention feedback).
     pub fn acked(&self, stream: StreamId) -> Option<&VersionVector> {
         self.streams.get(&stream).map(|s| &s.acked)
@@ -256,6 +273,7 @@ impl PeerSync {
             incarnation: replica.incarnation(),
             topology_epoch: self.epoch,
             session: self.session,
+            seen_session: self.peer_session,
             streams,
         };
         self.push(PeerMessage::Hello(hello));
@@ -288,9 +306,10 @@ impl PeerSync {
             if !s.acked.descends(&s.sent) {
                 at(s.progress_ms + self.config.retransmit_ms);
             }
+            // A relay timer matters only while the origin's entries are not yet sent.
             let ours = replica.vector(*stream);
             for (origin, since) in &s.lag_since {
-                if ours.get(*origin) > s.acked.get(*origin) {
+                if ours.get(*origin) > s.sent.get(*origin) {
                     at(since + self.config.relay_delay_ms);
                 }
             }
@@ -319,10 +338,22 @@ impl PeerSync {
     }
 
     /// New durable entries in `stream` (local writes, or entries from another peer).
+    /// Besides pushing them, tells the peer our new vector if it sends us this stream,
+    /// so it does not relay what we already got from elsewhere.
     pub fn handle_local_durable(&mut self, now_ms: u64, stream: StreamId, replica: &dyn Replica) {
-        if self.is_established() {
-            self.pump(now_ms, stream, replica);
+        if !self.is_established() {
+            return;
         }
+        if let Some(s) = self.streams.get_mut(&stream) {
+            if s.receive {
+                let vector = replica.vector(stream);
+                if s.told != vector {
+                    s.told = vector.clone();
+                    self.push(PeerMessage::Ack { stream, vector });
+                }
+            }
+        }
+        self.pump(now_ms, stream, replica);
     }
 
     /// A message from the peer.
@@ -368,8 +399,14 @@ impl PeerSync {
             self.push(PeerMessage::Error(ProtocolError { code: ErrorCode::NotAuthorized, message }));
             return;
         }
+        let wants_ours = h.seen_session != Some(self.session);
         if self.peer_session == Some(h.session) {
-            return; // a retransmission of a handshake we already took
+            // A retransmission. Answer only if the peer has not seen our session yet
+            // (our handshake was lost); answering every copy would never end.
+            if wants_ours {
+                self.queue_hello(replica);
+            }
+            return;
         }
         // A new session of the peer: restart every cursor from what it holds, and make
         // sure it has our handshake (it may have restarted and lost it).
@@ -385,7 +422,9 @@ impl PeerSync {
             }
         }
         self.events.push_back(SyncEvent::PeerSession { incarnation: h.incarnation });
-        self.queue_hello(replica);
+        if wants_ours {
+            self.queue_hello(replica);
+        }
         self.pump_all(now_ms, replica);
     }
 
@@ -397,7 +436,13 @@ impl PeerSync {
         }
         let _ = now_ms;
         match replica.apply(stream, entries) {
-            Ok(()) => self.push(PeerMessage::Ack { stream, vector: replica.vector(stream) }),
+            Ok(()) => {
+                let vector = replica.vector(stream);
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.told = vector.clone();
+                }
+                self.push(PeerMessage::Ack { stream, vector })
+            }
             Err(Error::Gap { .. }) => {
                 self.push(PeerMessage::Rewind { stream, vector: replica.vector(stream) })
             }
@@ -434,8 +479,13 @@ impl PeerSync {
             if d.origin == me {
                 continue;
             }
+            if Some(d.origin) == peer_incarnation {
+                // The peer wrote these itself; an older acknowledgement only looks behind.
+                from.advance(Dot { origin: d.origin, seq: d.seq });
+                continue;
+            }
             let since = *s.lag_since.entry(d.origin).or_insert(now_ms);
-            let relay = Some(d.origin) != peer_incarnation && now_ms >= since + config.relay_delay_ms;
+            let relay = now_ms >= since + config.relay_delay_ms;
             if !relay {
                 from.advance(Dot { origin: d.origin, seq: d.seq });
             }

@@ -23,6 +23,8 @@ pub fn sim_store(seed: u64) -> (SimStorage, Store, Arc<ManualClock>) {
     (disk, store, clock)
 }
 
+pub mod sim;
+
 /// The seed to use: `SEED` from the environment when set (to replay a failure).
 pub fn seed_from_env(default: u64) -> u64 {
     std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)

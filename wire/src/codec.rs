@@ -272,6 +272,7 @@ mod tests {
                     incarnation: Incarnation(inc),
                     topology_epoch: 3,
                     session: 1,
+                    seen_session: None,
                     streams: vec![StreamPosition { stream, vector, floors: vec![(Incarnation(inc), 4)] }],
                 })
             }),
@@ -473,6 +474,7 @@ mod tests {
             incarnation: Incarnation(1),
             topology_epoch: 1,
             session: 1,
+            seen_session: None,
             streams: vec![],
         };
         let err = h.check_version().expect_err("unknown major");

@@ -50,6 +50,9 @@ pub struct Handshake {
     /// A nonce of this session of the sender: a repeated Hello with the same nonce is
     /// a retransmission, a new nonce is a new session (the sender restarted).
     pub session: u64,
+    /// The receiver's session nonce the sender has already seen, if any: a handshake
+    /// that does not name the receiver's current session asks for the receiver's.
+    pub seen_session: Option<u64>,
     /// Per stream in scope: vector and log floors.
     pub streams: Vec<StreamPosition>,
 }

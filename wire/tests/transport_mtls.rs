@@ -31,6 +31,7 @@ fn hello(id: &str) -> PeerMessage {
         incarnation: Incarnation(7),
         topology_epoch: 1,
         session: 1,
+        seen_session: None,
         streams: vec![],
     })
 }

@@ -1,0 +1,715 @@
+//! The deterministic simulator: appliances made of a real `Store` on a simulated disk
+//! and one `PeerSync` machine per in-scope peer, on a fake network that delays, loses,
+//! duplicates and reorders messages and can be partitioned, with crashes that lose
+//! unsynced bytes. One seed drives every choice; virtual time jumps to the next event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use repl_engine::sync::{PeerSync, SyncConfig, SyncSetup};
+use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
+use repl_engine::{AuditEvent, ManualClock, SimConfig, SimStorage, Store, StoreOptions, WriteBatch};
+use repl_wire::{encode_frame, Collection, Dot, NodeId, PeerMessage, StreamId};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Drives every choice.
+    pub seed: u64,
+    /// G3 (2 sites x 3, two audit holders) or G4 (2 database + 2 service).
+    pub generation: Generation,
+    /// Local writes to make.
+    pub writes: usize,
+    /// Whether to inject loss, duplication, partitions, crashes and clock skew.
+    pub faults: bool,
+    /// Planted bug: stores apply entries past a gap.
+    pub skip_order_check: bool,
+}
+
+/// What a run found.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    /// blake3 of every delivery and the final digests: equal for equal seeds.
+    pub trace_hash: [u8; 32],
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Entries sent by all machines (retransmissions included).
+    pub entries_sent: u64,
+    /// Entries relayed (sent by an appliance that did not write them).
+    pub entries_relayed: u64,
+    /// Local writes acknowledged.
+    pub writes_acked: u64,
+    /// Entries that had to reach replicas: each acknowledged write times its replicas.
+    pub replica_deliveries_needed: u64,
+    /// Invariant violations; empty on success.
+    pub violations: Vec<String>,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+struct Node {
+    id: NodeId,
+    disk: SimStorage,
+    clock: Arc<ManualClock>,
+    store: Option<Store>,
+    peers: BTreeMap<usize, PeerSync>,
+    skew_ms: u64,
+}
+
+#[derive(Clone)]
+enum Action {
+    Write(usize),
+    Crash(usize),
+    Restart(usize),
+    Partition(Vec<usize>),
+    Heal,
+}
+
+/// (appliance id, site id, roles) of a simulated appliance.
+type NodeSpec<'a> = (&'a str, &'a str, Vec<Role>);
+
+/// The topology simulated.
+pub fn sim_topology(generation: Generation) -> Topology {
+    let (sites, nodes): (Vec<&str>, Vec<NodeSpec<'_>>) = match generation {
+        Generation::G3 => (
+            vec!["a", "b"],
+            vec![
+                ("a1", "a", vec![Role::Audit]),
+                ("a2", "a", vec![]),
+                ("a3", "a", vec![]),
+                ("b1", "b", vec![Role::Audit]),
+                ("b2", "b", vec![]),
+                ("b3", "b", vec![]),
+            ],
+        ),
+        Generation::G4 => (
+            vec!["a", "b"],
+            vec![
+                ("db1", "a", vec![Role::Database]),
+                ("s1", "a", vec![Role::Service]),
+                ("db2", "b", vec![Role::Database]),
+                ("s2", "b", vec![Role::Service]),
+            ],
+        ),
+    };
+    Topology {
+        enterprise: "sim".into(),
+        generation,
+        epoch: 1,
+        external: ExternalServers::default(),
+        bootstrap: None,
+        sites: sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Site {
+                id: s.to_string(),
+                name: s.to_string(),
+                kind: SiteKind::Active,
+                ranges: vec![format!("10.{}.0.0/16", i + 1).parse().expect("range")],
+                primary_failover: Some(sites[1 - i].to_string()),
+                secondary_failover: None,
+                external: None,
+            })
+            .collect(),
+        appliances: nodes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, site, roles))| Appliance {
+                id: NodeId::new(id).expect("id"),
+                name: id.into(),
+                site: site.into(),
+                address: format!("127.0.0.1:{}", 7000 + i).parse().expect("addr"),
+                roles: roles.into_iter().collect(),
+            })
+            .collect(),
+    }
+}
+
+struct World {
+    opts: SimOptions,
+    topology: Topology,
+    nodes: Vec<Node>,
+    rng: Rng,
+    now: u64,
+    net: BTreeMap<(u64, u64), (usize, usize, PeerMessage)>,
+    net_seq: u64,
+    blocked: BTreeSet<(usize, usize)>,
+    trace: blake3::Hasher,
+    report: SimReport,
+    acked_users: Vec<(Vec<u8>, Dot)>,
+    acked_audit: Vec<Dot>,
+    session_writers: BTreeMap<Vec<u8>, usize>,
+    write_counter: u64,
+    /// Per node and stream: the highest own sequence acknowledged.
+    own_acked: BTreeMap<(usize, StreamId), u64>,
+    sync_config: SyncConfig,
+    session_nonce: u64,
+}
+
+fn store_options(clock: &Arc<ManualClock>, seed: u64, skip_order: bool) -> StoreOptions {
+    StoreOptions {
+        segment_bytes: 16 * 1024,
+        clock: clock.clone(),
+        incarnation_seed: Some(seed),
+        unsafe_skip_order_check: skip_order,
+        ..StoreOptions::default()
+    }
+}
+
+impl World {
+    fn new(opts: SimOptions) -> World {
+        let topology = sim_topology(opts.generation);
+        let mut rng = Rng(opts.seed ^ 0x5151_5151);
+        let nodes = topology
+            .appliances
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let disk = SimStorage::new(SimConfig { seed: rng.next(), ..SimConfig::default() });
+                let skew_ms = if opts.faults { rng.below(3_000) } else { 0 };
+                let clock = Arc::new(ManualClock::new(1_700_000_000_000 + skew_ms));
+                let store = Store::open(
+                    Arc::new(disk.clone()),
+                    store_options(&clock, 1000 + i as u64, opts.skip_order_check),
+                )
+                .expect("open a fresh simulated store");
+                Node { id: a.id.clone(), disk, clock, store: Some(store), peers: BTreeMap::new(), skew_ms }
+            })
+            .collect();
+        let sync_config =
+            SyncConfig { window_entries: 512, batch_entries: 32, retransmit_ms: 300, relay_delay_ms: 800 };
+        let mut w = World {
+            opts,
+            topology,
+            nodes,
+            rng,
+            now: 0,
+            net: BTreeMap::new(),
+            net_seq: 0,
+            blocked: BTreeSet::new(),
+            trace: blake3::Hasher::new(),
+            report: SimReport::default(),
+            acked_users: Vec::new(),
+            acked_audit: Vec::new(),
+            session_writers: BTreeMap::new(),
+            write_counter: 0,
+            own_acked: BTreeMap::new(),
+            sync_config,
+            session_nonce: 1,
+        };
+        for n in 0..w.nodes.len() {
+            w.start_machines(n);
+        }
+        w
+    }
+
+    fn set_clocks(&self) {
+        for n in &self.nodes {
+            n.clock.set(1_700_000_000_000 + self.now + n.skew_ms);
+        }
+    }
+
+    fn start_machines(&mut self, n: usize) {
+        let Some(store) = self.nodes[n].store.clone() else { return };
+        for p in 0..self.nodes.len() {
+            if p == n {
+                continue;
+            }
+            let scope = self.topology.scope(&self.nodes[n].id, &self.nodes[p].id);
+            if scope.send.is_empty() && scope.receive.is_empty() {
+                continue;
+            }
+            self.session_nonce += 1;
+            let setup = SyncSetup {
+                me: self.nodes[n].id.clone(),
+                peer: self.nodes[p].id.clone(),
+                scope,
+                epoch: self.topology.epoch,
+                session: self.session_nonce ^ self.rng.next(),
+                config: self.sync_config,
+            };
+            let m = PeerSync::new(setup, self.now, &store);
+            self.nodes[n].peers.insert(p, m);
+        }
+        self.drain(n);
+    }
+
+    /// Sends what node `n`'s machines queued.
+    fn drain(&mut self, n: usize) {
+        let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
+        for p in peers {
+            while let Some(msg) = self.nodes[n].peers.get_mut(&p).and_then(|m| m.poll_transmit()) {
+                self.send(n, p, msg);
+            }
+            while let Some(ev) = self.nodes[n].peers.get_mut(&p).and_then(|m| m.poll_event()) {
+                if let repl_engine::sync::SyncEvent::ApplyFailed(e) = ev {
+                    self.report.violations.push(format!(
+                        "node {} failed to apply from {}: {e}",
+                        self.nodes[n].id, self.nodes[p].id
+                    ));
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: PeerMessage) {
+        if self.blocked.contains(&(from, to)) {
+            return;
+        }
+        let faults = self.opts.faults;
+        if faults && self.rng.chance(20) {
+            return; // lost
+        }
+        let copies = if faults && self.rng.chance(20) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.below(if faults { 60 } else { 5 });
+            self.net_seq += 1;
+            self.net.insert((self.now + delay, self.net_seq), (from, to, msg.clone()));
+        }
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, msg: PeerMessage) {
+        if self.blocked.contains(&(from, to)) {
+            return;
+        }
+        let Some(store) = self.nodes[to].store.clone() else { return };
+        let Some(m) = self.nodes[to].peers.get_mut(&from) else { return };
+        self.report.delivered += 1;
+        self.trace.update(&self.now.to_le_bytes());
+        self.trace.update(&[from as u8, to as u8]);
+        if let Ok(frame) = encode_frame(&msg) {
+            self.trace.update(&frame);
+        }
+        let stream = match &msg {
+            PeerMessage::Entries { stream, .. } => Some(*stream),
+            _ => None,
+        };
+        let before = stream.map(|s| store.vector(s));
+        m.handle_message(self.now, msg, &store);
+        // Entries applied here may need relaying to other peers later.
+        if let (Some(s), Some(before)) = (stream, before) {
+            if store.vector(s) != before {
+                let others: Vec<usize> =
+                    self.nodes[to].peers.keys().copied().filter(|p| *p != from).collect();
+                for p in others {
+                    if let Some(m) = self.nodes[to].peers.get_mut(&p) {
+                        m.handle_local_durable(self.now, s, &store);
+                    }
+                }
+            }
+        }
+        self.drain(to);
+    }
+
+    fn local_write(&mut self, n: usize) {
+        let Some(store) = self.nodes[n].store.clone() else { return };
+        let holds_enterprise = match self.topology.generation {
+            Generation::G3 => true,
+            Generation::G4 => self.topology.appliances[n].has(Role::Database),
+        };
+        self.write_counter += 1;
+        let roll = self.rng.below(100);
+        let (stream, result) = if roll < 70 && holds_enterprise {
+            let key = format!("user{}", self.rng.below(12)).into_bytes();
+            let value = format!("v{}-{}", self.write_counter, self.nodes[n].id).into_bytes();
+            let r = store.put(Collection::Users, &key, &value);
+            if let Ok(dot) = &r {
+                self.acked_users.push((key, *dot));
+            }
+            (StreamId::Enterprise, r.map(|_| ()))
+        } else if roll < 78 && holds_enterprise {
+            let key = format!("user{}", self.rng.below(12)).into_bytes();
+            let r = store.delete(Collection::Users, &key);
+            if let Ok(dot) = &r {
+                self.acked_users.push((key, *dot));
+            }
+            (StreamId::Enterprise, r.map(|_| ()))
+        } else if roll < 88 && holds_enterprise {
+            let key = format!("s-{n}-{}", self.write_counter).into_bytes();
+            let mut b = WriteBatch::new();
+            b.put_expiring(Collection::Sessions, &key, b"session", u64::MAX);
+            let r = store.write(b, repl_engine::Durability::Durable);
+            if r.is_ok() {
+                self.session_writers.insert(key, n);
+            }
+            (StreamId::Sessions, r.map(|_| ()))
+        } else {
+            let r = store.append_audit(AuditEvent {
+                time_ms: self.now,
+                user: format!("user{}", self.rng.below(12)),
+                appliance: self.nodes[n].id.to_string(),
+                action: "login".into(),
+                detail: String::new(),
+            });
+            if let Ok(dot) = &r {
+                self.acked_audit.push(*dot);
+            }
+            (StreamId::Audit, r.map(|_| ()))
+        };
+        if let Err(e) = result {
+            self.report.violations.push(format!("local write on {} failed: {e}", self.nodes[n].id));
+            return;
+        }
+        self.report.writes_acked += 1;
+        let own = store.vector(stream).get(store.incarnation());
+        self.own_acked.insert((n, stream), own);
+        let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
+        for p in peers {
+            if let Some(m) = self.nodes[n].peers.get_mut(&p) {
+                m.handle_local_durable(self.now, stream, &store);
+            }
+        }
+        self.drain(n);
+    }
+
+    fn crash(&mut self, n: usize) {
+        if self.nodes[n].store.is_none() {
+            return;
+        }
+        self.nodes[n].store = None;
+        self.nodes[n].peers.clear();
+        self.nodes[n].disk = self.nodes[n].disk.crash();
+    }
+
+    fn restart(&mut self, n: usize) {
+        if self.nodes[n].store.is_some() {
+            return;
+        }
+        let opts = store_options(&self.nodes[n].clock, 0, self.opts.skip_order_check);
+        match Store::open(Arc::new(self.nodes[n].disk.clone()), opts) {
+            Ok(s) => {
+                for stream in StreamId::ALL {
+                    let acked = self.own_acked.get(&(n, stream)).copied().unwrap_or(0);
+                    let have = s.vector(stream).get(s.incarnation());
+                    if have < acked {
+                        self.report.violations.push(format!(
+                            "{} came back from a crash with {stream} seq {have} of its own, but {acked} were acknowledged (t={})",
+                            self.nodes[n].id, self.now
+                        ));
+                    }
+                }
+                self.nodes[n].store = Some(s);
+                self.start_machines(n);
+            }
+            Err(e) => {
+                self.report.violations.push(format!("{} did not reopen after a crash: {e}", self.nodes[n].id))
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Option<u64> {
+        self.nodes
+            .iter()
+            .filter_map(|n| {
+                let store = n.store.as_ref()?;
+                n.peers.values().filter_map(|m| m.poll_timeout(store)).min()
+            })
+            .min()
+    }
+
+    fn fire_timers(&mut self) {
+        for n in 0..self.nodes.len() {
+            let Some(store) = self.nodes[n].store.clone() else { continue };
+            let due: Vec<usize> = self.nodes[n]
+                .peers
+                .iter()
+                .filter(|(_, m)| m.poll_timeout(&store).is_some_and(|t| t <= self.now))
+                .map(|(p, _)| *p)
+                .collect();
+            for p in due {
+                if let Some(m) = self.nodes[n].peers.get_mut(&p) {
+                    m.handle_timeout(self.now, &store);
+                }
+            }
+            self.drain(n);
+        }
+    }
+
+    /// Runs until nothing is in flight and no timer is pending, or `deadline`.
+    fn run(&mut self, mut schedule: BTreeMap<(u64, u64), Action>, deadline: u64) -> bool {
+        loop {
+            let next_net = self.net.keys().next().map(|k| k.0);
+            let next_action = schedule.keys().next().map(|k| k.0);
+            let next_timer = self.next_timer();
+            let Some(t) = [next_net, next_action, next_timer].into_iter().flatten().min() else {
+                return true;
+            };
+            if t > deadline {
+                return false;
+            }
+            self.now = self.now.max(t);
+            self.set_clocks();
+            if next_action == Some(t) {
+                let (k, a) = schedule.pop_first().expect("an action is due");
+                let _ = k;
+                match a {
+                    Action::Write(n) => self.local_write(n),
+                    Action::Crash(n) => self.crash(n),
+                    Action::Restart(n) => self.restart(n),
+                    Action::Partition(group) => {
+                        for &a in &group {
+                            for b in 0..self.nodes.len() {
+                                if !group.contains(&b) {
+                                    self.blocked.insert((a, b));
+                                    self.blocked.insert((b, a));
+                                }
+                            }
+                        }
+                    }
+                    Action::Heal => self.blocked.clear(),
+                }
+            } else if next_net == Some(t) {
+                let (_, (from, to, msg)) = self.net.pop_first().expect("a message is due");
+                self.deliver(from, to, msg);
+            } else {
+                self.fire_timers();
+            }
+        }
+    }
+
+    fn schedule(&mut self) -> BTreeMap<(u64, u64), Action> {
+        let mut s = BTreeMap::new();
+        let mut seq = 0;
+        let mut add = |s: &mut BTreeMap<(u64, u64), Action>, t: u64, a: Action| {
+            seq += 1;
+            s.insert((t, seq), a);
+        };
+        let nodes = self.nodes.len() as u64;
+        for _ in 0..self.opts.writes {
+            let t = self.rng.below(10_000);
+            let n = self.rng.below(nodes) as usize;
+            add(&mut s, t, Action::Write(n));
+        }
+        if self.opts.faults {
+            let half: Vec<usize> = (0..self.nodes.len() / 2).collect();
+            let p1 = 1_000 + self.rng.below(2_000);
+            add(&mut s, p1, Action::Partition(half));
+            add(&mut s, p1 + 1_500, Action::Heal);
+            let lone = self.rng.below(nodes) as usize;
+            let p2 = 4_000 + self.rng.below(1_000);
+            add(&mut s, p2, Action::Partition(vec![lone]));
+            add(&mut s, p2 + 1_000, Action::Heal);
+            for _ in 0..2 {
+                let n = self.rng.below(nodes) as usize;
+                let c = 1_000 + self.rng.below(7_000);
+                add(&mut s, c, Action::Crash(n));
+                add(&mut s, c + 300 + self.rng.below(1_500), Action::Restart(n));
+            }
+            add(&mut s, 10_000, Action::Heal);
+        }
+        s
+    }
+
+    fn check(&mut self) {
+        let live: Vec<(usize, Store)> =
+            self.nodes.iter().enumerate().filter_map(|(i, n)| n.store.clone().map(|s| (i, s))).collect();
+        if live.len() != self.nodes.len() {
+            self.report.violations.push("a node is still down at the end".into());
+            return;
+        }
+        // Replicas in scope agree.
+        for stream in StreamId::ALL {
+            let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for (i, a) in self.topology.appliances.iter().enumerate() {
+                let holds = match (self.topology.generation, stream) {
+                    // (sessions stay in their site only in G3; G4's pair holds them all)
+                    (Generation::G3, StreamId::Enterprise) => Some("all".to_string()),
+                    (Generation::G3, StreamId::Sessions) => Some(a.site.clone()),
+                    (Generation::G3, StreamId::Audit) => a.has(Role::Audit).then(|| "holders".to_string()),
+                    (Generation::G4, _) => a.has(Role::Database).then(|| "db".to_string()),
+                    _ => None,
+                };
+                if let Some(g) = holds {
+                    groups.entry(g).or_default().push(i);
+                }
+            }
+            for (g, members) in groups {
+                let digests: Vec<[u8; 32]> =
+                    members.iter().map(|&i| live[i].1.digest(stream).unwrap_or([0; 32])).collect();
+                for d in &digests {
+                    self.trace.update(d);
+                }
+                if digests.windows(2).any(|w| w[0] != w[1]) {
+                    let names: Vec<String> = members.iter().map(|&i| self.nodes[i].id.to_string()).collect();
+                    self.report.violations.push(format!("{stream} replicas of group {g} differ: {names:?}"));
+                }
+                let replicas = members.len() as u64;
+                let writes = live.iter().map(|(_, s)| s.vector(stream).get(s.incarnation())).sum::<u64>();
+                self.report.replica_deliveries_needed += writes * replicas.saturating_sub(1);
+            }
+        }
+        // Every acknowledged user write is present or superseded, on every holder.
+        let logs: Vec<Vec<repl_wire::Entry>> = live
+            .iter()
+            .map(|(_, s)| {
+                s.entries_since(StreamId::Enterprise, &repl_wire::VersionVector::new(), usize::MAX)
+                    .unwrap_or_default()
+            })
+            .collect();
+        for (key, dot) in &self.acked_users {
+            for (i, s) in &live {
+                if !self.holds(*i, StreamId::Enterprise) {
+                    continue;
+                }
+                let covered = accounted_for(s, &logs[*i], key, *dot, 0);
+                if !covered {
+                    let detail = if std::env::var_os("SIM_DEBUG").is_some() {
+                        let r = s.get(Collection::Users, key).ok();
+                        let entry = s
+                            .entries_since(StreamId::Enterprise, &repl_wire::VersionVector::new(), usize::MAX)
+                            .ok()
+                            .and_then(|es| es.into_iter().find(|e| e.dot == *dot));
+                        let history: Vec<String> = s
+                            .entries_since(StreamId::Enterprise, &repl_wire::VersionVector::new(), usize::MAX)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|e| &e.key == key)
+                            .map(|e| {
+                                format!(
+                                    "{}@{} ctx{} {}",
+                                    e.dot,
+                                    e.hlc,
+                                    e.context,
+                                    if e.is_delete() { "DEL" } else { "put" }
+                                )
+                            })
+                            .collect();
+                        let conflicts: Vec<String> = s
+                            .conflicts(Collection::Users)
+                            .0
+                            .iter()
+                            .filter(|c| &c.key == key)
+                            .map(|c| format!("{} lost to {}", c.loser, c.winner))
+                            .collect();
+                        format!(
+                            " (now: {r:?}; the entry: {entry:?}; log: {history:?}; conflicts: {conflicts:?})"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    self.report.violations.push(format!(
+                        "{} lost acknowledged write {dot} to {}{detail}",
+                        self.nodes[*i].id,
+                        String::from_utf8_lossy(key)
+                    ));
+                }
+            }
+        }
+        // Sessions stay in their site (G3; in G4 the database pair holds all of them).
+        for (i, s) in live.iter().filter(|_| self.topology.generation == Generation::G3) {
+            for key in s.scan_keys(Collection::Sessions, b"", usize::MAX) {
+                if let Some(&w) = self.session_writers.get(&key) {
+                    if self.topology.appliances[w].site != self.topology.appliances[*i].site {
+                        self.report
+                            .violations
+                            .push(format!("session {} left its site", String::from_utf8_lossy(&key)));
+                    }
+                }
+            }
+        }
+        // Every audit record reaches every holder, and chains verify there.
+        for (i, s) in &live {
+            if !self.holds(*i, StreamId::Audit) {
+                continue;
+            }
+            let v = s.vector(StreamId::Audit);
+            if let Some(d) = self.acked_audit.iter().find(|d| !v.contains(**d)) {
+                self.report
+                    .violations
+                    .push(format!("audit record {d} missing on holder {}", self.nodes[*i].id));
+            }
+            if let Err(e) = s.audit_verify() {
+                self.report.violations.push(format!("audit chain on {}: {e}", self.nodes[*i].id));
+            }
+        }
+        for n in &self.nodes {
+            for m in n.peers.values() {
+                let st = m.stats();
+                self.report.entries_sent += st.entries_sent;
+                self.report.entries_relayed += st.entries_relayed;
+            }
+        }
+    }
+
+    fn holds(&self, i: usize, stream: StreamId) -> bool {
+        let a = &self.topology.appliances[i];
+        match (self.topology.generation, stream) {
+            (Generation::G3, StreamId::Audit) => a.has(Role::Audit),
+            (Generation::G3, _) => true,
+            (Generation::G4, _) => a.has(Role::Database),
+        }
+    }
+}
+
+/// Whether a write to `key` is accounted for on a replica: present or superseded (the
+/// key's context covers it), a recorded last-writer-wins loss, or superseded by a later
+/// write that is itself accounted for.
+fn accounted_for(s: &Store, log: &[repl_wire::Entry], key: &[u8], dot: Dot, depth: usize) -> bool {
+    if s.get(Collection::Users, key).map(|r| r.context.contains(dot)).unwrap_or(false)
+        || s.conflicts(Collection::Users).0.iter().any(|c| c.loser == dot)
+    {
+        return true;
+    }
+    depth < 64
+        && log
+            .iter()
+            .filter(|e| e.key == key && e.dot != dot && e.context.contains(dot))
+            .any(|e| accounted_for(s, log, key, e.dot, depth + 1))
+}
+
+/// Runs one simulation: the workload and fault schedule, then heal and quiescence,
+/// then the invariants.
+pub fn simulate(opts: SimOptions) -> SimReport {
+    let mut w = World::new(opts);
+    let schedule = w.schedule();
+    // Everything is restarted and healed by 12 s; then the system must go quiet.
+    let mut tail = schedule;
+    if w.opts.faults {
+        for n in 0..w.nodes.len() {
+            tail.insert((11_000, 1_000_000 + n as u64), Action::Restart(n));
+        }
+    }
+    let quiet = w.run(tail, 600_000);
+    if !quiet {
+        let mut detail = String::new();
+        for n in &w.nodes {
+            let Some(store) = n.store.as_ref() else { continue };
+            for (p, m) in &n.peers {
+                if let Some(t) = m.poll_timeout(store) {
+                    detail.push_str(&format!(
+                        " [{}->{} timer {t} {:?}]",
+                        n.id,
+                        w.nodes[*p].id,
+                        m.debug_state(store)
+                    ));
+                }
+            }
+        }
+        w.report
+            .violations
+            .push(format!("the system did not go quiet after healing (still busy at 600 s):{detail}"));
+    }
+    w.check();
+    w.report.trace_hash = *w.trace.finalize().as_bytes();
+    w.report
+}
