@@ -242,6 +242,25 @@ impl KeyFile {
     }
 }
 
+/// Reads a PEM file (certificate, key or CRL) as text; a private key readable by
+/// group or others is refused, since anyone could then impersonate its holder.
+pub fn read_pem(path: &Path, kind: KeyFile) -> Result<String, CertError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| CertError::File { path: path.display().to_string(), source };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if kind == KeyFile::Secret && meta.permissions().mode() & 0o077 != 0 {
+        return Err(CertError::Pem {
+            path: path.display().to_string(),
+            what: "private key is readable by others (want mode 0600)",
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(err)?;
+    if !text.contains("-----BEGIN ") {
+        return Err(CertError::Pem { path: path.display().to_string(), what: "no PEM block" });
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -273,6 +292,12 @@ mod tests {
         KeyFile::Secret.write(&key, &issued.key_pem).expect("write key");
         let mode = std::fs::metadata(&key).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        assert_eq!(read_pem(&key, KeyFile::Secret).expect("read back"), issued.key_pem);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(matches!(read_pem(&key, KeyFile::Secret), Err(CertError::Pem { .. })));
+        let junk = dir.path().join("junk.pem");
+        KeyFile::Public.write(&junk, "not pem").expect("write");
+        assert!(matches!(read_pem(&junk, KeyFile::Public), Err(CertError::Pem { .. })));
         assert!(again.revocation_list(&[issued.serial], 1).expect("crl").contains("X509 CRL"));
     }
 }

@@ -11,7 +11,7 @@ mod certs;
 mod framed;
 mod tls;
 
-pub use certs::{CertError, CertificateAuthority, Identity, IssuedCertificate, KeyFile, Validity};
+pub use certs::{read_pem, CertError, CertificateAuthority, Identity, IssuedCertificate, KeyFile, Validity};
 pub use framed::{recv_message, send_message};
 pub use tls::{
     accept, client_endpoint, connect, server_endpoint, AllowedPeers, KeyLogRecorder, TlsSetup,
