@@ -95,6 +95,15 @@ pub enum Error {
     /// A typed record could not be encoded or decoded.
     #[error("record encoding failed: {0}")]
     Record(String),
+    /// This appliance forwards audit records and too many await the holders'
+    /// acknowledgement: audit-producing operations are refused until they catch up.
+    #[error("{backlog} audit records await the holders' acknowledgement (cap {cap}); refusing new ones")]
+    AuditBacklogFull {
+        /// Records waiting.
+        backlog: u64,
+        /// The configured cap.
+        cap: u64,
+    },
     /// An audit hash chain does not verify.
     #[error("audit chain of {origin} broken at {dot}")]
     AuditChainBroken {

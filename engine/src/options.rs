@@ -64,6 +64,10 @@ pub struct StoreOptions {
     pub policies: BTreeMap<Collection, ConflictPolicy>,
     /// The wall clock (a manual one in tests and the simulator).
     pub clock: Arc<dyn Clock>,
+    /// On an appliance that forwards audit records to holders: the most own audit
+    /// records not yet acknowledged by every holder. Past it, new audit records are
+    /// refused (`AuditBacklogFull`): fail closed rather than drop. `None` on holders.
+    pub audit_backlog_max: Option<u64>,
     /// The incarnation to take when the store is created; random when `None`. The
     /// simulator sets it so a seed replays exactly.
     pub incarnation_seed: Option<u64>,
@@ -84,6 +88,7 @@ impl Default for StoreOptions {
             log_retained_bytes_max: LOG_RETAINED_BYTES_MAX,
             policies: BTreeMap::new(),
             clock: Arc::new(SystemClock),
+            audit_backlog_max: None,
             incarnation_seed: None,
             unsafe_skip_sync: None,
             unsafe_skip_order_check: false,

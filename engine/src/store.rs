@@ -497,6 +497,17 @@ impl Store {
         self.stream(StreamId::Audit).audit_query(query, self.now_ms())
     }
 
+    /// On an audit forwarder: drops the audit records every holder acknowledged
+    /// (`acked`: the meet of the holders' acknowledged audit vectors). Returns how many.
+    pub fn release_audit(&self, acked: &VersionVector) -> usize {
+        self.stream(StreamId::Audit).release_audit(acked)
+    }
+
+    /// Own audit records not yet acknowledged by every holder.
+    pub fn audit_backlog(&self) -> u64 {
+        self.stream(StreamId::Audit).audit_backlog()
+    }
+
     /// Verifies every origin's audit hash chain; returns the records checked.
     pub fn audit_verify(&self) -> Result<u64> {
         self.stream(StreamId::Audit).audit_verify(self.now_ms())

@@ -119,6 +119,8 @@ struct State {
     audit: AuditIndex,
     submitted_heads: BTreeMap<Incarnation, [u8; 32]>,
     hint_generation: u64,
+    /// Audit records every holder acknowledged (a non-holder may drop them).
+    audit_released: VersionVector,
 }
 
 /// What recovery found and did for one stream.
@@ -643,6 +645,15 @@ impl StreamStore {
                     self.local_entry(&mut next, hlc, now_ms, collection, key, context, op)
                 }
                 Draft::Audit(event) => {
+                    // Fail closed: a non-holder that cannot hand its audit records to
+                    // the holders refuses new audit-producing operations past the cap.
+                    if let Some(cap) = self.options.audit_backlog_max {
+                        let own = next.get(self.incarnation);
+                        let released = st.audit_released.get(self.incarnation);
+                        if own.saturating_sub(released) >= cap {
+                            return Err(Error::AuditBacklogFull { backlog: own - released, cap });
+                        }
+                    }
                     let prev = next_head(&heads, &st.submitted_heads, self.incarnation);
                     let record = AuditRecord { event, prev_hash: prev };
                     let value = postcard::to_allocvec(&record).map_err(|e| Error::Record(e.to_string()))?;
@@ -1294,6 +1305,25 @@ impl StreamStore {
     }
 
     // ----- maintenance ------------------------------------------------------------
+
+    /// On an appliance that only forwards audit records: drops the records every holder
+    /// has acknowledged durably (`acked` is the meet of the holders' acknowledged
+    /// vectors), so compaction can reclaim them. Returns how many were dropped.
+    pub(crate) fn release_audit(&self, acked: &VersionVector) -> usize {
+        let mut st = lock(&self.state);
+        st.audit_released.merge(acked);
+        let before = st.keydir.len();
+        st.keydir.retain(|(c, _), versions| {
+            *c != Collection::Audit || versions.iter().any(|v| !acked.contains(v.dot))
+        });
+        before - st.keydir.len()
+    }
+
+    /// Own audit records not yet acknowledged by every holder.
+    pub(crate) fn audit_backlog(&self) -> u64 {
+        let st = lock(&self.state);
+        st.submitted.get(self.incarnation).saturating_sub(st.audit_released.get(self.incarnation))
+    }
 
     /// Removes expired versions from the keydir (sessions vanish without tombstones).
     pub(crate) fn expire(&self, now_ms: u64) -> usize {

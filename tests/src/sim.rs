@@ -67,6 +67,17 @@ impl Rng {
     }
 }
 
+/// Audit records a forwarder may hold unacknowledged in the simulation.
+const AUDIT_BACKLOG_MAX: u64 = 10_000;
+
+fn is_audit_holder(t: &Topology, i: usize) -> bool {
+    let a = &t.appliances[i];
+    match t.generation {
+        Generation::G3 => a.has(Role::Audit),
+        Generation::G4 => a.has(Role::Database),
+    }
+}
+
 struct Node {
     id: NodeId,
     disk: SimStorage,
@@ -188,11 +199,12 @@ impl World {
                 let disk = SimStorage::new(SimConfig { seed: rng.next(), ..SimConfig::default() });
                 let skew_ms = if opts.faults { rng.below(3_000) } else { 0 };
                 let clock = Arc::new(ManualClock::new(1_700_000_000_000 + skew_ms));
-                let store = Store::open(
-                    Arc::new(disk.clone()),
-                    store_options(&clock, 1000 + i as u64, opts.skip_order_check),
-                )
-                .expect("open a fresh simulated store");
+                let mut options = store_options(&clock, 1000 + i as u64, opts.skip_order_check);
+                if !is_audit_holder(&topology, i) {
+                    options.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
+                }
+                let store =
+                    Store::open(Arc::new(disk.clone()), options).expect("open a fresh simulated store");
                 Node { id: a.id.clone(), disk, clock, store: Some(store), peers: BTreeMap::new(), skew_ms }
             })
             .collect();
@@ -304,6 +316,8 @@ impl World {
             PeerMessage::Entries { stream, .. } => Some(*stream),
             _ => None,
         };
+        let audit_ack =
+            matches!(&msg, PeerMessage::Ack { stream: StreamId::Audit, .. } | PeerMessage::Hello(_));
         let before = stream.map(|s| store.vector(s));
         m.handle_message(self.now, msg, &store);
         // Entries applied here may need relaying to other peers later.
@@ -318,7 +332,29 @@ impl World {
                 }
             }
         }
+        if audit_ack && !is_audit_holder(&self.topology, to) {
+            self.release_audit(to, &store);
+        }
         self.drain(to);
+    }
+
+    /// A forwarder drops the audit records every holder acknowledged.
+    fn release_audit(&mut self, n: usize, store: &Store) {
+        let holders: Vec<usize> =
+            (0..self.nodes.len()).filter(|&h| is_audit_holder(&self.topology, h)).collect();
+        let mut acked: Option<repl_wire::VersionVector> = None;
+        for h in holders {
+            let Some(v) = self.nodes[n].peers.get(&h).and_then(|m| m.acked(StreamId::Audit)).cloned() else {
+                return;
+            };
+            acked = Some(match acked {
+                Some(a) => a.meet(&v),
+                None => v,
+            });
+        }
+        if let Some(a) = acked {
+            store.release_audit(&a);
+        }
     }
 
     fn local_write(&mut self, n: usize) {
@@ -395,7 +431,10 @@ impl World {
         if self.nodes[n].store.is_some() {
             return;
         }
-        let opts = store_options(&self.nodes[n].clock, 0, self.opts.skip_order_check);
+        let mut opts = store_options(&self.nodes[n].clock, 0, self.opts.skip_order_check);
+        if !is_audit_holder(&self.topology, n) {
+            opts.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
+        }
         match Store::open(Arc::new(self.nodes[n].disk.clone()), opts) {
             Ok(s) => {
                 for stream in StreamId::ALL {
@@ -627,9 +666,17 @@ impl World {
                 }
             }
         }
-        // Every audit record reaches every holder, and chains verify there.
+        // Every audit record reaches every holder, and chains verify there; forwarders
+        // have handed everything over and dropped it.
         for (i, s) in &live {
             if !self.holds(*i, StreamId::Audit) {
+                if s.audit_backlog() != 0 {
+                    self.report.violations.push(format!(
+                        "forwarder {} still holds {} audit records every holder acknowledged",
+                        self.nodes[*i].id,
+                        s.audit_backlog()
+                    ));
+                }
                 continue;
             }
             let v = s.vector(StreamId::Audit);
