@@ -245,6 +245,11 @@ impl PeerSync {
         out
     }
 
+    /// Whether this machine sends `stream` to its peer.
+    pub fn sends(&self, stream: StreamId) -> bool {
+        self.streams.get(&stream).is_some_and(|s| s.send)
+    }
+
     /// The vector the peer acknowledged for a stream (retention feedback).
     pub fn acked(&self, stream: StreamId) -> Option<&VersionVector> {
         self.streams.get(&stream).map(|s| &s.acked)
@@ -527,4 +532,19 @@ impl PeerSync {
             self.push(m);
         }
     }
+}
+
+/// Retention feedback: the vector every peer a stream is sent to has acknowledged (the
+/// meet of their acknowledged vectors). The log may be compacted below it; with no
+/// such peer, everything local may be.
+pub fn retention_horizon<'a>(
+    machines: impl IntoIterator<Item = &'a PeerSync>,
+    stream: StreamId,
+    local: &VersionVector,
+) -> VersionVector {
+    machines
+        .into_iter()
+        .filter(|m| m.sends(stream))
+        .map(|m| m.acked(stream).cloned().unwrap_or_default())
+        .fold(local.clone(), |h, a| h.meet(&a))
 }

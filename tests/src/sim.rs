@@ -41,6 +41,8 @@ pub struct SimReport {
     pub writes_acked: u64,
     /// Entries that had to reach replicas: each acknowledged write times its replicas.
     pub replica_deliveries_needed: u64,
+    /// Log segments compacted under the retention horizon.
+    pub segments_compacted: u64,
     /// Invariant violations; empty on success.
     pub violations: Vec<String>,
 }
@@ -94,6 +96,8 @@ enum Action {
     Restart(usize),
     Partition(Vec<usize>),
     Heal,
+    /// Compaction below the retention horizon, and a checkpoint now and then.
+    Maintain(usize, u64),
 }
 
 /// (appliance id, site id, roles) of a simulated appliance.
@@ -167,7 +171,8 @@ struct World {
     blocked: BTreeSet<(usize, usize)>,
     trace: blake3::Hasher,
     report: SimReport,
-    acked_users: Vec<(Vec<u8>, Dot)>,
+    /// Acknowledged writes to users: key, dot, and the context it superseded.
+    acked_users: Vec<(Vec<u8>, Dot, repl_wire::VersionVector)>,
     acked_audit: Vec<Dot>,
     session_writers: BTreeMap<Vec<u8>, usize>,
     write_counter: u64,
@@ -179,7 +184,7 @@ struct World {
 
 fn store_options(clock: &Arc<ManualClock>, seed: u64, skip_order: bool) -> StoreOptions {
     StoreOptions {
-        segment_bytes: 16 * 1024,
+        segment_bytes: 4 * 1024,
         clock: clock.clone(),
         incarnation_seed: Some(seed),
         unsafe_skip_order_check: skip_order,
@@ -274,11 +279,18 @@ impl World {
                 self.send(n, p, msg);
             }
             while let Some(ev) = self.nodes[n].peers.get_mut(&p).and_then(|m| m.poll_event()) {
-                if let repl_engine::sync::SyncEvent::ApplyFailed(e) = ev {
-                    self.report.violations.push(format!(
+                match ev {
+                    repl_engine::sync::SyncEvent::ApplyFailed(e) => self.report.violations.push(format!(
                         "node {} failed to apply from {}: {e}",
                         self.nodes[n].id, self.nodes[p].id
-                    ));
+                    )),
+                    repl_engine::sync::SyncEvent::NeedAntiEntropy { stream, origin, floor } => {
+                        self.report.violations.push(format!(
+                            "{} compacted {stream} below what {} holds ({origin} floor {floor})",
+                            self.nodes[p].id, self.nodes[n].id
+                        ))
+                    }
+                    _ => {}
                 }
             }
         }
@@ -368,16 +380,18 @@ impl World {
         let (stream, result) = if roll < 70 && holds_enterprise {
             let key = format!("user{}", self.rng.below(12)).into_bytes();
             let value = format!("v{}-{}", self.write_counter, self.nodes[n].id).into_bytes();
+            let before = store.get(Collection::Users, &key).map(|r| r.context).unwrap_or_default();
             let r = store.put(Collection::Users, &key, &value);
             if let Ok(dot) = &r {
-                self.acked_users.push((key, *dot));
+                self.acked_users.push((key, *dot, before));
             }
             (StreamId::Enterprise, r.map(|_| ()))
         } else if roll < 78 && holds_enterprise {
             let key = format!("user{}", self.rng.below(12)).into_bytes();
+            let before = store.get(Collection::Users, &key).map(|r| r.context).unwrap_or_default();
             let r = store.delete(Collection::Users, &key);
             if let Ok(dot) = &r {
-                self.acked_users.push((key, *dot));
+                self.acked_users.push((key, *dot, before));
             }
             (StreamId::Enterprise, r.map(|_| ()))
         } else if roll < 88 && holds_enterprise {
@@ -516,6 +530,7 @@ impl World {
                         }
                     }
                     Action::Heal => self.blocked.clear(),
+                    Action::Maintain(n, round) => self.maintain(n, round),
                 }
             } else if next_net == Some(t) {
                 let (_, (from, to, msg)) = self.net.pop_first().expect("a message is due");
@@ -556,7 +571,37 @@ impl World {
             }
             add(&mut s, 10_000, Action::Heal);
         }
+        for round in 0..14u64 {
+            for n in 0..self.nodes.len() {
+                let t = 700 * (round + 1) + self.rng.below(300);
+                add(&mut s, t, Action::Maintain(n, round));
+            }
+        }
         s
+    }
+
+    /// Compacts every stream below what all peers it is sent to acknowledged, so the
+    /// log shrinks under replication without leaving any peer behind its floor.
+    fn maintain(&mut self, n: usize, round: u64) {
+        let Some(store) = self.nodes[n].store.clone() else { return };
+        for stream in StreamId::ALL {
+            let horizon = repl_engine::sync::retention_horizon(
+                self.nodes[n].peers.values(),
+                stream,
+                &store.vector(stream),
+            );
+            match store.compact(stream, &horizon) {
+                Ok(r) => self.report.segments_compacted += r.segments_compacted as u64,
+                Err(e) => {
+                    self.report.violations.push(format!("compaction on {} failed: {e}", self.nodes[n].id))
+                }
+            }
+        }
+        if round % 3 == 2 {
+            if let Err(e) = store.checkpoint() {
+                self.report.violations.push(format!("checkpoint on {} failed: {e}", self.nodes[n].id));
+            }
+        }
     }
 
     fn check(&mut self) {
@@ -598,19 +643,12 @@ impl World {
             }
         }
         // Every acknowledged user write is present or superseded, on every holder.
-        let logs: Vec<Vec<repl_wire::Entry>> = live
-            .iter()
-            .map(|(_, s)| {
-                s.entries_since(StreamId::Enterprise, &repl_wire::VersionVector::new(), usize::MAX)
-                    .unwrap_or_default()
-            })
-            .collect();
-        for (key, dot) in &self.acked_users {
+        for (key, dot, _) in &self.acked_users {
             for (i, s) in &live {
                 if !self.holds(*i, StreamId::Enterprise) {
                     continue;
                 }
-                let covered = accounted_for(s, &logs[*i], key, *dot, 0);
+                let covered = accounted_for(s, &self.acked_users, key, *dot, 0);
                 if !covered {
                     let detail = if std::env::var_os("SIM_DEBUG").is_some() {
                         let r = s.get(Collection::Users, key).ok();
@@ -710,18 +748,24 @@ impl World {
 
 /// Whether a write to `key` is accounted for on a replica: present or superseded (the
 /// key's context covers it), a recorded last-writer-wins loss, or superseded by a later
-/// write that is itself accounted for.
-fn accounted_for(s: &Store, log: &[repl_wire::Entry], key: &[u8], dot: Dot, depth: usize) -> bool {
+/// acknowledged write (whose context covered it) that is itself accounted for.
+fn accounted_for(
+    s: &Store,
+    history: &[(Vec<u8>, Dot, repl_wire::VersionVector)],
+    key: &[u8],
+    dot: Dot,
+    depth: usize,
+) -> bool {
     if s.get(Collection::Users, key).map(|r| r.context.contains(dot)).unwrap_or(false)
         || s.conflicts(Collection::Users).0.iter().any(|c| c.loser == dot)
     {
         return true;
     }
     depth < 64
-        && log
+        && history
             .iter()
-            .filter(|e| e.key == key && e.dot != dot && e.context.contains(dot))
-            .any(|e| accounted_for(s, log, key, e.dot, depth + 1))
+            .filter(|(k, d, ctx)| k == key && *d != dot && ctx.contains(dot))
+            .any(|(_, d, _)| accounted_for(s, history, key, *d, depth + 1))
 }
 
 /// Runs one simulation: the workload and fault schedule, then heal and quiescence,
