@@ -79,6 +79,10 @@ pub struct StoreOptions {
     /// instead of refusing the gap. A planted bug the simulator must catch.
     #[doc(hidden)]
     pub unsafe_skip_order_check: bool,
+    /// Test-only: let replication read queued (not yet durable) entries. A planted bug
+    /// the simulator must catch: a crash can then reuse a sequence number a peer holds.
+    #[doc(hidden)]
+    pub unsafe_ship_buffered: bool,
 }
 
 impl Default for StoreOptions {
@@ -92,6 +96,7 @@ impl Default for StoreOptions {
             incarnation_seed: None,
             unsafe_skip_sync: None,
             unsafe_skip_order_check: false,
+            unsafe_ship_buffered: false,
         }
     }
 }

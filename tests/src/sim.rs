@@ -24,6 +24,8 @@ pub struct SimOptions {
     pub faults: bool,
     /// Planted bug: stores apply entries past a gap.
     pub skip_order_check: bool,
+    /// Planted bug: replication reads buffered (not yet durable) writes.
+    pub ship_buffered: bool,
 }
 
 /// What a run found.
@@ -173,6 +175,9 @@ struct World {
     report: SimReport,
     /// Acknowledged writes to users: key, dot, and the context it superseded.
     acked_users: Vec<(Vec<u8>, Dot, repl_wire::VersionVector)>,
+    /// Buffered writes to users (they may or may not have survived): the same shape,
+    /// used to follow chains of supersession, never required to be present.
+    buffered_users: Vec<(Vec<u8>, Dot, repl_wire::VersionVector)>,
     acked_audit: Vec<Dot>,
     session_writers: BTreeMap<Vec<u8>, usize>,
     write_counter: u64,
@@ -182,12 +187,13 @@ struct World {
     session_nonce: u64,
 }
 
-fn store_options(clock: &Arc<ManualClock>, seed: u64, skip_order: bool) -> StoreOptions {
+fn store_options(clock: &Arc<ManualClock>, seed: u64, opts: &SimOptions) -> StoreOptions {
     StoreOptions {
         segment_bytes: 4 * 1024,
         clock: clock.clone(),
         incarnation_seed: Some(seed),
-        unsafe_skip_order_check: skip_order,
+        unsafe_skip_order_check: opts.skip_order_check,
+        unsafe_ship_buffered: opts.ship_buffered,
         ..StoreOptions::default()
     }
 }
@@ -204,7 +210,7 @@ impl World {
                 let disk = SimStorage::new(SimConfig { seed: rng.next(), ..SimConfig::default() });
                 let skew_ms = if opts.faults { rng.below(3_000) } else { 0 };
                 let clock = Arc::new(ManualClock::new(1_700_000_000_000 + skew_ms));
-                let mut options = store_options(&clock, 1000 + i as u64, opts.skip_order_check);
+                let mut options = store_options(&clock, 1000 + i as u64, &opts);
                 if !is_audit_holder(&topology, i) {
                     options.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
                 }
@@ -227,6 +233,7 @@ impl World {
             trace: blake3::Hasher::new(),
             report: SimReport::default(),
             acked_users: Vec::new(),
+            buffered_users: Vec::new(),
             acked_audit: Vec::new(),
             session_writers: BTreeMap::new(),
             write_counter: 0,
@@ -377,7 +384,31 @@ impl World {
         };
         self.write_counter += 1;
         let roll = self.rng.below(100);
-        let (stream, result) = if roll < 70 && holds_enterprise {
+        let (stream, result) = if roll < 10 && holds_enterprise {
+            // A buffered write: acknowledged before it is durable, so it may be lost in a
+            // crash and is not counted as acknowledged; it must never reach a peer first.
+            let key = format!("user{}", self.rng.below(12)).into_bytes();
+            let mut b = WriteBatch::new();
+            b.put(Collection::Users, &key, format!("b{}", self.write_counter).as_bytes());
+            let before = store.get(Collection::Users, &key).map(|r| r.context).unwrap_or_default();
+            match store.write(b, repl_engine::Durability::Buffered) {
+                Ok(dots) => {
+                    self.buffered_users.retain(|(_, b, _)| !dots.contains(b));
+                    self.buffered_users.extend(dots.into_iter().map(|d| (key.clone(), d, before.clone())));
+                }
+                Err(e) => {
+                    self.report.violations.push(format!("buffered write on {} failed: {e}", self.nodes[n].id))
+                }
+            }
+            let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
+            for p in peers {
+                if let Some(m) = self.nodes[n].peers.get_mut(&p) {
+                    m.handle_local_durable(self.now, StreamId::Enterprise, &store);
+                }
+            }
+            self.drain(n);
+            return;
+        } else if roll < 70 && holds_enterprise {
             let key = format!("user{}", self.rng.below(12)).into_bytes();
             let value = format!("v{}-{}", self.write_counter, self.nodes[n].id).into_bytes();
             let before = store.get(Collection::Users, &key).map(|r| r.context).unwrap_or_default();
@@ -421,6 +452,12 @@ impl World {
             return;
         }
         self.report.writes_acked += 1;
+        // A buffered write whose dot was given out again was lost in a crash: it can
+        // no longer vouch for anything it superseded.
+        if let Some((_, d, _)) = self.acked_users.last() {
+            let d = *d;
+            self.buffered_users.retain(|(_, b, _)| *b != d);
+        }
         let own = store.vector(stream).get(store.incarnation());
         self.own_acked.insert((n, stream), own);
         let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
@@ -445,7 +482,7 @@ impl World {
         if self.nodes[n].store.is_some() {
             return;
         }
-        let mut opts = store_options(&self.nodes[n].clock, 0, self.opts.skip_order_check);
+        let mut opts = store_options(&self.nodes[n].clock, 0, &self.opts);
         if !is_audit_holder(&self.topology, n) {
             opts.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
         }
@@ -584,6 +621,16 @@ impl World {
     /// log shrinks under replication without leaving any peer behind its floor.
     fn maintain(&mut self, n: usize, round: u64) {
         let Some(store) = self.nodes[n].store.clone() else { return };
+        if let Err(e) = store.flush() {
+            self.report.violations.push(format!("flush on {} failed: {e}", self.nodes[n].id));
+        }
+        let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
+        for p in peers {
+            if let Some(m) = self.nodes[n].peers.get_mut(&p) {
+                m.handle_local_durable(self.now, StreamId::Enterprise, &store);
+            }
+        }
+        self.drain(n);
         for stream in StreamId::ALL {
             let horizon = repl_engine::sync::retention_horizon(
                 self.nodes[n].peers.values(),
@@ -643,12 +690,14 @@ impl World {
             }
         }
         // Every acknowledged user write is present or superseded, on every holder.
+        let history: Vec<(Vec<u8>, Dot, repl_wire::VersionVector)> =
+            self.acked_users.iter().chain(self.buffered_users.iter()).cloned().collect();
         for (key, dot, _) in &self.acked_users {
             for (i, s) in &live {
                 if !self.holds(*i, StreamId::Enterprise) {
                     continue;
                 }
-                let covered = accounted_for(s, &self.acked_users, key, *dot, 0);
+                let covered = accounted_for(s, &history, key, *dot, 0);
                 if !covered {
                     let detail = if std::env::var_os("SIM_DEBUG").is_some() {
                         let r = s.get(Collection::Users, key).ok();

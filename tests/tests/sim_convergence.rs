@@ -19,8 +19,14 @@ fn seeds(default: u64) -> std::ops::Range<u64> {
 fn run_many(generation: Generation, default: u64) {
     let mut compacted = 0;
     for seed in seeds(default) {
-        let report =
-            simulate(SimOptions { seed, generation, writes: 120, faults: true, skip_order_check: false });
+        let report = simulate(SimOptions {
+            seed,
+            generation,
+            writes: 120,
+            faults: true,
+            skip_order_check: false,
+            ship_buffered: false,
+        });
         assert!(
             report.violations.is_empty(),
             "{:?} seed {seed}: {:?}\nreplay: SEED={seed} cargo test -p repl-tests --test sim_convergence",
@@ -51,6 +57,7 @@ fn the_same_seed_replays_the_same_trace() {
         writes: 80,
         faults: true,
         skip_order_check: false,
+        ship_buffered: false,
     };
     let a = simulate(opts.clone());
     let b = simulate(opts);
@@ -66,6 +73,7 @@ fn without_faults_each_write_crosses_the_network_about_once_per_replica() {
         writes: 300,
         faults: false,
         skip_order_check: false,
+        ship_buffered: false,
     });
     assert!(r.violations.is_empty(), "{:?}", r.violations);
     let ratio = r.entries_sent as f64 / r.replica_deliveries_needed as f64;
@@ -85,8 +93,25 @@ fn the_simulator_catches_a_planted_ordering_bug() {
             writes: 120,
             faults: true,
             skip_order_check: true,
+            ship_buffered: false,
         });
         !r.violations.is_empty()
     });
     assert!(caught, "with the ordering check off, no seed found a lost or diverged write");
+}
+
+#[test]
+fn the_simulator_catches_shipping_a_non_durable_entry() {
+    let caught = (0..40).any(|seed| {
+        let r = simulate(SimOptions {
+            seed,
+            generation: Generation::G3,
+            writes: 150,
+            faults: true,
+            skip_order_check: false,
+            ship_buffered: true,
+        });
+        !r.violations.is_empty()
+    });
+    assert!(caught, "with buffered entries shipped before they are durable, no seed found a divergence");
 }
