@@ -106,6 +106,9 @@ pub struct SyncSetup {
     /// A nonce for this session, fresh at every start (so the peer tells a restart
     /// from a retransmitted handshake).
     pub session: u64,
+    /// The peer's current incarnation per the topology, when known: a handshake from
+    /// any other incarnation (an older one, before a restore) is refused.
+    pub peer_incarnation: Option<Incarnation>,
     /// Tunables.
     pub config: SyncConfig,
 }
@@ -176,6 +179,7 @@ pub struct PeerSync {
     streams: BTreeMap<StreamId, StreamState>,
     peer_session: Option<u64>,
     peer_incarnation: Option<Incarnation>,
+    expected_incarnation: Option<Incarnation>,
     hello_at_ms: u64,
     transmit: VecDeque<PeerMessage>,
     events: VecDeque<SyncEvent>,
@@ -186,7 +190,7 @@ impl PeerSync {
     /// A machine for the pair `setup` describes, starting a session at `now_ms` (its
     /// `Hello` is queued at once).
     pub fn new(setup: SyncSetup, now_ms: u64, replica: &dyn Replica) -> PeerSync {
-        let SyncSetup { me, peer, scope, epoch, session, config } = setup;
+        let SyncSetup { me, peer, scope, epoch, session, peer_incarnation, config } = setup;
         let mut streams = BTreeMap::new();
         for stream in StreamId::ALL {
             let (send, receive) = (scope.send.contains(&stream), scope.receive.contains(&stream));
@@ -206,6 +210,7 @@ impl PeerSync {
             streams,
             peer_session: None,
             peer_incarnation: None,
+            expected_incarnation: peer_incarnation,
             hello_at_ms: now_ms,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
@@ -399,6 +404,16 @@ impl PeerSync {
             self.push(PeerMessage::Error(e));
             return;
         }
+        if self.expected_incarnation.is_some_and(|i| i != h.incarnation) {
+            let message = format!(
+                "{} is incarnation {} here; {} is retired (restored from a backup)",
+                self.peer,
+                self.expected_incarnation.map_or_else(String::new, |i| i.to_string()),
+                h.incarnation
+            );
+            self.push(PeerMessage::Error(ProtocolError { code: ErrorCode::NotAuthorized, message }));
+            return;
+        }
         if h.appliance != self.peer {
             let message = format!("expected appliance {}, got {}", self.peer, h.appliance);
             self.push(PeerMessage::Error(ProtocolError { code: ErrorCode::NotAuthorized, message }));
@@ -547,4 +562,141 @@ pub fn retention_horizon<'a>(
         .filter(|m| m.sends(stream))
         .map(|m| m.acked(stream).cloned().unwrap_or_default())
         .fold(local.clone(), |h, a| h.meet(&a))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use repl_wire::Collection;
+
+    use super::*;
+    use crate::storage::{SimConfig, SimStorage};
+    use crate::store::Store;
+    use crate::StoreOptions;
+
+    fn store(seed: u64) -> Store {
+        let options = StoreOptions {
+            segment_bytes: 64 * 1024,
+            incarnation_seed: Some(seed),
+            ..StoreOptions::default()
+        };
+        Store::open(Arc::new(SimStorage::new(SimConfig::default())), options).expect("open")
+    }
+
+    fn both_ways() -> Scope {
+        let all: BTreeSet<StreamId> = [StreamId::Enterprise].into_iter().collect();
+        Scope { send: all.clone(), receive: all }
+    }
+
+    fn machine(
+        me: &str,
+        peer: &str,
+        session: u64,
+        peer_incarnation: Option<Incarnation>,
+        s: &Store,
+    ) -> PeerSync {
+        let setup = SyncSetup {
+            me: NodeId::new(me).expect("id"),
+            peer: NodeId::new(peer).expect("id"),
+            scope: both_ways(),
+            epoch: 1,
+            session,
+            peer_incarnation,
+            config: SyncConfig::default(),
+        };
+        PeerSync::new(setup, 0, s)
+    }
+
+    /// Delivers everything queued both ways until both sides are silent.
+    fn exchange(a: &mut PeerSync, sa: &Store, b: &mut PeerSync, sb: &Store) -> usize {
+        let mut delivered = 0;
+        loop {
+            let mut moved = false;
+            while let Some(m) = a.poll_transmit() {
+                b.handle_message(0, m, sb);
+                moved = true;
+                delivered += 1;
+            }
+            while let Some(m) = b.poll_transmit() {
+                a.handle_message(0, m, sa);
+                moved = true;
+                delivered += 1;
+            }
+            if !moved {
+                return delivered;
+            }
+            assert!(delivered < 10_000, "the exchange does not settle");
+        }
+    }
+
+    #[test]
+    fn two_replicas_converge_and_go_quiet() {
+        let (sa, sb) = (store(1), store(2));
+        for i in 0..50u32 {
+            sa.put(Collection::Users, format!("a{i}").as_bytes(), b"x").expect("put");
+            sb.put(Collection::Users, format!("b{i}").as_bytes(), b"y").expect("put");
+        }
+        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
+        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert!(a.is_established() && b.is_established());
+        assert_eq!(
+            sa.digest(StreamId::Enterprise).expect("digest"),
+            sb.digest(StreamId::Enterprise).expect("digest")
+        );
+        assert_eq!(a.poll_timeout(&sa), None, "nothing in flight, nothing to wait for");
+        // Live push: a new write flows at once.
+        sa.put(Collection::Users, b"late", b"z").expect("put");
+        a.handle_local_durable(0, StreamId::Enterprise, &sa);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert_eq!(sb.get(Collection::Users, b"late").expect("read").value(), Some(&b"z"[..]));
+    }
+
+    #[test]
+    fn a_retired_incarnation_and_an_unknown_major_version_are_refused() {
+        let (sa, sb) = (store(1), store(2));
+        // `a` expects b's incarnation to be 999 (b was restored since): refuse b.
+        let mut a = machine("a", "b", 10, Some(Incarnation(999)), &sa);
+        let mut b = machine("b", "a", 20, None, &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert!(!a.is_established());
+        assert!(std::iter::from_fn(|| b.poll_event())
+            .any(|e| matches!(e, SyncEvent::PeerError(ref p) if p.code == ErrorCode::NotAuthorized)));
+
+        let mut c = machine("a", "b", 11, None, &sa);
+        let mut hello = match machine("b", "a", 21, None, &sb).poll_transmit() {
+            Some(PeerMessage::Hello(h)) => h,
+            other => panic!("expected a hello, got {other:?}"),
+        };
+        hello.major = PROTOCOL_MAJOR + 1;
+        let _ = c.poll_transmit();
+        c.handle_message(0, PeerMessage::Hello(hello), &sa);
+        assert!(!c.is_established());
+        assert!(
+            matches!(c.poll_transmit(), Some(PeerMessage::Error(ref p)) if p.code == ErrorCode::UnsupportedVersion)
+        );
+    }
+
+    #[test]
+    fn entries_outside_the_scope_are_refused() {
+        let (sa, sb) = (store(1), store(2));
+        sb.append_audit(repl_wire::AuditEvent {
+            time_ms: 1,
+            user: "u".into(),
+            appliance: "b".into(),
+            action: "login".into(),
+            detail: String::new(),
+        })
+        .expect("audit");
+        let mut a = machine("a", "b", 10, None, &sa);
+        let mut b = machine("b", "a", 20, None, &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        let entries = sb.entries_since(StreamId::Audit, &VersionVector::new(), 10).expect("read");
+        a.handle_message(0, PeerMessage::Entries { stream: StreamId::Audit, entries }, &sa);
+        assert!(sa.vector(StreamId::Audit).is_empty(), "nothing applied");
+        assert!(
+            matches!(a.poll_transmit(), Some(PeerMessage::Error(ref p)) if p.code == ErrorCode::NotAuthorized)
+        );
+    }
 }

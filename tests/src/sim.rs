@@ -270,6 +270,7 @@ impl World {
                 scope,
                 epoch: self.topology.epoch,
                 session: self.session_nonce ^ self.rng.next(),
+                peer_incarnation: None,
                 config: self.sync_config,
             };
             let m = PeerSync::new(setup, self.now, &store);
