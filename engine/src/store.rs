@@ -314,9 +314,10 @@ impl Store {
             recovery.streams.insert(stream, report);
             streams.push(s);
         }
-        let now = options.clock.now_ms();
-        let mut hlc = HlcClock::default();
-        let _ = hlc.observe(streams_max_hlc(&streams), now);
+        // Never issue a timestamp at or below one already stored, even if the wall clock
+        // went backwards across the restart: start from the newest durable version.
+        let newest = streams.iter().map(StreamStore::newest_hlc).max().unwrap_or_default();
+        let hlc = HlcClock::starting_at(newest);
         Ok(Store {
             inner: Arc::new(Inner {
                 storage,
@@ -564,14 +565,6 @@ impl Store {
     pub fn collect_tombstones(&self, stream: StreamId, acked: &[VersionVector]) -> usize {
         self.stream(stream).collect_tombstones(acked)
     }
-}
-
-fn streams_max_hlc(_streams: &[StreamStore]) -> Hlc {
-    // The HLC restarts from the wall clock; entries carry their own timestamps, and a
-    // clock that went backwards is absorbed by the logical counter on the next write
-    // only if we seed it. Seeding from the newest durable entry is left to the
-    // keydir scan the sync layer does; wall time is monotonic enough for ordering here.
-    Hlc::default()
 }
 
 fn identity_bytes(incarnation: Incarnation) -> [u8; IDENTITY_BYTES] {

@@ -1134,6 +1134,12 @@ impl StreamStore {
         out
     }
 
+    /// The newest HLC among the versions held (seeds the clock at open).
+    pub(crate) fn newest_hlc(&self) -> repl_wire::Hlc {
+        let st = lock(&self.state);
+        st.keydir.values().flatten().map(|v| v.hlc).max().unwrap_or_default()
+    }
+
     /// The durable vector of the stream.
     pub(crate) fn vector(&self) -> VersionVector {
         lock(&self.state).vector.clone()

@@ -338,3 +338,19 @@ fn an_audit_forwarder_fails_closed_past_its_backlog_and_drops_only_acknowledged_
     // The chain still verifies from the first record kept.
     assert_eq!(store.audit_verify().expect("chain"), 2);
 }
+
+#[test]
+fn the_clock_never_goes_back_across_a_restart() {
+    let disk = SimStorage::new(SimConfig::default());
+    let clock = Arc::new(ManualClock::new(5_000_000));
+    let store = Store::open(Arc::new(disk.clone()), options(&clock, 16 * 1024)).expect("open");
+    store.put(Collection::Users, b"k", b"before").expect("put");
+    let before = store.get(Collection::Users, b"k").expect("read").values[0].hlc;
+    drop(store);
+    // The wall clock jumped back an hour while the appliance was down.
+    clock.set(5_000_000 - 3_600_000);
+    let store = Store::open(Arc::new(disk.crash()), options(&clock, 16 * 1024)).expect("reopen");
+    store.put(Collection::Users, b"k", b"after").expect("put");
+    let after = store.get(Collection::Users, b"k").expect("read").values[0].hlc;
+    assert!(after > before, "{after} must follow {before}");
+}
