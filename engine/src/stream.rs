@@ -1016,10 +1016,20 @@ fn next_head(
 
 /// Reads the entry a location points at.
 fn read_loc(files: &BTreeMap<u32, FileMeta>, loc: &Loc) -> Result<Entry> {
+    let handle = match loc {
+        Loc::Disk { file, .. } => files.get(file).map(|m| (&*m.file, m.name.as_str())),
+        Loc::Pending(_) => None,
+    };
+    read_entry(handle, loc)
+}
+
+/// Reads the entry at `loc` through `handle` (the segment's file and name): one
+/// positioned read, verified by the entry's checksum.
+fn read_entry(handle: Option<(&dyn StorageFile, &str)>, loc: &Loc) -> Result<Entry> {
     match loc {
         Loc::Pending(bytes) => Ok(Entry::decode(bytes)?),
         Loc::Disk { file, offset, len } => {
-            let meta = files.get(file).ok_or_else(|| {
+            let (file_handle, name) = handle.ok_or_else(|| {
                 Error::Corrupt(Corruption {
                     file: format!("segment {file}"),
                     offset: *offset as u64,
@@ -1027,8 +1037,8 @@ fn read_loc(files: &BTreeMap<u32, FileMeta>, loc: &Loc) -> Result<Entry> {
                 })
             })?;
             let mut buf = vec![0u8; *len as usize];
-            meta.file.read_exact_at(&mut buf, *offset as u64).map_err(io_err(&meta.name, "read entry"))?;
-            segment::decode_entry_at(&buf, &meta.name, *offset as u64)
+            file_handle.read_exact_at(&mut buf, *offset as u64).map_err(io_err(name, "read entry"))?;
+            segment::decode_entry_at(&buf, name, *offset as u64)
         }
     }
 }
@@ -1067,21 +1077,11 @@ impl StreamStore {
             if v.tombstone || v.is_expired(now_ms) {
                 continue;
             }
-            let entry = match &v.loc {
-                Loc::Pending(bytes) => Entry::decode(bytes)?,
-                Loc::Disk { file, offset, len } => {
-                    let (handle, name) = handles.get(file).ok_or_else(|| {
-                        Error::Corrupt(Corruption {
-                            file: format!("segment {file}"),
-                            offset: *offset as u64,
-                            what: "segment missing",
-                        })
-                    })?;
-                    let mut buf = vec![0u8; *len as usize];
-                    handle.read_exact_at(&mut buf, *offset as u64).map_err(io_err(name, "read entry"))?;
-                    segment::decode_entry_at(&buf, name, *offset as u64)?
-                }
+            let handle = match v.loc {
+                Loc::Disk { file, .. } => handles.get(&file).map(|(h, n)| (&**h, n.as_str())),
+                Loc::Pending(_) => None,
             };
+            let entry = read_entry(handle, &v.loc)?;
             if let Op::Put { value, .. } = entry.op {
                 out.push(ReadVersion { version: v, value });
             }
