@@ -194,6 +194,8 @@ fn hint_tmp_name(stream: StreamId) -> String {
 pub(crate) enum FileKind {
     Log,
     Compacted,
+    /// A compacted segment still being written (renamed into place once synced).
+    CompactedTmp,
     Hint,
     HintTmp,
 }
@@ -215,6 +217,7 @@ pub(crate) fn parse_name(name: &str) -> Option<(StreamId, FileKind, u64)> {
         let kind = match ext {
             "log" => FileKind::Log,
             "cmp" => FileKind::Compacted,
+            "cmp.tmp" => FileKind::CompactedTmp,
             "hint" => FileKind::Hint,
             _ => return None,
         };
@@ -280,7 +283,7 @@ impl StreamStore {
                 FileKind::Log => logs.push((number()?, name.clone())),
                 FileKind::Compacted => cmps.push((number()?, name.clone())),
                 FileKind::Hint => hints.push((*n, name.clone())),
-                FileKind::HintTmp => {
+                FileKind::HintTmp | FileKind::CompactedTmp => {
                     self.storage.remove(name).map_err(io_err(name, "remove"))?;
                     report.stale_files_removed += 1;
                 }
@@ -1525,7 +1528,9 @@ impl StreamStore {
             let mut st = lock(&self.state);
             let number = st.next_file;
             st.next_file += 1;
-            let name = compacted_name(self.stream, number);
+            // Written under a temporary name and renamed once synced: a compacted
+            // segment that exists under its own name never holds unsynced bytes.
+            let name = format!("{}.tmp", compacted_name(self.stream, number));
             let file = self.storage.create(&name).map_err(|e| {
                 if is_out_of_space(&e) {
                     Error::StorageFull { stream: self.stream }
@@ -1585,7 +1590,13 @@ impl StreamStore {
             // before any old segment is removed, which makes this entry durable too.
             Ok(at)
         };
-        let end = match copy() {
+        let final_name = compacted_name(self.stream, number);
+        let end = match copy().and_then(|end| {
+            self.storage
+                .rename(&name, &final_name)
+                .map_err(io_err(&final_name, "rename compacted segment"))?;
+            Ok(end)
+        }) {
             Ok(end) => end,
             Err(e) => {
                 // Nothing points into the new file yet; the old segments are intact.
@@ -1614,7 +1625,7 @@ impl StreamStore {
                 number,
                 FileMeta {
                     file: file.clone(),
-                    name: name.clone(),
+                    name: final_name.clone(),
                     kind: SegmentKind::Compacted,
                     end,
                     vector,
