@@ -162,6 +162,7 @@ pub(crate) struct StreamStore {
     poisoned: Arc<AtomicBool>,
     durable_ticket: AtomicU64,
     pub(crate) hlc_drift_alarms: AtomicU64,
+    queued_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -252,6 +253,7 @@ impl StreamStore {
             poisoned,
             durable_ticket: AtomicU64::new(0),
             hlc_drift_alarms: AtomicU64::new(0),
+            queued_bytes: std::sync::atomic::AtomicUsize::new(0),
         };
         let report = s.recover(names)?;
         Ok((s, report))
@@ -713,6 +715,7 @@ impl StreamStore {
             st.overlay.insert(id, (versions, ticket));
         }
         st.queued_bytes += bytes as usize;
+        self.queued_bytes.store(st.queued_bytes, Ordering::Relaxed);
         let dots = encoded.iter().map(|(e, _)| e.dot).collect();
         st.queue.push_back(Queued { ticket, entries: encoded, bytes });
         Ok((ticket, dots))
@@ -857,7 +860,8 @@ impl StreamStore {
 
     /// Whether the queue holds more buffered bytes than a writer may leave pending.
     pub(crate) fn queued_bytes(&self) -> usize {
-        lock(&self.state).queued_bytes
+        // A mirror of `state.queued_bytes`, read without the lock on every submit.
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Writes one frame to one segment and syncs it. Called with the `io` lock held.
@@ -893,6 +897,7 @@ impl StreamStore {
                 size += add;
                 let q = st.queue.pop_front().expect("front exists");
                 st.queued_bytes -= q.bytes as usize;
+                self.queued_bytes.store(st.queued_bytes, Ordering::Relaxed);
                 group.push(q);
             }
             let meta = st.files.get(&active).expect("active segment is open");

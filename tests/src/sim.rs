@@ -100,6 +100,8 @@ enum Action {
     Heal,
     /// Compaction below the retention horizon, and a checkpoint now and then.
     Maintain(usize, u64),
+    /// The node's wall clock jumps to a new skew (back or forward).
+    ClockJump(usize, u64),
 }
 
 /// (appliance id, site id, roles) of a simulated appliance.
@@ -569,6 +571,10 @@ impl World {
                     }
                     Action::Heal => self.blocked.clear(),
                     Action::Maintain(n, round) => self.maintain(n, round),
+                    Action::ClockJump(n, skew) => {
+                        self.nodes[n].skew_ms = skew;
+                        self.set_clocks();
+                    }
                 }
             } else if next_net == Some(t) {
                 let (_, (from, to, msg)) = self.net.pop_first().expect("a message is due");
@@ -608,6 +614,11 @@ impl World {
                 add(&mut s, c + 300 + self.rng.below(1_500), Action::Restart(n));
             }
             add(&mut s, 10_000, Action::Heal);
+            // One clock jumps back by up to two seconds, another forward.
+            let back = self.rng.below(nodes) as usize;
+            add(&mut s, 2_500 + self.rng.below(5_000), Action::ClockJump(back, 0));
+            let fwd = self.rng.below(nodes) as usize;
+            add(&mut s, 2_500 + self.rng.below(5_000), Action::ClockJump(fwd, 5_000));
         }
         for round in 0..14u64 {
             for n in 0..self.nodes.len() {
