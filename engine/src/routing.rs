@@ -360,11 +360,13 @@ impl Agent {
         now_ms: u64,
         rng: &mut dyn Randomness,
     ) -> Attempt {
+        // Time is not needed by today's rules; it stays in the signature so a future
+        // rule (say, a failover hold-down) keeps the driving contract.
         let _ = now_ms;
         self.promote();
-        let home = match (&self.topology, &session.home_site) {
-            (Some(t), _) => home_site(t, self.host, &self.routes),
-            (None, _) => HomeSite { site: None, reason: HomeReason::NoMatch },
+        let home = match &self.topology {
+            Some(t) => home_site(t, self.host, &self.routes),
+            None => HomeSite { site: None, reason: HomeReason::NoMatch },
         };
         let mut out = Vec::new();
         if let Some(t) = self.topology.clone() {

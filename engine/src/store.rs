@@ -82,7 +82,7 @@ impl WriteBatch {
     /// Sets `key` to `value`, superseding what this appliance holds (LWW collections)
     /// or adding a sibling (`KeepSiblings` collections).
     pub fn put(&mut self, collection: Collection, key: &[u8], value: &[u8]) -> &mut Self {
-        self.push(collection, key, Op::Put { value: value.to_vec(), expires_at_ms: None }, None, false)
+        self.put_value(collection, key, value, None, false)
     }
 
     /// Sets `key` superseding exactly the versions `context` covers.
@@ -93,8 +93,7 @@ impl WriteBatch {
         value: &[u8],
         context: &VersionVector,
     ) -> &mut Self {
-        let op = Op::Put { value: value.to_vec(), expires_at_ms: None };
-        self.push(collection, key, op, Some(context.clone()), false)
+        self.put_value(collection, key, value, Some(context), false)
     }
 
     /// Sets `key` only if `context` is still the key's current context.
@@ -105,8 +104,19 @@ impl WriteBatch {
         value: &[u8],
         context: &VersionVector,
     ) -> &mut Self {
+        self.put_value(collection, key, value, Some(context), true)
+    }
+
+    fn put_value(
+        &mut self,
+        collection: Collection,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&VersionVector>,
+        cas: bool,
+    ) -> &mut Self {
         let op = Op::Put { value: value.to_vec(), expires_at_ms: None };
-        self.push(collection, key, op, Some(context.clone()), true)
+        self.push(collection, key, op, context.cloned(), cas)
     }
 
     /// Sets `key` to a value that expires at `expires_at_ms` (sessions).
@@ -511,7 +521,7 @@ impl Store {
 
     /// Verifies every origin's audit hash chain; returns the records checked.
     pub fn audit_verify(&self) -> Result<u64> {
-        self.stream(StreamId::Audit).audit_verify(self.now_ms())
+        self.stream(StreamId::Audit).audit_verify()
     }
 
     // ----- replication hooks --------------------------------------------------------

@@ -381,11 +381,7 @@ impl StreamStore {
                 st.next_file = st.next_file.max(img.next_file);
             }
             None => {
-                for (n, name) in &cmps {
-                    replay_from.insert(*n, HEADER_BYTES);
-                    let _ = name;
-                }
-                for (n, _) in &logs {
+                for (n, _) in cmps.iter().chain(logs.iter()) {
                     replay_from.insert(*n, HEADER_BYTES);
                 }
             }
@@ -454,8 +450,7 @@ impl StreamStore {
             }
             let is_last = i + 1 == data_files.len();
             if let Some(until) = scanned.torn_until {
-                let later_has_data = data_files[i + 1..].iter().any(|_| true);
-                if !is_last && later_has_data {
+                if !is_last {
                     return Err(Error::Corrupt(Corruption {
                         file: name,
                         offset: scanned.end,
@@ -1305,7 +1300,7 @@ impl StreamStore {
 
     /// Verifies every origin's audit chain over the durable records; returns how many
     /// records were checked.
-    pub(crate) fn audit_verify(&self, now_ms: u64) -> Result<u64> {
+    pub(crate) fn audit_verify(&self) -> Result<u64> {
         let keys: Vec<(Dot, Loc)> = {
             let st = lock(&self.state);
             st.keydir
@@ -1314,7 +1309,6 @@ impl StreamStore {
                 .filter_map(|(_, v)| v.first().map(|v| (v.dot, v.loc.clone())))
                 .collect()
         };
-        let _ = now_ms;
         let mut running: BTreeMap<Incarnation, [u8; 32]> = BTreeMap::new();
         let mut checked = 0;
         for (dot, loc) in keys {

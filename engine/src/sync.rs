@@ -371,7 +371,7 @@ impl PeerSync {
         match message {
             PeerMessage::Hello(h) => self.on_hello(now_ms, h, replica),
             _ if !self.is_established() => {} // from an older session of ours: ignore
-            PeerMessage::Entries { stream, entries } => self.on_entries(now_ms, stream, entries, replica),
+            PeerMessage::Entries { stream, entries } => self.on_entries(stream, entries, replica),
             PeerMessage::Ack { stream, vector } => {
                 if let Some(s) = self.streams.get_mut(&stream) {
                     if !s.acked.descends(&vector) {
@@ -448,13 +448,12 @@ impl PeerSync {
         self.pump_all(now_ms, replica);
     }
 
-    fn on_entries(&mut self, now_ms: u64, stream: StreamId, entries: Vec<Entry>, replica: &dyn Replica) {
+    fn on_entries(&mut self, stream: StreamId, entries: Vec<Entry>, replica: &dyn Replica) {
         if !self.streams.get(&stream).is_some_and(|s| s.receive) {
             let message = format!("{} may not send the {stream} stream to {}", self.peer, self.me);
             self.push(PeerMessage::Error(ProtocolError { code: ErrorCode::NotAuthorized, message }));
             return;
         }
-        let _ = now_ms;
         match replica.apply(stream, entries) {
             Ok(()) => {
                 let vector = replica.vector(stream);

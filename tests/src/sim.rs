@@ -553,8 +553,7 @@ impl World {
             self.now = self.now.max(t);
             self.set_clocks();
             if next_action == Some(t) {
-                let (k, a) = schedule.pop_first().expect("an action is due");
-                let _ = k;
+                let (_, a) = schedule.pop_first().expect("an action is due");
                 match a {
                     Action::Write(n) => self.local_write(n),
                     Action::Crash(n) => self.crash(n),

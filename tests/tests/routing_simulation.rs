@@ -18,7 +18,7 @@ const HOUR_MS: u64 = 3_600_000;
 fn topology(generation: Generation, sites: &[(&str, &[&str], &str, Option<&str>)]) -> Topology {
     let mut appliances = Vec::new();
     let mut port = 7000;
-    for (i, (site, members, _, _)) in sites.iter().enumerate() {
+    for (site, members, _, _) in sites.iter() {
         for (j, m) in members.iter().enumerate() {
             port += 1;
             let roles: BTreeSet<Role> = match generation {
@@ -27,7 +27,6 @@ fn topology(generation: Generation, sites: &[(&str, &[&str], &str, Option<&str>)
                 Generation::G3 if j == 0 => [Role::Audit].into_iter().collect(),
                 Generation::G3 => BTreeSet::new(),
             };
-            let _ = i;
             appliances.push(Appliance {
                 id: NodeId::new(*m).expect("id"),
                 name: m.to_string(),
