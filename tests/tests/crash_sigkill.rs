@@ -8,6 +8,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use repl_engine::{Store, StoreOptions};
@@ -16,6 +17,13 @@ use repl_wire::Collection;
 
 const CYCLES: u64 = 50;
 const THREADS: u64 = 4;
+
+/// Parses `ACK <thread> <n>`.
+fn parse_ack(line: &str) -> (u64, u64) {
+    let mut parts =
+        line.split_whitespace().skip(1).map(|p| p.parse::<u64>().expect("the writer prints numbers"));
+    (parts.next().expect("thread"), parts.next().expect("n"))
+}
 
 fn next(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;
@@ -40,21 +48,32 @@ fn acknowledged_writes_survive_sigkill_at_random_points() {
             .expect("spawn the writer");
         let stdout = child.stdout.take().expect("piped stdout");
         let target = 1 + next(&mut rng) % 300;
+        // A reader thread forwards acknowledgements, so waiting for them has a real
+        // deadline even if the writer hangs without closing its output.
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(parse_ack(&line)).is_err() {
+                    return;
+                }
+            }
+        });
         let mut acked: Vec<(u64, u64)> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut lines = BufReader::new(stdout).lines();
         while (acked.len() as u64) < target {
-            assert!(Instant::now() < deadline, "cycle {cycle}: the writer stalled");
-            let Some(Ok(line)) = lines.next() else { panic!("cycle {cycle}: writer exited early") };
-            let mut parts = line.split_whitespace().skip(1).map(|p| p.parse::<u64>().expect("number"));
-            acked.push((parts.next().expect("thread"), parts.next().expect("n")));
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(ack) => acked.push(ack),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("cycle {cycle}: no acknowledgement in time ({e})");
+                }
+            }
         }
         child.kill().expect("SIGKILL the writer");
-        // Acks printed after our last read were acknowledged too: collect them.
-        for line in lines.map_while(Result::ok) {
-            let mut parts = line.split_whitespace().skip(1).map(|p| p.parse::<u64>().expect("number"));
-            acked.push((parts.next().expect("thread"), parts.next().expect("n")));
-        }
+        // Acks printed before the kill were acknowledged too: collect them all.
+        reader.join().expect("the reader thread ends when the writer's output closes");
+        acked.extend(rx.try_iter());
         child.wait().expect("reap the writer");
 
         let store = Store::open_dir(
