@@ -28,6 +28,7 @@ mod store;
 mod stream;
 pub mod sync;
 pub mod topology;
+pub mod tree;
 mod versions;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord, StoredAudit};

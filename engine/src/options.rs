@@ -83,6 +83,10 @@ pub struct StoreOptions {
     /// the simulator must catch: a crash can then reuse a sequence number a peer holds.
     #[doc(hidden)]
     pub unsafe_ship_buffered: bool,
+    /// Test-only: collect every tombstone at once, before every replica has seen it.
+    /// A planted bug the simulator must catch: a deleted record can come back.
+    #[doc(hidden)]
+    pub unsafe_collect_tombstones_early: bool,
 }
 
 impl Default for StoreOptions {
@@ -97,6 +101,7 @@ impl Default for StoreOptions {
             unsafe_skip_sync: None,
             unsafe_skip_order_check: false,
             unsafe_ship_buffered: false,
+            unsafe_collect_tombstones_early: false,
         }
     }
 }

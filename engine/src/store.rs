@@ -281,6 +281,16 @@ impl Store {
         Store::open(Arc::new(storage), options)
     }
 
+    /// Gives the (closed) store on `storage` a new incarnation: what a restore from a
+    /// backup does before the store opens again. Its writes from then on carry the new
+    /// origin, so they can never reuse a sequence number its older incarnation gave out
+    /// after the backup was taken; its peers refuse the older incarnation from then on.
+    /// The new incarnation is `options.incarnation_seed` if set, else random.
+    pub fn reincarnate(storage: &dyn Storage, options: &StoreOptions) -> Result<Incarnation> {
+        read_identity(storage)?;
+        create_identity(storage, options)
+    }
+
     /// Opens (recovering) or creates the store on `storage`.
     pub fn open(storage: Arc<dyn Storage>, options: StoreOptions) -> Result<Store> {
         let options = Arc::new(options);
@@ -460,8 +470,26 @@ impl Store {
     /// nothing of the call is applied. Await the result before acknowledging to the peer.
     pub fn apply_remote(&self, stream: StreamId, entries: Vec<Entry>) -> Result<PendingWrite> {
         let s = self.stream(stream);
-        let drafts = entries.into_iter().map(Draft::Remote).collect();
-        let (ticket, applied) = s.submit(drafts, &self.inner.hlc)?;
+        // Remote entries need no atomicity beyond order: a batch larger than one
+        // frame of a segment is applied as several, halving until each fits.
+        let mut groups = std::collections::VecDeque::from([entries]);
+        let (mut ticket, mut applied) = (0, Vec::new());
+        while let Some(group) = groups.pop_front() {
+            let drafts = group.iter().cloned().map(Draft::Remote).collect();
+            match s.submit(drafts, &self.inner.hlc) {
+                Ok((t, dots)) => {
+                    ticket = ticket.max(t);
+                    applied.extend(dots);
+                }
+                Err(Error::Request(why)) if why == crate::stream::BATCH_TOO_LARGE && group.len() > 1 => {
+                    let mut first = group;
+                    let second = first.split_off(first.len() / 2);
+                    groups.push_front(second);
+                    groups.push_front(first);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(PendingWrite { store: self.clone(), stream, ticket, dots: applied })
     }
 
@@ -546,6 +574,55 @@ impl Store {
     /// whose vector is `from`. [`Error::NotCovered`] when compaction removed some.
     pub fn entries_since(&self, stream: StreamId, from: &VersionVector, max: usize) -> Result<Vec<Entry>> {
         self.stream(stream).entries_since(from, max)
+    }
+
+    // ----- anti-entropy ------------------------------------------------------------------
+
+    /// The stream's vector and the hashes of `buckets` at `level` of its hash tree
+    /// (see [`crate::tree`]); session versions expired at `cutoff_ms` are left out.
+    pub fn tree_hashes(
+        &self,
+        stream: StreamId,
+        cutoff_ms: u64,
+        level: u8,
+        buckets: &[u32],
+    ) -> (VersionVector, Vec<repl_wire::BucketHash>) {
+        self.stream(stream).tree_hashes(cutoff_ms, level, buckets)
+    }
+
+    /// A chunk of a snapshot: the stream's vector, then every version of the keys in
+    /// leaf `buckets` (every key when empty) in key order after `resume`, whole keys,
+    /// about `max_entries`; and the token to resume from (empty after the last key).
+    pub fn snapshot_chunk(
+        &self,
+        stream: StreamId,
+        buckets: &[u32],
+        resume: &[u8],
+        max_entries: usize,
+    ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>)> {
+        self.stream(stream).snapshot_chunk(buckets, resume, max_entries)
+    }
+
+    /// Starts receiving a snapshot of `stream`'s leaf `buckets` (`None`: every bucket)
+    /// from `peer`, dropping one in progress.
+    pub fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<()> {
+        self.stream(stream).begin_snapshot(peer, buckets)
+    }
+
+    /// Stages a snapshot chunk from `peer` on disk.
+    pub fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<()> {
+        self.stream(stream).stage_snapshot(peer, entries)
+    }
+
+    /// Installs the snapshot from `peer` taken at `at` and raises the vector to
+    /// include `at`, atomically (a crash before it returns changes nothing).
+    pub fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<()> {
+        self.stream(stream).finish_snapshot(peer, at)
+    }
+
+    /// Drops the snapshot being received from `peer`, if any.
+    pub fn abort_snapshot(&self, stream: StreamId, peer: &str) {
+        self.stream(stream).abort_snapshot(peer)
     }
 
     // ----- maintenance ------------------------------------------------------------------

@@ -23,6 +23,7 @@ use crate::segment::{
     FRAME_HEADER_BYTES, HEADER_BYTES,
 };
 use crate::storage::{is_out_of_space, Storage, StorageFile};
+use crate::tree::{key_digest, leaf_of, HashTree};
 use crate::versions::{context_of, merge, Loc, Merge, Version};
 
 pub(crate) type KeyId = (Collection, Box<[u8]>);
@@ -121,6 +122,8 @@ struct State {
     hint_generation: u64,
     /// Audit records every holder acknowledged (a non-holder may drop them).
     audit_released: VersionVector,
+    /// The anti-entropy hash tree, built at its first use and kept current after.
+    tree: Option<HashTree>,
 }
 
 /// What recovery found and did for one stream.
@@ -163,6 +166,21 @@ pub(crate) struct StreamStore {
     durable_ticket: AtomicU64,
     pub(crate) hlc_drift_alarms: AtomicU64,
     queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Snapshots being received, by the peer sending them.
+    staging: Mutex<BTreeMap<String, Staging>>,
+}
+
+/// A snapshot being received: a compacted segment under a temporary name, and where
+/// each staged entry is in it.
+#[derive(Debug)]
+struct Staging {
+    number: u32,
+    name: String,
+    file: Arc<dyn StorageFile>,
+    end: u64,
+    staged: Vec<(u32, u32)>,
+    /// The leaf buckets the snapshot covers (`None`: every bucket).
+    buckets: Option<Vec<u32>>,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -254,6 +272,7 @@ impl StreamStore {
             durable_ticket: AtomicU64::new(0),
             hlc_drift_alarms: AtomicU64::new(0),
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
+            staging: Mutex::new(BTreeMap::new()),
         };
         let report = s.recover(names)?;
         Ok((s, report))
@@ -431,7 +450,9 @@ impl StreamStore {
                 None => self.storage.open(&name).map_err(io_err(&name, "open segment"))?,
             };
             let len = file.len().map_err(io_err(&name, "stat"))?;
-            if len > self.options.segment_bytes.max(FRAME_BYTES_MAX + HEADER_BYTES) * 2 {
+            // (A compacted segment holds every live record it replaced: any size.)
+            let compacted = cmps.iter().any(|(c, _)| c == n);
+            if !compacted && len > self.options.segment_bytes.max(FRAME_BYTES_MAX + HEADER_BYTES) * 2 {
                 return Err(Error::Corrupt(Corruption {
                     file: name,
                     offset: len,
@@ -541,22 +562,52 @@ impl StreamStore {
             st.origin_index.entry(entry.dot.origin).or_default().insert(entry.dot.seq, (file, frame_offset));
         }
         st.vector.advance(entry.dot);
+        self.merge_durable(st, entry, loc, None)
+    }
+
+    /// Merges a durable entry's version into the keydir (keeping the hash tree, the
+    /// conflict records and the audit indexes current). `covered`, for entries that
+    /// arrive out of order (a snapshot), applies the obsolete-version rule.
+    fn merge_durable(
+        &self,
+        st: &mut State,
+        entry: &Entry,
+        loc: Loc,
+        covered: Option<&VersionVector>,
+    ) -> Result<()> {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
-        let (outcome, winner) = match st.keydir.entry((entry.collection, entry.key.as_slice().into())) {
+        let old_digest = match &st.tree {
+            Some(_) => st
+                .keydir
+                .get(&(entry.collection, entry.key.as_slice().into()))
+                .and_then(|v| key_digest(entry.collection, &entry.key, v, 0)),
+            None => None,
+        };
+        let (outcome, winner, new_digest) = match st
+            .keydir
+            .entry((entry.collection, entry.key.as_slice().into()))
+        {
             btree_map::Entry::Occupied(mut held) => {
-                let outcome = merge(policy, held.get_mut(), incoming, None);
-                (outcome, held.get().first().map(|v| v.dot))
+                let outcome = merge(policy, held.get_mut(), incoming, covered);
+                let digest =
+                    st.tree.as_ref().and_then(|_| key_digest(entry.collection, &entry.key, held.get(), 0));
+                (outcome, held.get().first().map(|v| v.dot), digest)
             }
             btree_map::Entry::Vacant(slot) => {
                 let mut held = Vec::with_capacity(1);
-                let outcome = merge(policy, &mut held, incoming, None);
+                let outcome = merge(policy, &mut held, incoming, covered);
+                let digest =
+                    st.tree.as_ref().and_then(|_| key_digest(entry.collection, &entry.key, &held, 0));
                 if !held.is_empty() {
                     slot.insert(held);
                 }
-                (outcome, None)
+                (outcome, None, digest)
             }
         };
+        if let Some(tree) = st.tree.as_mut() {
+            tree.update(entry.collection, &entry.key, old_digest, new_digest);
+        }
         if let Merge::Applied { losers } = outcome {
             let winner = winner.unwrap_or(entry.dot);
             for loser in losers {
@@ -695,7 +746,7 @@ impl StreamStore {
         }
         let bytes = frame_bytes(encoded.iter().map(|(_, b)| b.len()));
         if bytes > self.frame_max() {
-            return Err(Error::Request("batch is larger than one frame of a segment"));
+            return Err(Error::Request(BATCH_TOO_LARGE));
         }
         self.reserve(&mut st, bytes)?;
 
@@ -1018,6 +1069,33 @@ fn next_head(
 }
 
 /// Reads the entry a location points at.
+/// Keeps the versions `keep` accepts, drops keys left without any, and keeps the hash
+/// tree current. Returns how many versions were dropped.
+fn retain_versions(st: &mut State, mut keep: impl FnMut(&KeyId, &Version) -> bool) -> usize {
+    let mut dropped = 0;
+    let State { keydir, tree, .. } = st;
+    keydir.retain(|id, versions| {
+        if versions.iter().all(|v| keep(id, v)) {
+            return true;
+        }
+        let before = versions.len();
+        let old = tree.as_ref().and_then(|_| key_digest(id.0, &id.1, versions, 0));
+        versions.retain(|v| keep(id, v));
+        dropped += before - versions.len();
+        if let Some(t) = tree.as_mut() {
+            t.update(id.0, &id.1, old, key_digest(id.0, &id.1, versions, 0));
+        }
+        !versions.is_empty()
+    });
+    dropped
+}
+
+/// Why a batch was refused for not fitting one frame.
+pub(crate) const BATCH_TOO_LARGE: &str = "batch is larger than one frame of a segment";
+
+/// Payload bytes after which a snapshot chunk ends (at a key boundary).
+const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
 fn read_loc(files: &BTreeMap<u32, FileMeta>, loc: &Loc) -> Result<Entry> {
     let handle = match loc {
         Loc::Disk { file, .. } => files.get(file).map(|m| (&*m.file, m.name.as_str())),
@@ -1224,6 +1302,16 @@ impl StreamStore {
                 let scanned = segment::scan_frame(&buf, &name, at, self.frame_max().max(FRAME_BYTES_MAX))?;
                 for e in scanned {
                     if !seen.contains(e.dot) && out.len() < max {
+                        let expected = seen.get(e.dot.origin) + 1;
+                        if e.dot.seq != expected {
+                            // The log skips part of this origin (a snapshot raised the
+                            // vector past it): the peer needs anti-entropy.
+                            return Err(Error::NotCovered {
+                                stream: self.stream,
+                                origin: e.dot.origin,
+                                floor: e.dot.seq,
+                            });
+                        }
                         seen.advance(e.dot);
                         out.push(e);
                     }
@@ -1331,6 +1419,253 @@ impl StreamStore {
         Ok(checked)
     }
 
+    // ----- anti-entropy -----------------------------------------------------------
+
+    /// The stream's vector and the hashes of `buckets` at `level` of its hash tree.
+    /// Sessions are hashed with versions expired at `cutoff_ms` left out, the other
+    /// streams from the tree kept current by every write.
+    pub(crate) fn tree_hashes(
+        &self,
+        cutoff_ms: u64,
+        level: u8,
+        buckets: &[u32],
+    ) -> (VersionVector, Vec<repl_wire::BucketHash>) {
+        let (vector, tree) = {
+            let mut st = lock(&self.state);
+            let build = |st: &State, cutoff: u64| {
+                let mut t = HashTree::default();
+                for ((c, k), v) in &st.keydir {
+                    t.update(*c, k, None, key_digest(*c, k, v, cutoff));
+                }
+                t
+            };
+            let tree = if self.stream == StreamId::Sessions {
+                build(&st, cutoff_ms)
+            } else {
+                if st.tree.is_none() {
+                    st.tree = Some(build(&st, 0));
+                }
+                st.tree.clone().expect("built above")
+            };
+            (st.vector.clone(), tree)
+        };
+        (vector, tree.hashes(level, buckets))
+    }
+
+    /// The stream's vector and, in key order from after `resume`, every version of the
+    /// keys in leaf `buckets` (all keys when empty), whole keys only, stopping past
+    /// `max_entries`. Also returns the token to resume from, empty after the last key.
+    pub(crate) fn snapshot_chunk(
+        &self,
+        buckets: &[u32],
+        resume: &[u8],
+        max_entries: usize,
+    ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>)> {
+        let st = lock(&self.state);
+        let start = match resume.split_first() {
+            None => None,
+            Some((&c, key)) => {
+                let c = *Collection::ALL.get(c as usize).ok_or(Error::Request("bad resume token"))?;
+                Some((c, key.to_vec().into_boxed_slice()))
+            }
+        };
+        let range = match &start {
+            Some(id) => st.keydir.range((std::ops::Bound::Excluded(id.clone()), std::ops::Bound::Unbounded)),
+            None => st.keydir.range::<KeyId, _>(..),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut last: Option<&KeyId> = None;
+        let mut more = false;
+        for (id, versions) in range {
+            if !buckets.is_empty() && buckets.binary_search(&leaf_of(id.0, &id.1)).is_err() {
+                continue;
+            }
+            if out.len() >= max_entries || bytes >= SNAPSHOT_CHUNK_BYTES {
+                more = true;
+                break;
+            }
+            for v in versions {
+                let mut entry = read_loc(&st.files, &v.loc)?;
+                // Ship what the version supersedes here (a last-writer-wins merge joins
+                // the loser in), not only what its writer had seen, so the receiver
+                // reaches the same resolution.
+                if !v.context.contains(v.dot) {
+                    entry.context = v.context.clone();
+                }
+                bytes += entry.key.len()
+                    + 64
+                    + if let Op::Put { value, .. } = &entry.op { value.len() } else { 0 };
+                out.push(entry);
+            }
+            last = Some(id);
+        }
+        let token = match (more, last) {
+            (true, Some((c, key))) => {
+                let code = Collection::ALL.iter().position(|x| x == c).unwrap_or(0) as u8;
+                let mut t = vec![code];
+                t.extend_from_slice(key);
+                t
+            }
+            _ => Vec::new(),
+        };
+        Ok((st.vector.clone(), out, token))
+    }
+
+    /// Starts receiving a snapshot of leaf `buckets` (`None`: all) from `peer`
+    /// (dropping one it had started).
+    pub(crate) fn begin_snapshot(&self, peer: &str, buckets: Option<&[u32]>) -> Result<()> {
+        self.abort_snapshot(peer);
+        let number = {
+            let mut st = lock(&self.state);
+            st.next_file += 1;
+            st.next_file - 1
+        };
+        let name = format!("{}.tmp", compacted_name(self.stream, number));
+        let file = self.storage.create(&name).map_err(|e| {
+            if is_out_of_space(&e) {
+                Error::StorageFull { stream: self.stream }
+            } else {
+                io_err(&name, "create snapshot segment")(e)
+            }
+        })?;
+        let header = SegmentHeader {
+            kind: SegmentKind::Compacted,
+            stream: self.stream,
+            incarnation: self.incarnation,
+            number: u64::from(number),
+        };
+        file.write_all_at(&header.encode(), 0).map_err(io_err(&name, "write snapshot header"))?;
+        let staging = Staging {
+            number,
+            name,
+            file,
+            end: HEADER_BYTES,
+            staged: Vec::new(),
+            buckets: buckets.map(<[u32]>::to_vec),
+        };
+        lock(&self.staging).insert(peer.to_string(), staging);
+        Ok(())
+    }
+
+    /// Appends a chunk's entries to the snapshot from `peer`.
+    pub(crate) fn stage_snapshot(&self, peer: &str, entries: &[Entry]) -> Result<()> {
+        let mut staging = lock(&self.staging);
+        let s = staging.get_mut(peer).ok_or(Error::Request("no snapshot in progress from this peer"))?;
+        // Versions newer than `at` are staged too: one may be what superseded a version
+        // `at` covers (the receiver will claim that one, so it must get its successor).
+        let encoded: Vec<Vec<u8>> =
+            entries.iter().filter(|e| e.collection.stream() == self.stream).map(Entry::encode).collect();
+        for group in encoded.chunks(1024) {
+            let refs: Vec<&[u8]> = group.iter().map(Vec::as_slice).collect();
+            let (frame, spans) = build_frame(&refs);
+            s.file.write_all_at(&frame, s.end).map_err(io_err(&s.name, "write snapshot frame"))?;
+            for (rel, len) in spans {
+                s.staged.push((s.end as u32 + rel, len));
+            }
+            s.end += frame.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Drops the snapshot being received from `peer`, if any.
+    pub(crate) fn abort_snapshot(&self, peer: &str) {
+        if let Some(s) = lock(&self.staging).remove(peer) {
+            let _ = self.storage.remove(&s.name);
+        }
+    }
+
+    /// Completes the snapshot from `peer` taken at `at`: syncs and installs its segment,
+    /// merges its versions (the obsolete rule keeps anything already superseded or
+    /// collected here from coming back), drops local versions of the covered keys that
+    /// the peer has seen (`at` covers them) but no longer holds (it superseded them, or
+    /// deleted them and collected the tombstone: without this a replica restored from
+    /// an old backup would bring them back), raises the vector to include `at`, and
+    /// drops the log's index below the new floors; then checkpoints, which makes it all
+    /// durable at once. A crash before that leaves the store as it was.
+    pub(crate) fn finish_snapshot(&self, peer: &str, at: &VersionVector) -> Result<()> {
+        let Some(s) = lock(&self.staging).remove(peer) else {
+            return Err(Error::Request("no snapshot in progress from this peer"));
+        };
+        let _io = lock(&self.io);
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        let final_name = compacted_name(self.stream, s.number);
+        let installed = (|| -> Result<()> {
+            if self.options.syncs(SyncPoint::CompactedData) {
+                s.file.sync_data().map_err(io_err(&s.name, "sync snapshot segment"))?;
+            }
+            self.storage.rename(&s.name, &final_name).map_err(io_err(&final_name, "rename snapshot segment"))
+        })();
+        if let Err(e) = installed {
+            let _ = self.storage.remove(&s.name);
+            return Err(e);
+        }
+        {
+            let mut st = lock(&self.state);
+            st.files.insert(
+                s.number,
+                FileMeta {
+                    file: s.file.clone(),
+                    name: final_name,
+                    kind: SegmentKind::Compacted,
+                    end: s.end,
+                    vector: at.clone(),
+                    dir_synced: true,
+                },
+            );
+            let before = st.vector.clone();
+            let mut held_there: std::collections::BTreeSet<(KeyId, Dot)> = std::collections::BTreeSet::new();
+            for (offset, len) in s.staged {
+                let loc = Loc::Disk { file: s.number, offset, len };
+                let entry = read_loc(&st.files, &loc)?;
+                held_there.insert(((entry.collection, entry.key.as_slice().into()), entry.dot));
+                self.merge_durable(&mut st, &entry, loc, Some(&before))?;
+            }
+            // Audit records are never superseded: their absence at the sender means
+            // only that it forwarded and dropped them (a non-holder), so none go.
+            let audit = self.stream == StreamId::Audit;
+            let covers = |id: &KeyId| {
+                !audit
+                    && match &s.buckets {
+                        None => true,
+                        Some(b) => b.binary_search(&leaf_of(id.0, &id.1)).is_ok(),
+                    }
+            };
+            retain_versions(&mut st, |id, v| {
+                !(at.contains(v.dot) && covers(id) && !held_there.contains(&(id.clone(), v.dot)))
+            });
+            // Audit records are never superseded, and a non-holder drops the ones every
+            // holder acknowledged: claim only what is here without a gap (the rest comes
+            // from another holder), never what a forwarder merely saw.
+            let mut claim = at.clone();
+            if self.stream == StreamId::Audit {
+                claim = VersionVector::new();
+                for d in at.iter() {
+                    let mut seq = before.get(d.origin);
+                    while seq < d.seq {
+                        let next = Dot { origin: d.origin, seq: seq + 1 };
+                        if !st.keydir.contains_key(&(Collection::Audit, audit_key(next).into_boxed_slice())) {
+                            break;
+                        }
+                        seq += 1;
+                    }
+                    claim.advance(Dot { origin: d.origin, seq });
+                }
+            }
+            for d in claim.iter() {
+                if d.seq > before.get(d.origin) {
+                    st.origin_index.remove(&d.origin);
+                }
+            }
+            st.vector.merge(&claim);
+            st.submitted.merge(&claim);
+        }
+        self.checkpoint_locked()?;
+        Ok(())
+    }
+
     // ----- maintenance ------------------------------------------------------------
 
     /// On an appliance that only forwards audit records: drops the records every holder
@@ -1339,11 +1674,7 @@ impl StreamStore {
     pub(crate) fn release_audit(&self, acked: &VersionVector) -> usize {
         let mut st = lock(&self.state);
         st.audit_released.merge(acked);
-        let before = st.keydir.len();
-        st.keydir.retain(|(c, _), versions| {
-            *c != Collection::Audit || versions.iter().any(|v| !acked.contains(v.dot))
-        });
-        before - st.keydir.len()
+        retain_versions(&mut st, |(c, _), v| *c != Collection::Audit || !acked.contains(v.dot))
     }
 
     /// Own audit records not yet acknowledged by every holder.
@@ -1355,14 +1686,7 @@ impl StreamStore {
     /// Removes expired versions from the keydir (sessions vanish without tombstones).
     pub(crate) fn expire(&self, now_ms: u64) -> usize {
         let mut st = lock(&self.state);
-        let mut removed = 0;
-        st.keydir.retain(|_, versions| {
-            let before = versions.len();
-            versions.retain(|v| !v.is_expired(now_ms));
-            removed += before - versions.len();
-            !versions.is_empty()
-        });
-        removed
+        retain_versions(&mut st, |_, v| !v.is_expired(now_ms))
     }
 
     /// Drops tombstones every replica has seen: covered by every acked vector, with
@@ -1370,21 +1694,17 @@ impl StreamStore {
     pub(crate) fn collect_tombstones(&self, acked: &[VersionVector]) -> usize {
         let mut st = lock(&self.state);
         let local = st.vector.clone();
-        if !acked.iter().all(|a| local.descends(a)) {
+        let early = self.options.unsafe_collect_tombstones_early;
+        if !early && !acked.iter().all(|a| local.descends(a)) {
             return 0;
         }
         let stable = acked
             .iter()
             .skip(1)
             .fold(acked.first().cloned().unwrap_or_else(|| local.clone()), |m, a| m.meet(a));
-        let mut dropped = 0;
-        st.keydir.retain(|_, versions| {
-            let before = versions.len();
-            versions.retain(|v| !(v.tombstone && stable.contains(v.dot) && stable.descends(&v.context)));
-            dropped += before - versions.len();
-            !versions.is_empty()
-        });
-        dropped
+        retain_versions(&mut st, |_, v| {
+            !(v.tombstone && (early || (stable.contains(v.dot) && stable.descends(&v.context))))
+        })
     }
 
     /// Writes a checkpoint of the keydir (hint file) covering the durable log.

@@ -30,16 +30,17 @@
 //! `relay_delay_ms` (no flooding: in steady state each write crosses the network
 //! once per replica). A peer below the log floor gets `NotCovered` (anti-entropy).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{btree_map, BTreeMap, VecDeque};
 
 use repl_wire::{
-    Dot, Entry, ErrorCode, Handshake, Incarnation, NodeId, PeerMessage, ProtocolError, StreamId,
+    BucketHash, Dot, Entry, ErrorCode, Handshake, Incarnation, NodeId, PeerMessage, ProtocolError, StreamId,
     StreamPosition, VersionVector, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 
 use crate::error::Error;
 use crate::store::Store;
 use crate::topology::Scope;
+use crate::tree::{buckets_at, children, TREE_LEAF_LEVEL, TREE_LEAVES};
 
 /// The local store as the sync machine sees it.
 pub trait Replica {
@@ -53,6 +54,29 @@ pub trait Replica {
     fn entries_since(&self, stream: StreamId, from: &VersionVector, max: usize) -> Result<Vec<Entry>, Error>;
     /// Applies entries from a peer durably (duplicates skipped, gaps refused).
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error>;
+    /// The vector and the hash-tree hashes of `buckets` at `level`.
+    fn tree_hashes(
+        &self,
+        stream: StreamId,
+        cutoff_ms: u64,
+        level: u8,
+        buckets: &[u32],
+    ) -> (VersionVector, Vec<BucketHash>);
+    /// The vector and a chunk of the keys of leaf `buckets` (all when empty) after
+    /// `resume`, with the token to resume from (empty after the last).
+    fn snapshot_chunk(
+        &self,
+        stream: StreamId,
+        buckets: &[u32],
+        resume: &[u8],
+        max_entries: usize,
+    ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>), Error>;
+    /// Starts receiving a snapshot of leaf `buckets` (`None`: all) from `peer`.
+    fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error>;
+    /// Stages a chunk of the snapshot from `peer` durably.
+    fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<(), Error>;
+    /// Installs the snapshot from `peer` and raises the vector to include `at`.
+    fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<(), Error>;
 }
 
 impl Replica for Store {
@@ -71,6 +95,33 @@ impl Replica for Store {
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error> {
         self.apply_remote(stream, entries)?.wait().map(|_| ())
     }
+    fn tree_hashes(
+        &self,
+        stream: StreamId,
+        cutoff_ms: u64,
+        level: u8,
+        buckets: &[u32],
+    ) -> (VersionVector, Vec<BucketHash>) {
+        Store::tree_hashes(self, stream, cutoff_ms, level, buckets)
+    }
+    fn snapshot_chunk(
+        &self,
+        stream: StreamId,
+        buckets: &[u32],
+        resume: &[u8],
+        max_entries: usize,
+    ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>), Error> {
+        Store::snapshot_chunk(self, stream, buckets, resume, max_entries)
+    }
+    fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error> {
+        Store::begin_snapshot(self, stream, peer, buckets)
+    }
+    fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<(), Error> {
+        Store::stage_snapshot(self, stream, peer, entries)
+    }
+    fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<(), Error> {
+        Store::finish_snapshot(self, stream, peer, at)
+    }
 }
 
 /// Tunables of a sync machine, with units in their names.
@@ -84,11 +135,19 @@ pub struct SyncConfig {
     pub retransmit_ms: u64,
     /// Relay another origin's entries only after the peer lagged on it this long.
     pub relay_delay_ms: u64,
+    /// About how many entries one snapshot chunk carries (anti-entropy and bootstrap).
+    pub snapshot_chunk_entries: usize,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        SyncConfig { window_entries: 4096, batch_entries: 256, retransmit_ms: 200, relay_delay_ms: 1_000 }
+        SyncConfig {
+            window_entries: 4096,
+            batch_entries: 256,
+            retransmit_ms: 200,
+            relay_delay_ms: 1_000,
+            snapshot_chunk_entries: 1024,
+        }
     }
 }
 
@@ -135,6 +194,35 @@ pub enum SyncEvent {
     PeerError(ProtocolError),
     /// Entries from the peer could not be applied (not a gap).
     ApplyFailed(String),
+    /// Anti-entropy (or a bootstrap) with the peer completed: this appliance's vector
+    /// now includes the peer's snapshot vector.
+    Repaired {
+        /// The stream.
+        stream: StreamId,
+        /// Leaf buckets fetched (every bucket for a bootstrap).
+        buckets_fetched: usize,
+        /// Entries received in snapshot chunks.
+        entries: u64,
+    },
+}
+
+/// Where a repair (anti-entropy or bootstrap) of one stream stands.
+#[derive(Debug, Clone)]
+enum RepairStep {
+    /// Comparing hash-tree hashes of `asked` buckets at `level`.
+    Tree { level: u8, asked: Vec<u32> },
+    /// Fetching the keys of leaf `buckets` (all when empty) from `resume`.
+    Fetch { buckets: Vec<u32>, resume: Vec<u8>, begun: bool },
+}
+
+#[derive(Debug, Clone)]
+struct Repair {
+    step: RepairStep,
+    /// The peer's vector at its first answer: what the receiver may claim at the end.
+    at: Option<VersionVector>,
+    cutoff_ms: u64,
+    sent_ms: u64,
+    entries: u64,
 }
 
 #[derive(Debug, Default)]
@@ -149,10 +237,16 @@ struct StreamState {
     progress_ms: u64,
     /// Per origin (not us): since when the peer lags on it.
     lag_since: BTreeMap<Incarnation, u64>,
-    /// Origins we reported `NotCovered` for in this session.
-    not_covered: BTreeSet<Incarnation>,
+    /// Origins we reported `NotCovered` for, and when (repeated while the peer does not
+    /// move past them: the report may have been lost).
+    not_covered: BTreeMap<Incarnation, u64>,
     /// The vector we last acknowledged to the peer.
     told: VersionVector,
+    /// When we last acknowledged, and how many more times to repeat it (an
+    /// acknowledgement can be lost, and the peer's retention and tombstone collection
+    /// wait on it; repeated a bounded number of times so an idle pair goes quiet).
+    told_at_ms: u64,
+    ack_repeats_left: u8,
 }
 
 /// Counters of what crossed the wire, for tests and metrics.
@@ -166,6 +260,12 @@ pub struct SyncStats {
     pub messages_sent: u64,
     /// Rewinds received.
     pub rewinds: u64,
+    /// Repairs (anti-entropy or bootstrap) completed as the receiver.
+    pub repairs: u64,
+    /// Hash-tree hashes received while repairing.
+    pub repair_hashes: u64,
+    /// Snapshot entries received while repairing.
+    pub repair_entries: u64,
 }
 
 /// The replication machine for one peer.
@@ -184,6 +284,7 @@ pub struct PeerSync {
     transmit: VecDeque<PeerMessage>,
     events: VecDeque<SyncEvent>,
     stats: SyncStats,
+    repairs: BTreeMap<StreamId, Repair>,
 }
 
 impl PeerSync {
@@ -215,6 +316,7 @@ impl PeerSync {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             stats: SyncStats::default(),
+            repairs: BTreeMap::new(),
         };
         m.queue_hello(replica);
         m
@@ -309,6 +411,9 @@ impl PeerSync {
         }
         let mut next: Option<u64> = None;
         let mut at = |t: u64| next = Some(next.map_or(t, |n| n.min(t)));
+        for r in self.repairs.values() {
+            at(r.sent_ms + self.config.retransmit_ms);
+        }
         for (stream, s) in &self.streams {
             if !s.send {
                 continue;
@@ -319,9 +424,18 @@ impl PeerSync {
             // A relay timer matters only while the origin's entries are not yet sent.
             let ours = replica.vector(*stream);
             for (origin, since) in &s.lag_since {
-                if ours.get(*origin) > s.sent.get(*origin) {
+                // (An origin the peer must repair for is not sent until it has.)
+                if ours.get(*origin) > s.sent.get(*origin) && !s.not_covered.contains_key(origin) {
                     at(since + self.config.relay_delay_ms);
                 }
+            }
+            for sent in s.not_covered.values() {
+                at(sent + NOT_COVERED_REPEAT * self.config.retransmit_ms);
+            }
+        }
+        for s in self.streams.values() {
+            if s.ack_repeats_left > 0 {
+                at(s.told_at_ms + ACK_REPEAT_INTERVALS * self.config.retransmit_ms);
             }
         }
         next
@@ -337,7 +451,33 @@ impl PeerSync {
             }
             return;
         }
+        let stale: Vec<StreamId> = self
+            .repairs
+            .iter()
+            .filter(|(_, r)| now_ms >= r.sent_ms + self.config.retransmit_ms)
+            .map(|(s, _)| *s)
+            .collect();
+        for stream in stale {
+            self.send_repair_request(now_ms, stream, replica);
+        }
+        let repeat: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.ack_repeats_left > 0
+                    && now_ms >= s.told_at_ms + ACK_REPEAT_INTERVALS * self.config.retransmit_ms
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for stream in repeat {
+            let left = self.streams.get(&stream).map_or(0, |s| s.ack_repeats_left);
+            self.tell(now_ms, stream, replica.vector(stream));
+            if let Some(s) = self.streams.get_mut(&stream) {
+                s.ack_repeats_left = left - 1;
+            }
+        }
         for s in self.streams.values_mut() {
+            s.not_covered.retain(|_, sent| now_ms < *sent + NOT_COVERED_REPEAT * self.config.retransmit_ms);
             if s.send && !s.acked.descends(&s.sent) && now_ms >= s.progress_ms + self.config.retransmit_ms {
                 // Lost in transit (or only slow): send again from what the peer holds.
                 s.sent = s.acked.clone();
@@ -358,8 +498,7 @@ impl PeerSync {
             if s.receive {
                 let vector = replica.vector(stream);
                 if s.told != vector {
-                    s.told = vector.clone();
-                    self.push(PeerMessage::Ack { stream, vector });
+                    self.tell(now_ms, stream, vector);
                 }
             }
         }
@@ -371,9 +510,16 @@ impl PeerSync {
         match message {
             PeerMessage::Hello(h) => self.on_hello(now_ms, h, replica),
             _ if !self.is_established() => {} // from an older session of ours: ignore
-            PeerMessage::Entries { stream, entries } => self.on_entries(stream, entries, replica),
+            PeerMessage::Entries { stream, entries } => self.on_entries(now_ms, stream, entries, replica),
             PeerMessage::Ack { stream, vector } => {
                 if let Some(s) = self.streams.get_mut(&stream) {
+                    // A peer that moved past an origin (a repair) may need another
+                    // `NotCovered` for it later.
+                    for d in vector.iter() {
+                        if d.seq > s.acked.get(d.origin) {
+                            s.not_covered.remove(&d.origin);
+                        }
+                    }
                     if !s.acked.descends(&vector) {
                         s.acked.merge(&vector);
                         s.progress_ms = now_ms;
@@ -393,7 +539,24 @@ impl PeerSync {
             }
             PeerMessage::NotCovered { stream, origin, floor } => {
                 self.events.push_back(SyncEvent::NeedAntiEntropy { stream, origin, floor });
+                self.start_repair(now_ms, stream, replica);
             }
+            PeerMessage::TreeRequest { stream, expiry_cutoff_ms, level, buckets, .. } => {
+                self.on_tree_request(stream, expiry_cutoff_ms, level, buckets, replica)
+            }
+            PeerMessage::TreeReply { stream, at, level, hashes } => {
+                self.on_tree_reply(now_ms, stream, at, level, hashes, replica)
+            }
+            PeerMessage::SnapshotRequest { stream, buckets, resume } => {
+                self.on_snapshot_request(stream, buckets, resume, replica)
+            }
+            PeerMessage::SnapshotChunk { stream, at, from, entries, checksum, resume, last } => self
+                .on_snapshot_chunk(
+                    now_ms,
+                    stream,
+                    SnapshotPart { at, from, entries, checksum, resume, last },
+                    replica,
+                ),
             PeerMessage::Error(e) => self.events.push_back(SyncEvent::PeerError(e)),
             _ => {}
         }
@@ -448,24 +611,217 @@ impl PeerSync {
         self.pump_all(now_ms, replica);
     }
 
-    fn on_entries(&mut self, stream: StreamId, entries: Vec<Entry>, replica: &dyn Replica) {
+    /// Acknowledges our durable vector of `stream` to the peer.
+    fn tell(&mut self, now_ms: u64, stream: StreamId, vector: VersionVector) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.told = vector.clone();
+            s.told_at_ms = now_ms;
+            s.ack_repeats_left = ACK_REPEATS;
+        }
+        self.push(PeerMessage::Ack { stream, vector });
+    }
+
+    fn on_entries(&mut self, now_ms: u64, stream: StreamId, entries: Vec<Entry>, replica: &dyn Replica) {
         if !self.streams.get(&stream).is_some_and(|s| s.receive) {
             let message = format!("{} may not send the {stream} stream to {}", self.peer, self.me);
             self.push(PeerMessage::Error(ProtocolError { code: ErrorCode::NotAuthorized, message }));
             return;
         }
         match replica.apply(stream, entries) {
-            Ok(()) => {
-                let vector = replica.vector(stream);
-                if let Some(s) = self.streams.get_mut(&stream) {
-                    s.told = vector.clone();
-                }
-                self.push(PeerMessage::Ack { stream, vector })
-            }
+            Ok(()) => self.tell(now_ms, stream, replica.vector(stream)),
             Err(Error::Gap { .. }) => {
                 self.push(PeerMessage::Rewind { stream, vector: replica.vector(stream) })
             }
             Err(e) => self.events.push_back(SyncEvent::ApplyFailed(e.to_string())),
+        }
+    }
+
+    // ----- repair: anti-entropy and bootstrap, as the receiver ---------------------
+
+    /// Starts repairing `stream` from the peer unless a repair runs: a replica that
+    /// holds nothing of the stream fetches every bucket (a bootstrap); any other
+    /// compares hash trees from the root down and fetches only differing leaves.
+    fn start_repair(&mut self, now_ms: u64, stream: StreamId, replica: &dyn Replica) {
+        if self.repairs.contains_key(&stream) || !self.streams.get(&stream).is_some_and(|s| s.receive) {
+            return;
+        }
+        let step = if replica.vector(stream).is_empty() {
+            RepairStep::Fetch { buckets: Vec::new(), resume: Vec::new(), begun: false }
+        } else {
+            RepairStep::Tree { level: 0, asked: vec![0] }
+        };
+        self.repairs
+            .insert(stream, Repair { step, at: None, cutoff_ms: now_ms, sent_ms: now_ms, entries: 0 });
+        self.send_repair_request(now_ms, stream, replica);
+    }
+
+    fn send_repair_request(&mut self, now_ms: u64, stream: StreamId, replica: &dyn Replica) {
+        let Some(r) = self.repairs.get_mut(&stream) else { return };
+        r.sent_ms = now_ms;
+        let m = match &r.step {
+            RepairStep::Tree { level, asked } => PeerMessage::TreeRequest {
+                stream,
+                at: replica.vector(stream),
+                expiry_cutoff_ms: r.cutoff_ms,
+                level: *level,
+                buckets: asked.clone(),
+            },
+            RepairStep::Fetch { buckets, resume, .. } => {
+                PeerMessage::SnapshotRequest { stream, buckets: buckets.clone(), resume: resume.clone() }
+            }
+        };
+        self.push(m);
+    }
+
+    fn on_tree_reply(
+        &mut self,
+        now_ms: u64,
+        stream: StreamId,
+        at: VersionVector,
+        level: u8,
+        hashes: Vec<BucketHash>,
+        replica: &dyn Replica,
+    ) {
+        let Some(r) = self.repairs.get_mut(&stream) else { return };
+        let RepairStep::Tree { level: want, asked } = &r.step else { return };
+        if *want != level || hashes.iter().map(|h| h.bucket).ne(asked.iter().copied()) {
+            return; // an answer to an earlier request, or a malformed one
+        }
+        self.stats.repair_hashes += hashes.len() as u64;
+        let at = r.at.get_or_insert(at).clone();
+        let (_, ours) = replica.tree_hashes(stream, r.cutoff_ms, level, asked);
+        let differing: Vec<u32> =
+            hashes.iter().zip(ours.iter()).filter(|(t, o)| t.hash != o.hash).map(|(t, _)| t.bucket).collect();
+        if differing.is_empty() {
+            // Equal trees: everything the peer held at `at` (or something newer) is here.
+            self.repairs.remove(&stream);
+            let done = replica
+                .begin_snapshot(stream, self.peer.as_str(), Some(&[]))
+                .and_then(|()| replica.finish_snapshot(stream, self.peer.as_str(), &at));
+            self.repair_done(now_ms, stream, 0, 0, done, replica);
+            return;
+        }
+        r.step = if level < TREE_LEAF_LEVEL {
+            RepairStep::Tree {
+                level: level + 1,
+                asked: differing.iter().flat_map(|&b| children(b)).collect(),
+            }
+        } else {
+            RepairStep::Fetch { buckets: differing, resume: Vec::new(), begun: false }
+        };
+        self.send_repair_request(now_ms, stream, replica);
+    }
+
+    fn on_snapshot_chunk(
+        &mut self,
+        now_ms: u64,
+        stream: StreamId,
+        part: SnapshotPart,
+        replica: &dyn Replica,
+    ) {
+        let peer = self.peer.as_str().to_string();
+        let Some(r) = self.repairs.get_mut(&stream) else { return };
+        let RepairStep::Fetch { buckets, resume, begun } = &mut r.step else { return };
+        if *resume != part.from {
+            return; // a duplicate or an answer to an earlier request
+        }
+        if chunk_checksum(&part.entries) != part.checksum {
+            self.send_repair_request(now_ms, stream, replica);
+            return;
+        }
+        let at = r.at.get_or_insert(part.at).clone();
+        let mut staged = Ok(());
+        if !*begun {
+            let covered = if buckets.is_empty() { None } else { Some(buckets.as_slice()) };
+            staged = replica.begin_snapshot(stream, &peer, covered);
+            *begun = true;
+        }
+        let staged = staged.and_then(|()| replica.stage_snapshot(stream, &peer, &part.entries));
+        r.entries += part.entries.len() as u64;
+        self.stats.repair_entries += part.entries.len() as u64;
+        if staged.is_err() || part.last {
+            let fetched = if buckets.is_empty() { TREE_LEAVES as usize } else { buckets.len() };
+            let entries = r.entries;
+            self.repairs.remove(&stream);
+            let done = staged.and_then(|()| replica.finish_snapshot(stream, &peer, &at));
+            self.repair_done(now_ms, stream, fetched, entries, done, replica);
+            return;
+        }
+        *resume = part.resume;
+        self.send_repair_request(now_ms, stream, replica);
+    }
+
+    fn repair_done(
+        &mut self,
+        now_ms: u64,
+        stream: StreamId,
+        buckets_fetched: usize,
+        entries: u64,
+        done: Result<(), Error>,
+        replica: &dyn Replica,
+    ) {
+        match done {
+            Ok(()) => {
+                self.stats.repairs += 1;
+                self.events.push_back(SyncEvent::Repaired { stream, buckets_fetched, entries });
+                self.tell(now_ms, stream, replica.vector(stream));
+            }
+            Err(e) => self.events.push_back(SyncEvent::ApplyFailed(format!("repair of {stream}: {e}"))),
+        }
+    }
+
+    // ----- repair, as the sender ----------------------------------------------------
+
+    fn refuse(&mut self, what: String) {
+        self.push(PeerMessage::Error(ProtocolError { code: ErrorCode::NotAuthorized, message: what }));
+    }
+
+    fn on_tree_request(
+        &mut self,
+        stream: StreamId,
+        cutoff_ms: u64,
+        level: u8,
+        buckets: Vec<u32>,
+        replica: &dyn Replica,
+    ) {
+        if !self.sends(stream) {
+            return self.refuse(format!("{} may not read the {stream} tree of {}", self.peer, self.me));
+        }
+        if level > TREE_LEAF_LEVEL || buckets.iter().any(|&b| b >= buckets_at(level)) {
+            return self.refuse(format!("tree request for level {level} names buckets outside it"));
+        }
+        let (at, hashes) = replica.tree_hashes(stream, cutoff_ms, level, &buckets);
+        self.push(PeerMessage::TreeReply { stream, at, level, hashes });
+    }
+
+    fn on_snapshot_request(
+        &mut self,
+        stream: StreamId,
+        buckets: Vec<u32>,
+        resume: Vec<u8>,
+        replica: &dyn Replica,
+    ) {
+        if !self.sends(stream) {
+            return self.refuse(format!("{} may not read a {stream} snapshot of {}", self.peer, self.me));
+        }
+        if buckets.windows(2).any(|w| w[0] >= w[1]) || buckets.iter().any(|&b| b >= TREE_LEAVES) {
+            return self.refuse("snapshot request buckets must be ascending leaf buckets".into());
+        }
+        match replica.snapshot_chunk(stream, &buckets, &resume, self.config.snapshot_chunk_entries) {
+            Ok((at, entries, next)) => {
+                let checksum = chunk_checksum(&entries);
+                let last = next.is_empty();
+                self.push(PeerMessage::SnapshotChunk {
+                    stream,
+                    at,
+                    from: resume,
+                    entries,
+                    checksum,
+                    resume: next,
+                    last,
+                });
+            }
+            Err(e) => self.events.push_back(SyncEvent::ApplyFailed(format!("snapshot of {stream}: {e}"))),
         }
     }
 
@@ -516,7 +872,8 @@ impl PeerSync {
             let batch = match replica.entries_since(stream, &from, room) {
                 Ok(b) => b,
                 Err(Error::NotCovered { origin, floor, .. }) => {
-                    if s.not_covered.insert(origin) {
+                    if let btree_map::Entry::Vacant(v) = s.not_covered.entry(origin) {
+                        v.insert(now_ms);
                         batches.push(PeerMessage::NotCovered { stream, origin, floor });
                     }
                     // Skip that origin; the peer catches up on it by anti-entropy.
@@ -548,6 +905,36 @@ impl PeerSync {
     }
 }
 
+/// `NotCovered` is repeated after this many retransmit intervals while the peer has
+/// not moved past the origin (it may have been lost, or the repair failed).
+const NOT_COVERED_REPEAT: u64 = 4;
+
+/// An acknowledgement is repeated this many times, this many retransmit intervals apart.
+const ACK_REPEATS: u8 = 2;
+const ACK_REPEAT_INTERVALS: u64 = 3;
+
+/// A snapshot chunk as received (the message's fields past the stream).
+struct SnapshotPart {
+    at: VersionVector,
+    from: Vec<u8>,
+    entries: Vec<Entry>,
+    checksum: [u8; 32],
+    resume: Vec<u8>,
+    last: bool,
+}
+
+/// blake3 over a chunk's encoded entries, in order.
+fn chunk_checksum(entries: &[Entry]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    let mut buf = Vec::new();
+    for e in entries {
+        buf.clear();
+        e.encode_into(&mut buf);
+        h.update(&buf);
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Retention feedback: the vector every peer a stream is sent to has acknowledged (the
 /// meet of their acknowledged vectors). The log may be compacted below it; with no
 /// such peer, everything local may be.
@@ -565,6 +952,7 @@ pub fn retention_horizon<'a>(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::sync::Arc;
 
     use repl_wire::Collection;
@@ -607,6 +995,21 @@ mod tests {
         PeerSync::new(setup, 0, s)
     }
 
+    /// Exchanges messages and fires timers until neither side waits for anything;
+    /// returns the time that took. Fails if the pair never goes quiet.
+    fn settle(a: &mut PeerSync, sa: &Store, b: &mut PeerSync, sb: &Store) -> u64 {
+        let mut now = 0;
+        for _ in 0..100 {
+            exchange(a, sa, b, sb);
+            let next = [a.poll_timeout(sa), b.poll_timeout(sb)].into_iter().flatten().min();
+            let Some(t) = next else { return now };
+            now = now.max(t);
+            a.handle_timeout(now, sa);
+            b.handle_timeout(now, sb);
+        }
+        panic!("the pair does not go quiet");
+    }
+
     /// Delivers everything queued both ways until both sides are silent.
     fn exchange(a: &mut PeerSync, sa: &Store, b: &mut PeerSync, sb: &Store) -> usize {
         let mut delivered = 0;
@@ -644,12 +1047,136 @@ mod tests {
             sa.digest(StreamId::Enterprise).expect("digest"),
             sb.digest(StreamId::Enterprise).expect("digest")
         );
+        // Only the acknowledgements' bounded repeats remain, then nothing.
+        let quiet_after_ms = settle(&mut a, &sa, &mut b, &sb);
+        assert!(
+            quiet_after_ms <= 10 * SyncConfig::default().retransmit_ms,
+            "quiet after {quiet_after_ms} ms"
+        );
         assert_eq!(a.poll_timeout(&sa), None, "nothing in flight, nothing to wait for");
         // Live push: a new write flows at once.
         sa.put(Collection::Users, b"late", b"z").expect("put");
         a.handle_local_durable(0, StreamId::Enterprise, &sa);
         exchange(&mut a, &sa, &mut b, &sb);
         assert_eq!(sb.get(Collection::Users, b"late").expect("read").value(), Some(&b"z"[..]));
+    }
+
+    fn small_log_store(seed: u64) -> Store {
+        let options = StoreOptions {
+            segment_bytes: 16 * 1024,
+            log_retained_bytes_max: 16 * 1024,
+            incarnation_seed: Some(seed),
+            ..StoreOptions::default()
+        };
+        Store::open(Arc::new(SimStorage::new(SimConfig::default())), options).expect("open")
+    }
+
+    fn digests_equal(a: &Store, b: &Store) -> bool {
+        a.digest(StreamId::Enterprise).expect("digest") == b.digest(StreamId::Enterprise).expect("digest")
+    }
+
+    #[test]
+    fn a_peer_behind_a_compacted_log_is_repaired_by_comparing_hash_trees() {
+        let (sa, sb) = (small_log_store(1), small_log_store(2));
+        for i in 0..2_000u32 {
+            sa.put(Collection::Users, format!("user{i}").as_bytes(), b"first").expect("put");
+        }
+        let mut a = machine("a", "b", 10, None, &sa);
+        let mut b = machine("b", "a", 20, None, &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert!(digests_equal(&sa, &sb));
+        // b goes away; a changes 100 keys and compacts its log past what b holds.
+        drop((a, b));
+        for i in 0..100u32 {
+            sa.put(Collection::Users, format!("user{}", i * 7).as_bytes(), b"second").expect("put");
+        }
+        sa.compact(StreamId::Enterprise, &VersionVector::new()).expect("compact");
+        assert!(sa.entries_since(StreamId::Enterprise, &sb.vector(StreamId::Enterprise), 10).is_err());
+        let mut a = machine("a", "b", 11, None, &sa);
+        let mut b = machine("b", "a", 21, None, &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert!(digests_equal(&sa, &sb), "repaired replicas must be equal");
+        assert_eq!(sb.vector(StreamId::Enterprise), sa.vector(StreamId::Enterprise));
+        let st = b.stats();
+        assert_eq!(st.repairs, 1);
+        // Cost follows the difference: about one key per differing leaf, not 2,000.
+        assert!(
+            (100..=200).contains(&st.repair_entries),
+            "{} entries fetched for 100 changed keys",
+            st.repair_entries
+        );
+        assert!(std::iter::from_fn(|| b.poll_event()).any(|e| matches!(e, SyncEvent::Repaired { .. })));
+        // Quiet afterwards, and live writes flow again.
+        settle(&mut a, &sa, &mut b, &sb);
+        assert_eq!(b.poll_timeout(&sb), None);
+        sa.put(Collection::Users, b"after", b"x").expect("put");
+        a.handle_local_durable(0, StreamId::Enterprise, &sa);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert!(digests_equal(&sa, &sb));
+    }
+
+    #[test]
+    fn a_new_replica_bootstraps_in_chunks_and_resumes_after_a_lost_chunk() {
+        let (sa, sc) = (small_log_store(1), small_log_store(3));
+        for i in 0..1_500u32 {
+            sa.put(Collection::Users, format!("user{i}").as_bytes(), format!("v{i}").as_bytes())
+                .expect("put");
+        }
+        sa.delete(Collection::Users, b"user3").expect("delete");
+        sa.compact(StreamId::Enterprise, &VersionVector::new()).expect("compact");
+        let config = SyncConfig { snapshot_chunk_entries: 100, ..SyncConfig::default() };
+        let setup = |me: &str, peer: &str, session| SyncSetup {
+            me: NodeId::new(me).expect("id"),
+            peer: NodeId::new(peer).expect("id"),
+            scope: both_ways(),
+            epoch: 1,
+            session,
+            peer_incarnation: None,
+            config,
+        };
+        let mut a = PeerSync::new(setup("a", "c", 1), 0, &sa);
+        let mut c = PeerSync::new(setup("c", "a", 2), 0, &sc);
+        let (mut now, mut chunks, mut dropped) = (0u64, 0, false);
+        for _ in 0..10_000 {
+            let mut moved = false;
+            while let Some(m) = a.poll_transmit() {
+                moved = true;
+                if matches!(m, PeerMessage::SnapshotChunk { .. }) {
+                    chunks += 1;
+                    if chunks == 5 && !dropped {
+                        dropped = true;
+                        continue; // lost in transit
+                    }
+                }
+                c.handle_message(now, m, &sc);
+            }
+            while let Some(m) = c.poll_transmit() {
+                moved = true;
+                a.handle_message(now, m, &sa);
+            }
+            if !moved {
+                match c.poll_timeout(&sc) {
+                    Some(t) => {
+                        now = now.max(t);
+                        c.handle_timeout(now, &sc);
+                    }
+                    None => break,
+                }
+            }
+        }
+        assert!(dropped && chunks > 10, "{chunks} chunks");
+        assert!(digests_equal(&sa, &sc));
+        assert_eq!(sc.get(Collection::Users, b"user3").expect("read").value(), None);
+        assert_eq!(sc.get(Collection::Users, b"user1499").expect("read").value(), Some(&b"v1499"[..]));
+        assert_eq!(sc.vector(StreamId::Enterprise), sa.vector(StreamId::Enterprise));
+        // The repair is durable: it survives a reopen.
+        let storage = sc.storage().clone();
+        drop((c, sc));
+        let reopened =
+            Store::open(storage, StoreOptions { incarnation_seed: Some(3), ..StoreOptions::default() })
+                .expect("reopen");
+        assert!(digests_equal(&sa, &reopened));
+        assert_eq!(reopened.vector(StreamId::Enterprise), sa.vector(StreamId::Enterprise));
     }
 
     #[test]

@@ -112,7 +112,21 @@ pub(crate) fn merge(
     incoming: Version,
     covered: Option<&VersionVector>,
 ) -> Merge {
-    if held.iter().any(|h| h.dot == incoming.dot || h.supersedes(&incoming)) {
+    if let Some(i) = held.iter().position(|h| h.dot == incoming.dot) {
+        // The same write, known here to supersede less than there (a last-writer-wins
+        // merge joined a loser in there, as a snapshot shows): learn what it supersedes.
+        if held[i].context.descends(&incoming.context) {
+            return Merge::Obsolete;
+        }
+        held[i].context.merge(&incoming.context);
+        let same = held.swap_remove(i);
+        let (superseded, kept): (Vec<Version>, Vec<Version>) =
+            std::mem::take(held).into_iter().partition(|h| same.supersedes(h));
+        *held = kept;
+        held.push(same);
+        return Merge::Applied { losers: superseded };
+    }
+    if held.iter().any(|h| h.supersedes(&incoming)) {
         return Merge::Obsolete;
     }
     if let Some(covered) = covered {
@@ -189,6 +203,20 @@ mod tests {
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].dot.origin, Incarnation(1));
         assert!(held[0].context.contains(losers[0].dot));
+    }
+
+    #[test]
+    fn the_same_write_with_a_wider_context_supersedes_what_it_covers() {
+        let mut held = vec![version(1, 1, 10, &[]), version(2, 1, 5, &[])];
+        // Elsewhere a merge made (1,1) the winner over (3,1) and (2,1).
+        let wider = version(1, 1, 10, &[(2, 1), (3, 1)]);
+        let Merge::Applied { losers } = merge(ConflictPolicy::KeepSiblings, &mut held, wider.clone(), None)
+        else {
+            panic!("a wider context is news")
+        };
+        assert_eq!(losers.len(), 1);
+        assert_eq!(held, vec![wider.clone()]);
+        assert_eq!(merge(ConflictPolicy::KeepSiblings, &mut held, wider, None), Merge::Obsolete);
     }
 
     #[test]

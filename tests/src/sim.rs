@@ -26,6 +26,23 @@ pub struct SimOptions {
     pub skip_order_check: bool,
     /// Planted bug: replication reads buffered (not yet durable) writes.
     pub ship_buffered: bool,
+    /// Planted bug: tombstones are collected before every replica has seen them.
+    pub collect_tombstones_early: bool,
+}
+
+impl SimOptions {
+    /// The standard run of a seed: 120 writes, every fault, no planted bug.
+    pub fn new(seed: u64, generation: Generation) -> SimOptions {
+        SimOptions {
+            seed,
+            generation,
+            writes: 120,
+            faults: true,
+            skip_order_check: false,
+            ship_buffered: false,
+            collect_tombstones_early: false,
+        }
+    }
 }
 
 /// What a run found.
@@ -45,6 +62,18 @@ pub struct SimReport {
     pub replica_deliveries_needed: u64,
     /// Log segments compacted under the retention horizon.
     pub segments_compacted: u64,
+    /// `NotCovered` answers received (a peer's log no longer held what was needed).
+    pub not_covered: u64,
+    /// Repairs (anti-entropy or bootstrap) completed.
+    pub repairs: u64,
+    /// Entries fetched by repairs.
+    pub repair_entries: u64,
+    /// Tombstones collected.
+    pub tombstones_collected: u64,
+    /// Appliances restored from an old backup under a new incarnation.
+    pub restores: u64,
+    /// Appliances that joined the running enterprise with an empty store.
+    pub joins: u64,
     /// Invariant violations; empty on success.
     pub violations: Vec<String>,
 }
@@ -71,6 +100,11 @@ impl Rng {
     }
 }
 
+/// In G3 the last appliance joins during the run, with an empty store.
+fn late_joiner(t: &Topology) -> Option<usize> {
+    (t.generation == Generation::G3).then(|| t.appliances.len() - 1)
+}
+
 /// Audit records a forwarder may hold unacknowledged in the simulation.
 const AUDIT_BACKLOG_MAX: u64 = 10_000;
 
@@ -89,6 +123,10 @@ struct Node {
     store: Option<Store>,
     peers: BTreeMap<usize, PeerSync>,
     skew_ms: u64,
+    /// A crash-consistent backup, once taken.
+    backup: Option<SimStorage>,
+    /// The incarnation its peers must see (set once it was restored).
+    incarnation: Option<repl_wire::Incarnation>,
 }
 
 #[derive(Clone)]
@@ -102,6 +140,10 @@ enum Action {
     Maintain(usize, u64),
     /// The node's wall clock jumps to a new skew (back or forward).
     ClockJump(usize, u64),
+    /// A crash-consistent backup of the node's disk is taken.
+    Backup(usize),
+    /// The node is restored from its backup and restarts under a new incarnation.
+    Restore(usize),
 }
 
 /// (appliance id, site id, roles) of a simulated appliance.
@@ -119,6 +161,8 @@ pub fn sim_topology(generation: Generation) -> Topology {
                 ("b1", "b", vec![Role::Audit]),
                 ("b2", "b", vec![]),
                 ("b3", "b", vec![]),
+                // Joins the running enterprise with an empty store (see `LATE_JOINER`).
+                ("a4", "a", vec![]),
             ],
         ),
         Generation::G4 => (
@@ -187,15 +231,23 @@ struct World {
     own_acked: BTreeMap<(usize, StreamId), u64>,
     sync_config: SyncConfig,
     session_nonce: u64,
+    /// Acknowledged deletes of users.
+    acked_deletes: BTreeSet<Dot>,
+    /// Which appliance each incarnation belongs to.
+    origins: BTreeMap<repl_wire::Incarnation, NodeId>,
 }
 
 fn store_options(clock: &Arc<ManualClock>, seed: u64, opts: &SimOptions) -> StoreOptions {
     StoreOptions {
-        segment_bytes: 4 * 1024,
+        segment_bytes: if opts.seed % 2 == 0 { 1024 } else { 4 * 1024 },
         clock: clock.clone(),
         incarnation_seed: Some(seed),
+        // Every other seed keeps so little log that compaction outruns a peer that is
+        // down or partitioned, which then catches up by anti-entropy.
+        log_retained_bytes_max: if opts.seed % 2 == 0 { 0 } else { 1 << 30 },
         unsafe_skip_order_check: opts.skip_order_check,
         unsafe_ship_buffered: opts.ship_buffered,
+        unsafe_collect_tombstones_early: opts.collect_tombstones_early,
         ..StoreOptions::default()
     }
 }
@@ -216,13 +268,28 @@ impl World {
                 if !is_audit_holder(&topology, i) {
                     options.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
                 }
-                let store =
-                    Store::open(Arc::new(disk.clone()), options).expect("open a fresh simulated store");
-                Node { id: a.id.clone(), disk, clock, store: Some(store), peers: BTreeMap::new(), skew_ms }
+                let store = (late_joiner(&topology) != Some(i)).then(|| {
+                    Store::open(Arc::new(disk.clone()), options).expect("open a fresh simulated store")
+                });
+                Node {
+                    id: a.id.clone(),
+                    disk,
+                    clock,
+                    store,
+                    peers: BTreeMap::new(),
+                    skew_ms,
+                    backup: None,
+                    incarnation: None,
+                }
             })
             .collect();
-        let sync_config =
-            SyncConfig { window_entries: 512, batch_entries: 32, retransmit_ms: 300, relay_delay_ms: 800 };
+        let sync_config = SyncConfig {
+            window_entries: 512,
+            batch_entries: 32,
+            retransmit_ms: 300,
+            relay_delay_ms: 800,
+            snapshot_chunk_entries: 16,
+        };
         let mut w = World {
             opts,
             topology,
@@ -242,6 +309,8 @@ impl World {
             own_acked: BTreeMap::new(),
             sync_config,
             session_nonce: 1,
+            acked_deletes: BTreeSet::new(),
+            origins: BTreeMap::new(),
         };
         for n in 0..w.nodes.len() {
             w.start_machines(n);
@@ -256,14 +325,22 @@ impl World {
     }
 
     fn start_machines(&mut self, n: usize) {
-        let Some(store) = self.nodes[n].store.clone() else { return };
         for p in 0..self.nodes.len() {
-            if p == n {
-                continue;
+            if p != n {
+                self.start_machine(n, p);
             }
+        }
+        self.drain(n);
+    }
+
+    /// Starts node `n`'s machine for peer `p`, if the pair shares a stream.
+    fn start_machine(&mut self, n: usize, p: usize) {
+        let Some(store) = self.nodes[n].store.clone() else { return };
+        self.origins.insert(store.incarnation(), self.nodes[n].id.clone());
+        {
             let scope = self.topology.scope(&self.nodes[n].id, &self.nodes[p].id);
             if scope.send.is_empty() && scope.receive.is_empty() {
-                continue;
+                return;
             }
             self.session_nonce += 1;
             let setup = SyncSetup {
@@ -272,13 +349,12 @@ impl World {
                 scope,
                 epoch: self.topology.epoch,
                 session: self.session_nonce ^ self.rng.next(),
-                peer_incarnation: None,
+                peer_incarnation: self.nodes[p].incarnation,
                 config: self.sync_config,
             };
             let m = PeerSync::new(setup, self.now, &store);
             self.nodes[n].peers.insert(p, m);
         }
-        self.drain(n);
     }
 
     /// Sends what node `n`'s machines queued.
@@ -294,11 +370,16 @@ impl World {
                         "node {} failed to apply from {}: {e}",
                         self.nodes[n].id, self.nodes[p].id
                     )),
-                    repl_engine::sync::SyncEvent::NeedAntiEntropy { stream, origin, floor } => {
-                        self.report.violations.push(format!(
-                            "{} compacted {stream} below what {} holds ({origin} floor {floor})",
-                            self.nodes[p].id, self.nodes[n].id
-                        ))
+                    repl_engine::sync::SyncEvent::NeedAntiEntropy { .. } => self.report.not_covered += 1,
+                    repl_engine::sync::SyncEvent::Repaired { entries, stream, buckets_fetched } => {
+                        if std::env::var_os("SIM_DEBUG").is_some() {
+                            eprintln!(
+                                "t={} {} repaired {stream} from {}: {buckets_fetched} buckets, {entries} entries",
+                                self.now, self.nodes[n].id, self.nodes[p].id
+                            );
+                        }
+                        self.report.repairs += 1;
+                        self.report.repair_entries += entries;
                     }
                     _ => {}
                 }
@@ -334,16 +415,12 @@ impl World {
         if let Ok(frame) = encode_frame(&msg) {
             self.trace.update(&frame);
         }
-        let stream = match &msg {
-            PeerMessage::Entries { stream, .. } => Some(*stream),
-            _ => None,
-        };
         let audit_ack =
             matches!(&msg, PeerMessage::Ack { stream: StreamId::Audit, .. } | PeerMessage::Hello(_));
-        let before = stream.map(|s| store.vector(s));
+        let before: Vec<_> = StreamId::ALL.iter().map(|s| store.vector(*s)).collect();
         m.handle_message(self.now, msg, &store);
-        // Entries applied here may need relaying to other peers later.
-        if let (Some(s), Some(before)) = (stream, before) {
+        // Entries applied (or a repair completed) here may need relaying to other peers.
+        for (s, before) in StreamId::ALL.into_iter().zip(before) {
             if store.vector(s) != before {
                 let others: Vec<usize> =
                     self.nodes[to].peers.keys().copied().filter(|p| *p != from).collect();
@@ -426,6 +503,7 @@ impl World {
             let r = store.delete(Collection::Users, &key);
             if let Ok(dot) = &r {
                 self.acked_users.push((key, *dot, before));
+                self.acked_deletes.insert(*dot);
             }
             (StreamId::Enterprise, r.map(|_| ()))
         } else if roll < 88 && holds_enterprise {
@@ -485,12 +563,15 @@ impl World {
         if self.nodes[n].store.is_some() {
             return;
         }
-        let mut opts = store_options(&self.nodes[n].clock, 0, &self.opts);
+        let mut opts = store_options(&self.nodes[n].clock, 1000 + n as u64, &self.opts);
         if !is_audit_holder(&self.topology, n) {
             opts.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
         }
         match Store::open(Arc::new(self.nodes[n].disk.clone()), opts) {
             Ok(s) => {
+                if s.recovery().created {
+                    self.report.joins += 1;
+                }
                 for stream in StreamId::ALL {
                     let acked = self.own_acked.get(&(n, stream)).copied().unwrap_or(0);
                     let have = s.vector(stream).get(s.incarnation());
@@ -508,6 +589,72 @@ impl World {
                 self.report.violations.push(format!("{} did not reopen after a crash: {e}", self.nodes[n].id))
             }
         }
+    }
+
+    /// Restores node `n` from its backup: it loses what it wrote or received since,
+    /// restarts under a new incarnation that its peers expect from then on (refusing
+    /// the old one), and catches up from them. Its own writes that no other live
+    /// appliance held are lost with the restore, as an operator would expect; every
+    /// other acknowledged write must come back.
+    fn restore(&mut self, n: usize) {
+        let Some(backup) = self.nodes[n].backup.take() else { return };
+        self.crash(n);
+        let disk = backup.backup_image();
+        let mut opts = store_options(&self.nodes[n].clock, 5000 + n as u64, &self.opts);
+        if !is_audit_holder(&self.topology, n) {
+            opts.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
+        }
+        let incarnation = match Store::reincarnate(&disk, &opts) {
+            Ok(i) => i,
+            Err(e) => {
+                self.report.violations.push(format!("restore of {} failed: {e}", self.nodes[n].id));
+                return;
+            }
+        };
+        let held_elsewhere = |w: &World, stream: StreamId, dot: Dot| {
+            w.nodes.iter().enumerate().any(|(i, node)| {
+                i != n && node.store.as_ref().is_some_and(|s| s.vector(stream).contains(dot))
+            })
+        };
+        let me = &self.nodes[n].id;
+        let lost: Vec<usize> = (0..self.acked_users.len())
+            .filter(|&i| {
+                let dot = self.acked_users[i].1;
+                self.written_by(dot) == Some(me.clone()) && !held_elsewhere(self, StreamId::Enterprise, dot)
+            })
+            .collect();
+        for i in lost.into_iter().rev() {
+            let w = self.acked_users.remove(i);
+            self.acked_deletes.remove(&w.1);
+            self.buffered_users.push(w);
+        }
+        let audit: Vec<Dot> = self.acked_audit.clone();
+        self.acked_audit = audit
+            .into_iter()
+            .filter(|d| self.written_by(*d) != Some(me.clone()) || held_elsewhere(self, StreamId::Audit, *d))
+            .collect();
+        for stream in StreamId::ALL {
+            self.own_acked.remove(&(n, stream));
+        }
+        self.nodes[n].disk = disk;
+        self.nodes[n].incarnation = Some(incarnation);
+        self.report.restores += 1;
+        if std::env::var_os("SIM_DEBUG").is_some() {
+            eprintln!("t={} restored {} as {incarnation}", self.now, self.nodes[n].id);
+        }
+        // Every peer starts a new session that accepts only the new incarnation.
+        for p in 0..self.nodes.len() {
+            if p != n && self.nodes[p].peers.remove(&n).is_some() {
+                self.start_machine(p, n);
+                self.drain(p);
+            }
+        }
+        self.restart(n);
+    }
+
+    /// The appliance whose incarnation gave out `dot`, as far as the run knows.
+    fn written_by(&self, dot: Dot) -> Option<NodeId> {
+        self.origins.get(&dot.origin).cloned()
     }
 
     fn next_timer(&self) -> Option<u64> {
@@ -574,6 +721,12 @@ impl World {
                         self.nodes[n].skew_ms = skew;
                         self.set_clocks();
                     }
+                    Action::Backup(n) => {
+                        if self.nodes[n].store.is_some() {
+                            self.nodes[n].backup = Some(self.nodes[n].disk.backup_image());
+                        }
+                    }
+                    Action::Restore(n) => self.restore(n),
                 }
             } else if next_net == Some(t) {
                 let (_, (from, to, msg)) = self.net.pop_first().expect("a message is due");
@@ -618,6 +771,17 @@ impl World {
             add(&mut s, 2_500 + self.rng.below(5_000), Action::ClockJump(back, 0));
             let fwd = self.rng.below(nodes) as usize;
             add(&mut s, 2_500 + self.rng.below(5_000), Action::ClockJump(fwd, 5_000));
+            if let Some(j) = late_joiner(&self.topology) {
+                add(&mut s, 3_000 + self.rng.below(3_000), Action::Restart(j));
+            }
+            // Every third seed restores one appliance from a backup taken earlier.
+            if self.opts.seed % 3 == 0 {
+                let r = self.rng.below(nodes - u64::from(late_joiner(&self.topology).is_some())) as usize;
+                add(&mut s, 1_000 + self.rng.below(2_000), Action::Backup(r));
+                add(&mut s, 5_000 + self.rng.below(3_000), Action::Restore(r));
+            }
+        } else if let Some(j) = late_joiner(&self.topology) {
+            add(&mut s, 3_000, Action::Restart(j));
         }
         for round in 0..14u64 {
             for n in 0..self.nodes.len() {
@@ -655,11 +819,24 @@ impl World {
                 }
             }
         }
+        self.collect_tombstones(n);
         if round % 3 == 2 {
             if let Err(e) = store.checkpoint() {
                 self.report.violations.push(format!("checkpoint on {} failed: {e}", self.nodes[n].id));
             }
         }
+    }
+
+    /// Collects the tombstones every in-scope replica acknowledged.
+    fn collect_tombstones(&mut self, n: usize) {
+        let Some(store) = self.nodes[n].store.clone() else { return };
+        let acked: Vec<repl_wire::VersionVector> = self.nodes[n]
+            .peers
+            .values()
+            .filter(|m| m.sends(StreamId::Enterprise))
+            .map(|m| m.acked(StreamId::Enterprise).cloned().unwrap_or_default())
+            .collect();
+        self.report.tombstones_collected += store.collect_tombstones(StreamId::Enterprise, &acked) as u64;
     }
 
     fn check(&mut self) {
@@ -693,6 +870,47 @@ impl World {
                 }
                 if digests.windows(2).any(|w| w[0] != w[1]) {
                     let names: Vec<String> = members.iter().map(|&i| self.nodes[i].id.to_string()).collect();
+                    if std::env::var_os("SIM_DEBUG").is_some() {
+                        for &i in &members {
+                            let s = &live[i].1;
+                            let keys: Vec<String> = s
+                                .scan_keys(Collection::Users, b"", 100)
+                                .iter()
+                                .map(|k| {
+                                    let r = s.get(Collection::Users, k).ok();
+                                    format!(
+                                        "{}={:?}",
+                                        String::from_utf8_lossy(k),
+                                        r.map(|r| (
+                                            r.values.iter().map(|v| v.dot.to_string()).collect::<Vec<_>>(),
+                                            r.context.to_string()
+                                        ))
+                                    )
+                                })
+                                .collect();
+                            if let Ok((_, all, _)) = s.snapshot_chunk(stream, &[], &[], usize::MAX) {
+                                let vs: Vec<String> = all
+                                    .iter()
+                                    .map(|e| {
+                                        format!(
+                                            "{}:{}:{}:{}",
+                                            String::from_utf8_lossy(&e.key),
+                                            e.dot,
+                                            e.is_delete(),
+                                            e.context
+                                        )
+                                    })
+                                    .collect();
+                                eprintln!("VERSIONS {} {vs:?}", self.nodes[i].id);
+                            }
+                            eprintln!(
+                                "{} {:?} vector {} {keys:?}",
+                                self.nodes[i].id,
+                                digests[members.iter().position(|m| *m == i).unwrap_or(0)][0],
+                                s.vector(stream)
+                            );
+                        }
+                    }
                     self.report.violations.push(format!("{stream} replicas of group {g} differ: {names:?}"));
                 }
                 let replicas = members.len() as u64;
@@ -700,7 +918,11 @@ impl World {
                 self.report.replica_deliveries_needed += writes * replicas.saturating_sub(1);
             }
         }
-        // Every acknowledged user write is present or superseded, on every holder.
+        // Every acknowledged user write is present or superseded, on every holder. A
+        // last-writer-wins loss is recorded where the resolution ran, which for a
+        // replica repaired from a snapshot is another appliance.
+        let losses: BTreeSet<Dot> =
+            live.iter().flat_map(|(_, s)| s.conflicts(Collection::Users).0).map(|c| c.loser).collect();
         let history: Vec<(Vec<u8>, Dot, repl_wire::VersionVector)> =
             self.acked_users.iter().chain(self.buffered_users.iter()).cloned().collect();
         for (key, dot, _) in &self.acked_users {
@@ -708,7 +930,7 @@ impl World {
                 if !self.holds(*i, StreamId::Enterprise) {
                     continue;
                 }
-                let covered = accounted_for(s, &history, key, *dot, 0);
+                let covered = accounted_for(s, &history, &self.acked_deletes, &losses, key, *dot, 0);
                 if !covered {
                     let detail = if std::env::var_os("SIM_DEBUG").is_some() {
                         let r = s.get(Collection::Users, key).ok();
@@ -738,8 +960,22 @@ impl World {
                             .filter(|c| &c.key == key)
                             .map(|c| format!("{} lost to {}", c.loser, c.winner))
                             .collect();
+                        let others: Vec<String> = live
+                            .iter()
+                            .map(|(j, o)| {
+                                let r = o.get(Collection::Users, key).ok().map(|r| r.context.to_string());
+                                format!("{}: {:?}", self.nodes[*j].id, r)
+                            })
+                            .collect();
+                        let writes: Vec<String> = self
+                            .acked_users
+                            .iter()
+                            .chain(self.buffered_users.iter())
+                            .filter(|(k, _, _)| k == key)
+                            .map(|(_, d, c)| format!("{d} over {c}"))
+                            .collect();
                         format!(
-                            " (now: {r:?}; the entry: {entry:?}; log: {history:?}; conflicts: {conflicts:?})"
+                            " (now: {r:?}; the entry: {entry:?}; log: {history:?}; conflicts: {conflicts:?}; others: {others:?}; writes: {writes:?})"
                         )
                     } else {
                         String::new()
@@ -749,6 +985,36 @@ impl World {
                         self.nodes[*i].id,
                         String::from_utf8_lossy(key)
                     ));
+                }
+            }
+        }
+        // No deleted record comes back: a key whose causally latest writes (those no
+        // other write superseded) are all acknowledged deletes reads as absent.
+        let mut keys: BTreeSet<&Vec<u8>> = BTreeSet::new();
+        keys.extend(history.iter().map(|(k, _, _)| k));
+        for key in keys {
+            let writes: Vec<&(Vec<u8>, Dot, repl_wire::VersionVector)> =
+                history.iter().filter(|(k, _, _)| k == key).collect();
+            let latest: Vec<Dot> = writes
+                .iter()
+                .filter(|(_, d, _)| !writes.iter().any(|(_, o, ctx)| o != d && ctx.contains(*d)))
+                .map(|(_, d, _)| *d)
+                .collect();
+            if latest.is_empty() || !latest.iter().all(|d| self.acked_deletes.contains(d)) {
+                continue;
+            }
+            for (i, s) in &live {
+                if !self.holds(*i, StreamId::Enterprise) {
+                    continue;
+                }
+                if let Ok(r) = s.get(Collection::Users, key) {
+                    if r.value().is_some() {
+                        self.report.violations.push(format!(
+                            "{} brought deleted {} back (deleted by {latest:?})",
+                            self.nodes[*i].id,
+                            String::from_utf8_lossy(key)
+                        ));
+                    }
                 }
             }
         }
@@ -807,25 +1073,33 @@ impl World {
 }
 
 /// Whether a write to `key` is accounted for on a replica: present or superseded (the
-/// key's context covers it), a recorded last-writer-wins loss, or superseded by a later
+/// key's context covers it), a recorded last-writer-wins loss (`losses`: recorded on
+/// any appliance), or superseded by a later
 /// acknowledged write (whose context covered it) that is itself accounted for.
 fn accounted_for(
     s: &Store,
     history: &[(Vec<u8>, Dot, repl_wire::VersionVector)],
+    deletes: &BTreeSet<Dot>,
+    losses: &BTreeSet<Dot>,
     key: &[u8],
     dot: Dot,
     depth: usize,
 ) -> bool {
     if s.get(Collection::Users, key).map(|r| r.context.contains(dot)).unwrap_or(false)
-        || s.conflicts(Collection::Users).0.iter().any(|c| c.loser == dot)
+        || losses.contains(&dot)
     {
+        return true;
+    }
+    // A delete whose tombstone was collected leaves no context behind; the replica
+    // has it when its vector covers it (that nothing came back is checked apart).
+    if deletes.contains(&dot) && s.vector(StreamId::Enterprise).contains(dot) {
         return true;
     }
     depth < 64
         && history
             .iter()
             .filter(|(k, d, ctx)| k == key && *d != dot && ctx.contains(dot))
-            .any(|(_, d, _)| accounted_for(s, history, key, *d, depth + 1))
+            .any(|(_, d, _)| accounted_for(s, history, deletes, losses, key, *d, depth + 1))
 }
 
 /// Runs one simulation: the workload and fault schedule, then heal and quiescence,
@@ -859,6 +1133,11 @@ pub fn simulate(opts: SimOptions) -> SimReport {
         w.report
             .violations
             .push(format!("the system did not go quiet after healing (still busy at 600 s):{detail}"));
+    }
+    // Tombstones wait for every replica's acknowledgement; once everything is quiet,
+    // every replica can collect the same ones.
+    for n in 0..w.nodes.len() {
+        w.collect_tombstones(n);
     }
     w.check();
     w.report.trace_hash = *w.trace.finalize().as_bytes();

@@ -18,15 +18,13 @@ fn seeds(default: u64) -> std::ops::Range<u64> {
 
 fn run_many(generation: Generation, default: u64) {
     let mut compacted = 0;
+    let (mut repairs, mut restores, mut joins, mut collected) = (0, 0, 0, 0);
     for seed in seeds(default) {
-        let report = simulate(SimOptions {
-            seed,
-            generation,
-            writes: 120,
-            faults: true,
-            skip_order_check: false,
-            ship_buffered: false,
-        });
+        let report = simulate(SimOptions::new(seed, generation));
+        repairs += report.repairs;
+        restores += report.restores;
+        joins += report.joins;
+        collected += report.tombstones_collected;
         assert!(
             report.violations.is_empty(),
             "{:?} seed {seed}: {:?}\nreplay: SEED={seed} cargo test -p repl-tests --test sim_convergence",
@@ -36,7 +34,15 @@ fn run_many(generation: Generation, default: u64) {
         assert!(report.writes_acked > 0 && report.delivered > 0);
         compacted += report.segments_compacted;
     }
-    assert!(compacted > 0, "compaction under the retention horizon never ran");
+    println!(
+        "{generation:?}: {compacted} segments compacted, {repairs} repairs, {restores} restores, \
+         {joins} joins, {collected} tombstones collected"
+    );
+    if seeds(default).count() >= 20 {
+        assert!(compacted > 0, "compaction under the retention horizon never ran");
+        assert!(repairs > 0 && restores > 0 && collected > 0, "the schedule missed a fault class");
+        assert!(generation != Generation::G3 || joins > 0, "no appliance joined");
+    }
 }
 
 #[test]
@@ -51,14 +57,7 @@ fn g4_converges_under_faults() {
 
 #[test]
 fn the_same_seed_replays_the_same_trace() {
-    let opts = SimOptions {
-        seed: 42,
-        generation: Generation::G3,
-        writes: 80,
-        faults: true,
-        skip_order_check: false,
-        ship_buffered: false,
-    };
+    let opts = SimOptions { writes: 80, ..SimOptions::new(42, Generation::G3) };
     let a = simulate(opts.clone());
     let b = simulate(opts);
     assert_eq!(a.trace_hash, b.trace_hash);
@@ -67,14 +66,7 @@ fn the_same_seed_replays_the_same_trace() {
 
 #[test]
 fn without_faults_each_write_crosses_the_network_about_once_per_replica() {
-    let r = simulate(SimOptions {
-        seed: 7,
-        generation: Generation::G3,
-        writes: 300,
-        faults: false,
-        skip_order_check: false,
-        ship_buffered: false,
-    });
+    let r = simulate(SimOptions { writes: 300, faults: false, ..SimOptions::new(7, Generation::G3) });
     assert!(r.violations.is_empty(), "{:?}", r.violations);
     let ratio = r.entries_sent as f64 / r.replica_deliveries_needed as f64;
     println!(
@@ -87,14 +79,7 @@ fn without_faults_each_write_crosses_the_network_about_once_per_replica() {
 #[test]
 fn the_simulator_catches_a_planted_ordering_bug() {
     let caught = (0..30).any(|seed| {
-        let r = simulate(SimOptions {
-            seed,
-            generation: Generation::G3,
-            writes: 120,
-            faults: true,
-            skip_order_check: true,
-            ship_buffered: false,
-        });
+        let r = simulate(SimOptions { skip_order_check: true, ..SimOptions::new(seed, Generation::G3) });
         !r.violations.is_empty()
     });
     assert!(caught, "with the ordering check off, no seed found a lost or diverged write");
@@ -104,14 +89,24 @@ fn the_simulator_catches_a_planted_ordering_bug() {
 fn the_simulator_catches_shipping_a_non_durable_entry() {
     let caught = (0..40).any(|seed| {
         let r = simulate(SimOptions {
-            seed,
-            generation: Generation::G3,
             writes: 150,
-            faults: true,
-            skip_order_check: false,
             ship_buffered: true,
+            ..SimOptions::new(seed, Generation::G3)
         });
         !r.violations.is_empty()
     });
     assert!(caught, "with buffered entries shipped before they are durable, no seed found a divergence");
+}
+
+#[test]
+fn the_simulator_catches_tombstones_collected_too_early() {
+    let caught = (0..200).any(|seed| {
+        let r =
+            simulate(SimOptions { collect_tombstones_early: true, ..SimOptions::new(seed, Generation::G3) });
+        if !r.violations.is_empty() {
+            println!("early collection caught at seed {seed}: {:?}", r.violations);
+        }
+        !r.violations.is_empty()
+    });
+    assert!(caught, "with tombstones collected before every replica saw them, no seed found a resurrection");
 }

@@ -56,11 +56,18 @@ impl WireMessage for PeerMessage {
                 list("handshake streams", h.streams.len(), 16)?;
                 h.streams.iter().try_for_each(|s| list("log floors", s.floors.len(), LIST_ITEMS_MAX))
             }
-            PeerMessage::Entries { entries: e, .. }
-            | PeerMessage::SnapshotChunk { entries: e, .. }
-            | PeerMessage::AuditForward { entries: e } => entries(e),
+            PeerMessage::Entries { entries: e, .. } | PeerMessage::AuditForward { entries: e } => entries(e),
+            PeerMessage::SnapshotChunk { entries: e, from, resume, .. } => {
+                list("resume token", from.len(), KEY_BYTES_MAX + 1)?;
+                list("resume token", resume.len(), KEY_BYTES_MAX + 1)?;
+                entries(e)
+            }
             PeerMessage::TreeRequest { buckets, .. } => list("buckets", buckets.len(), LIST_ITEMS_MAX),
             PeerMessage::TreeReply { hashes, .. } => list("bucket hashes", hashes.len(), LIST_ITEMS_MAX),
+            PeerMessage::SnapshotRequest { buckets, resume, .. } => {
+                list("buckets", buckets.len(), LIST_ITEMS_MAX)?;
+                list("resume token", resume.len(), KEY_BYTES_MAX + 1)
+            }
             PeerMessage::TopologyPrepare { topology, .. } => {
                 list("topology", topology.len(), VALUE_BYTES_MAX)
             }
@@ -72,7 +79,6 @@ impl WireMessage for PeerMessage {
             | PeerMessage::Credit { .. }
             | PeerMessage::Rewind { .. }
             | PeerMessage::NotCovered { .. }
-            | PeerMessage::SnapshotRequest { .. }
             | PeerMessage::AuditAck { .. }
             | PeerMessage::TopologyCommit { .. } => Ok(()),
         }
@@ -291,15 +297,29 @@ mod tests {
                 }
             ),
             (stream(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(stream, bucket, hash)| {
-                PeerMessage::TreeReply { stream, level: 2, hashes: vec![BucketHash { bucket, hash }] }
+                PeerMessage::TreeReply {
+                    stream,
+                    at: VersionVector::new(),
+                    level: 2,
+                    hashes: vec![BucketHash { bucket, hash }],
+                }
             }),
             (stream(), vv(), entries(), any::<[u8; 32]>(), any::<bool>()).prop_map(
                 |(stream, at, entries, checksum, last)| {
-                    PeerMessage::SnapshotChunk { stream, at, offset: 7, entries, checksum, last }
+                    PeerMessage::SnapshotChunk {
+                        stream,
+                        at,
+                        from: vec![1],
+                        entries,
+                        checksum,
+                        resume: vec![2, 3],
+                        last,
+                    }
                 }
             ),
-            (stream(), any::<u64>())
-                .prop_map(|(stream, offset)| PeerMessage::SnapshotRequest { stream, offset }),
+            (stream(), proptest::collection::vec(any::<u32>(), 0..8), bytes(8)).prop_map(
+                |(stream, buckets, resume)| PeerMessage::SnapshotRequest { stream, buckets, resume }
+            ),
             entries().prop_map(|entries| PeerMessage::AuditForward { entries }),
             vv().prop_map(|vector| PeerMessage::AuditAck { vector }),
             (any::<u64>(), bytes(64)).prop_map(|(e, topology)| PeerMessage::TopologyPrepare {

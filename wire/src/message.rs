@@ -183,6 +183,9 @@ pub enum PeerMessage {
     TreeReply {
         /// The stream.
         stream: StreamId,
+        /// The replier's vector when it computed the digests (the first reply of a
+        /// repair pins the snapshot vector).
+        at: VersionVector,
         /// Tree level.
         level: u8,
         /// The digests.
@@ -192,23 +195,28 @@ pub enum PeerMessage {
     SnapshotChunk {
         /// The stream.
         stream: StreamId,
-        /// The snapshot's vector: the receiver raises its vector to it at the end.
+        /// The sender's vector when it read the chunk.
         at: VersionVector,
-        /// Byte offset of this chunk in the snapshot, for resuming.
-        offset: u64,
-        /// The entries of this chunk.
+        /// The resume token of the request this answers.
+        from: Vec<u8>,
+        /// Every version of the keys in this chunk, in key order.
         entries: Vec<Entry>,
-        /// blake3 of the chunk's encoded entries.
+        /// blake3 of the chunk's encoded entries, in order.
         checksum: [u8; 32],
+        /// Where the next chunk starts (empty after the last chunk).
+        resume: Vec<u8>,
         /// Whether this is the last chunk.
         last: bool,
     },
-    /// Asks for a snapshot from a byte offset (0 to start, else resume).
+    /// Asks for the keys of some leaf buckets (every bucket when empty), in key order,
+    /// from a resume token (empty to start).
     SnapshotRequest {
         /// The stream.
         stream: StreamId,
-        /// Resume offset.
-        offset: u64,
+        /// Leaf buckets wanted, ascending; empty for all (a bootstrap).
+        buckets: Vec<u32>,
+        /// Where to start: empty, or the `resume` of the previous chunk.
+        resume: Vec<u8>,
     },
     /// Audit records forwarded from a non-holder to a holder.
     AuditForward {

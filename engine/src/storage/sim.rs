@@ -131,8 +131,18 @@ impl SimStorage {
     /// synced directory entries are certain; the rest survives by the seed's choice.
     /// This handle stays powered off.
     pub fn crash(&self) -> SimStorage {
+        self.image(true)
+    }
+
+    /// The disk as a crash now would leave it, while this handle keeps running: a
+    /// crash-consistent backup (the weakest kind an operator can take).
+    pub fn backup_image(&self) -> SimStorage {
+        self.image(false)
+    }
+
+    fn image(&self, power_off: bool) -> SimStorage {
         let mut state = self.lock();
-        state.powered_off = true;
+        state.powered_off |= power_off;
         let mut rng = SplitMix64::new(state.config.seed ^ state.syncs.wrapping_mul(0x9e37_79b9));
         let mut dir = state.durable_dir.clone();
         for op in &state.pending_dir_ops {
