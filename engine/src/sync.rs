@@ -192,6 +192,15 @@ pub enum SyncEvent {
     },
     /// The peer sent an error.
     PeerError(ProtocolError),
+    /// The peer's topology epoch differs: the side behind must adopt the newer
+    /// topology (from the replicated record, or the peer) and start new sessions with
+    /// the scope it gives. Until then only streams both views put in scope flow.
+    EpochDiffers {
+        /// This appliance's epoch.
+        ours: u64,
+        /// The peer's.
+        theirs: u64,
+    },
     /// Entries from the peer could not be applied (not a gap).
     ApplyFailed(String),
     /// Anti-entropy (or a bootstrap) with the peer completed: this appliance's vector
@@ -595,6 +604,16 @@ impl PeerSync {
         // sure it has our handshake (it may have restarted and lost it).
         self.peer_session = Some(h.session);
         self.peer_incarnation = Some(h.incarnation);
+        if h.topology_epoch != self.epoch {
+            self.events.push_back(SyncEvent::EpochDiffers { ours: self.epoch, theirs: h.topology_epoch });
+            // Views differ: a stream flows only if the peer's view has it in scope too.
+            for (stream, s) in self.streams.iter_mut() {
+                if !h.streams.iter().any(|p| p.stream == *stream) {
+                    s.send = false;
+                    s.receive = false;
+                }
+            }
+        }
         for pos in h.streams {
             if let Some(s) = self.streams.get_mut(&pos.stream) {
                 s.acked = pos.vector.clone();

@@ -459,14 +459,14 @@ impl Topology {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn range(s: &str) -> IpRange {
         s.parse().expect("valid range")
     }
 
-    fn appliance(id: &str, site: &str, roles: &[Role]) -> Appliance {
+    pub(crate) fn appliance(id: &str, site: &str, roles: &[Role]) -> Appliance {
         Appliance {
             id: NodeId::new(id).expect("id"),
             name: id.to_uppercase(),
@@ -488,7 +488,7 @@ mod tests {
         }
     }
 
-    fn g3() -> Topology {
+    pub(crate) fn g3() -> Topology {
         Topology {
             enterprise: "acme".into(),
             generation: Generation::G3,

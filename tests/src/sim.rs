@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use repl_engine::membership::{Membership, TopologyChange};
 use repl_engine::sync::{PeerSync, SyncConfig, SyncSetup};
 use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
 use repl_engine::{AuditEvent, ManualClock, SimConfig, SimStorage, Store, StoreOptions, WriteBatch};
@@ -74,6 +75,12 @@ pub struct SimReport {
     pub restores: u64,
     /// Appliances that joined the running enterprise with an empty store.
     pub joins: u64,
+    /// Appliances that committed a topology change (by two-phase commit).
+    pub topology_commits: u64,
+    /// Topology changes refused (an appliance unreachable, or a vote no), then retried.
+    pub topology_refusals: u64,
+    /// Appliances that adopted a newer topology after a handshake showed epochs differ.
+    pub topology_adoptions: u64,
     /// Invariant violations; empty on success.
     pub violations: Vec<String>,
 }
@@ -127,6 +134,8 @@ struct Node {
     backup: Option<SimStorage>,
     /// The incarnation its peers must see (set once it was restored).
     incarnation: Option<repl_wire::Incarnation>,
+    /// Its view of the topology and any prepared change.
+    membership: Membership,
 }
 
 #[derive(Clone)]
@@ -144,6 +153,8 @@ enum Action {
     Backup(usize),
     /// The node is restored from its backup and restarts under a new incarnation.
     Restore(usize),
+    /// Node 0 starts the topology change (retried until every appliance has it).
+    Change,
 }
 
 /// (appliance id, site id, roles) of a simulated appliance.
@@ -210,7 +221,15 @@ pub fn sim_topology(generation: Generation) -> Topology {
 
 struct World {
     opts: SimOptions,
-    topology: Topology,
+    /// Every appliance that ever exists in the run (node index = position here).
+    full: Topology,
+    /// The topology the run changes to by two-phase commit: G3 adds the late joiner,
+    /// G4 renames a site.
+    target: Topology,
+    /// The change in progress, coordinated by node 0.
+    change: Option<TopologyChange>,
+    /// When to try the change again after a refusal.
+    change_retry_at: Option<u64>,
     nodes: Vec<Node>,
     rng: Rng,
     now: u64,
@@ -235,6 +254,9 @@ struct World {
     acked_deletes: BTreeSet<Dot>,
     /// Which appliance each incarnation belongs to.
     origins: BTreeMap<repl_wire::Incarnation, NodeId>,
+    /// Last-writer-wins losers recorded by appliances before they crashed or were
+    /// restored.
+    losses_seen: BTreeSet<Dot>,
 }
 
 fn store_options(clock: &Arc<ManualClock>, seed: u64, opts: &SimOptions) -> StoreOptions {
@@ -255,6 +277,16 @@ fn store_options(clock: &Arc<ManualClock>, seed: u64, opts: &SimOptions) -> Stor
 impl World {
     fn new(opts: SimOptions) -> World {
         let topology = sim_topology(opts.generation);
+        // The run starts at epoch 1 without the late joiner; the target is epoch 2.
+        let mut initial = topology.clone();
+        if let Some(j) = late_joiner(&topology) {
+            initial.appliances.remove(j);
+        }
+        let mut target = topology.clone();
+        target.epoch = 2;
+        if late_joiner(&topology).is_none() {
+            target.sites[1].name = "renamed".into();
+        }
         let mut rng = Rng(opts.seed ^ 0x5151_5151);
         let nodes = topology
             .appliances
@@ -280,6 +312,7 @@ impl World {
                     skew_ms,
                     backup: None,
                     incarnation: None,
+                    membership: Membership::new(initial.clone()),
                 }
             })
             .collect();
@@ -292,7 +325,10 @@ impl World {
         };
         let mut w = World {
             opts,
-            topology,
+            full: topology,
+            target,
+            change: None,
+            change_retry_at: None,
             nodes,
             rng,
             now: 0,
@@ -311,6 +347,7 @@ impl World {
             session_nonce: 1,
             acked_deletes: BTreeSet::new(),
             origins: BTreeMap::new(),
+            losses_seen: BTreeSet::new(),
         };
         for n in 0..w.nodes.len() {
             w.start_machines(n);
@@ -338,7 +375,9 @@ impl World {
         let Some(store) = self.nodes[n].store.clone() else { return };
         self.origins.insert(store.incarnation(), self.nodes[n].id.clone());
         {
-            let scope = self.topology.scope(&self.nodes[n].id, &self.nodes[p].id);
+            let view = self.nodes[n].membership.current();
+            let scope = view.scope(&self.nodes[n].id, &self.nodes[p].id);
+            let epoch = view.epoch;
             if scope.send.is_empty() && scope.receive.is_empty() {
                 return;
             }
@@ -347,7 +386,7 @@ impl World {
                 me: self.nodes[n].id.clone(),
                 peer: self.nodes[p].id.clone(),
                 scope,
-                epoch: self.topology.epoch,
+                epoch,
                 session: self.session_nonce ^ self.rng.next(),
                 peer_incarnation: self.nodes[p].incarnation,
                 config: self.sync_config,
@@ -371,6 +410,15 @@ impl World {
                         self.nodes[n].id, self.nodes[p].id
                     )),
                     repl_engine::sync::SyncEvent::NeedAntiEntropy { .. } => self.report.not_covered += 1,
+                    repl_engine::sync::SyncEvent::EpochDiffers { ours, theirs } if theirs > ours => {
+                        // Behind: adopt the peer's topology (the replicated record) first.
+                        let newer = self.nodes[p].membership.current().clone();
+                        if newer.epoch == theirs && self.nodes[n].membership.adopt(newer) {
+                            self.report.topology_adoptions += 1;
+                            self.rebuild(n);
+                            return;
+                        }
+                    }
                     repl_engine::sync::SyncEvent::Repaired { entries, stream, buckets_fetched } => {
                         if std::env::var_os("SIM_DEBUG").is_some() {
                             eprintln!(
@@ -408,6 +456,23 @@ impl World {
             return;
         }
         let Some(store) = self.nodes[to].store.clone() else { return };
+        if self.deliver_topology(from, to, &msg) {
+            return;
+        }
+        if let PeerMessage::Hello(h) = &msg {
+            // A handshake from an appliance this one has no session with (it is not in
+            // this view yet): a newer epoch means this view is stale; adopt and restart.
+            if !self.nodes[to].peers.contains_key(&from)
+                && h.topology_epoch > self.nodes[to].membership.epoch()
+            {
+                let newer = self.nodes[from].membership.current().clone();
+                if newer.epoch == h.topology_epoch && self.nodes[to].membership.adopt(newer) {
+                    self.report.topology_adoptions += 1;
+                    self.rebuild(to);
+                }
+                return;
+            }
+        }
         let Some(m) = self.nodes[to].peers.get_mut(&from) else { return };
         self.report.delivered += 1;
         self.trace.update(&self.now.to_le_bytes());
@@ -431,7 +496,7 @@ impl World {
                 }
             }
         }
-        if audit_ack && !is_audit_holder(&self.topology, to) {
+        if audit_ack && !is_audit_holder(&self.full, to) {
             self.release_audit(to, &store);
         }
         self.drain(to);
@@ -439,8 +504,7 @@ impl World {
 
     /// A forwarder drops the audit records every holder acknowledged.
     fn release_audit(&mut self, n: usize, store: &Store) {
-        let holders: Vec<usize> =
-            (0..self.nodes.len()).filter(|&h| is_audit_holder(&self.topology, h)).collect();
+        let holders: Vec<usize> = (0..self.nodes.len()).filter(|&h| is_audit_holder(&self.full, h)).collect();
         let mut acked: Option<repl_wire::VersionVector> = None;
         for h in holders {
             let Some(v) = self.nodes[n].peers.get(&h).and_then(|m| m.acked(StreamId::Audit)).cloned() else {
@@ -458,9 +522,13 @@ impl World {
 
     fn local_write(&mut self, n: usize) {
         let Some(store) = self.nodes[n].store.clone() else { return };
-        let holds_enterprise = match self.topology.generation {
+        // An appliance outside the topology (one still joining) serves no writes.
+        if self.nodes[n].membership.current().appliance(&self.nodes[n].id).is_none() {
+            return;
+        }
+        let holds_enterprise = match self.full.generation {
             Generation::G3 => true,
-            Generation::G4 => self.topology.appliances[n].has(Role::Database),
+            Generation::G4 => self.full.appliances[n].has(Role::Database),
         };
         self.write_counter += 1;
         let roll = self.rng.below(100);
@@ -551,20 +619,107 @@ impl World {
     }
 
     fn crash(&mut self, n: usize) {
-        if self.nodes[n].store.is_none() {
+        let Some(store) = self.nodes[n].store.as_ref() else { return };
+        // Conflict records are an appliance's trail of resolutions it ran; a crash or a
+        // restore may lose recent ones, not the fact that the write lost.
+        self.losses_seen.extend(store.conflicts(Collection::Users).0.into_iter().map(|c| c.loser));
+        self.nodes[n].store = None;
+        self.retire(n);
+        self.nodes[n].disk = self.nodes[n].disk.crash();
+        // The committed topology is replicated data and survives; a prepared change
+        // lived in memory only.
+        let current = self.nodes[n].membership.current().clone();
+        self.nodes[n].membership = Membership::new(current);
+    }
+
+    /// Node 0 coordinates the change to the target topology, unless one runs or every
+    /// appliance already has it.
+    fn start_change(&mut self) {
+        if self.change.as_ref().is_some_and(|c| c.outcome().is_none())
+            || self.nodes[0].membership.epoch() >= self.target.epoch
+        {
             return;
         }
-        self.nodes[n].store = None;
-        self.nodes[n].peers.clear();
-        self.nodes[n].disk = self.nodes[n].disk.crash();
+        if self.nodes[0].store.is_none() {
+            self.change_retry_at = Some(self.now + 1_000);
+            return;
+        }
+        self.change_retry_at = None;
+        let current = self.nodes[0].membership.current().clone();
+        match TopologyChange::new(&current, self.target.clone(), self.now, 1_500) {
+            Ok(c) => self.change = Some(c),
+            Err(e) => self.report.violations.push(format!("the target topology was refused: {e}")),
+        }
+        self.drain_change();
+    }
+
+    /// Sends the coordinator's messages; schedules a retry if the change was refused
+    /// (an appliance down or cut off: the product needs them all online).
+    fn drain_change(&mut self) {
+        let mut out = Vec::new();
+        if let Some(c) = self.change.as_mut() {
+            while let Some((to, m)) = c.poll_transmit() {
+                out.push((to, m));
+            }
+            if let Some(Err(e)) = c.outcome() {
+                if self.change_retry_at.is_none() {
+                    self.report.topology_refusals += 1;
+                    if std::env::var_os("SIM_DEBUG").is_some() {
+                        eprintln!("t={} topology change refused: {e}", self.now);
+                    }
+                    self.change_retry_at = Some(self.now + 1_000);
+                }
+            }
+        }
+        for (to, m) in out {
+            if let Some(p) = self.nodes.iter().position(|n| n.id == to) {
+                self.send(0, p, m);
+            }
+        }
+    }
+
+    /// Node `n`'s topology changed: every session restarts with the new scope.
+    fn rebuild(&mut self, n: usize) {
+        self.retire(n);
+        self.start_machines(n);
+    }
+
+    /// Handles a topology message at node `to`; false if it is not one.
+    fn deliver_topology(&mut self, from: usize, to: usize, msg: &PeerMessage) -> bool {
+        match msg {
+            PeerMessage::TopologyPrepare { expected_epoch, new_epoch, topology } => {
+                let vote =
+                    self.nodes[to].membership.on_prepare(self.now, *expected_epoch, *new_epoch, topology);
+                self.send(to, from, vote);
+            }
+            PeerMessage::TopologyVote { new_epoch, accept, reason } => {
+                let voter = self.nodes[from].id.clone();
+                if let Some(c) = self.change.as_mut() {
+                    c.handle_vote(&voter, *new_epoch, *accept, reason.clone());
+                }
+                self.drain_change();
+            }
+            PeerMessage::TopologyCommit { new_epoch } => {
+                if self.nodes[to].membership.on_commit(*new_epoch).is_some() {
+                    self.report.topology_commits += 1;
+                    self.rebuild(to);
+                }
+            }
+            PeerMessage::TopologyAbort { new_epoch } => self.nodes[to].membership.on_abort(*new_epoch),
+            _ => return false,
+        }
+        true
     }
 
     fn restart(&mut self, n: usize) {
         if self.nodes[n].store.is_some() {
             return;
         }
-        let mut opts = store_options(&self.nodes[n].clock, 1000 + n as u64, &self.opts);
-        if !is_audit_holder(&self.topology, n) {
+        // Used only if the disk holds no identity (a joiner's first start, or one whose
+        // identity never became durable): always a fresh incarnation, never a reused one.
+        let seed = 1000 + n as u64 + 1000 * (1 + self.rng.below(1 << 20));
+        let mut opts = store_options(&self.nodes[n].clock, seed, &self.opts);
+        if !is_audit_holder(&self.full, n) {
             opts.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
         }
         match Store::open(Arc::new(self.nodes[n].disk.clone()), opts) {
@@ -601,7 +756,7 @@ impl World {
         self.crash(n);
         let disk = backup.backup_image();
         let mut opts = store_options(&self.nodes[n].clock, 5000 + n as u64, &self.opts);
-        if !is_audit_holder(&self.topology, n) {
+        if !is_audit_holder(&self.full, n) {
             opts.audit_backlog_max = Some(AUDIT_BACKLOG_MAX);
         }
         let incarnation = match Store::reincarnate(&disk, &opts) {
@@ -644,7 +799,8 @@ impl World {
         }
         // Every peer starts a new session that accepts only the new incarnation.
         for p in 0..self.nodes.len() {
-            if p != n && self.nodes[p].peers.remove(&n).is_some() {
+            if let Some(m) = self.nodes[p].peers.remove(&n).filter(|_| p != n) {
+                self.count(&m);
                 self.start_machine(p, n);
                 self.drain(p);
             }
@@ -658,16 +814,29 @@ impl World {
     }
 
     fn next_timer(&self) -> Option<u64> {
+        let change = self.change.as_ref().and_then(TopologyChange::poll_timeout);
         self.nodes
             .iter()
             .filter_map(|n| {
                 let store = n.store.as_ref()?;
                 n.peers.values().filter_map(|m| m.poll_timeout(store)).min()
             })
+            .chain(change)
+            .chain(self.change_retry_at)
             .min()
     }
 
     fn fire_timers(&mut self) {
+        if let Some(c) = self.change.as_mut() {
+            if c.poll_timeout().is_some_and(|t| t <= self.now) {
+                c.handle_timeout(self.now);
+                self.drain_change();
+            }
+        }
+        if self.change_retry_at.is_some_and(|t| t <= self.now) {
+            self.change_retry_at = None;
+            self.start_change();
+        }
         for n in 0..self.nodes.len() {
             let Some(store) = self.nodes[n].store.clone() else { continue };
             let due: Vec<usize> = self.nodes[n]
@@ -727,6 +896,7 @@ impl World {
                         }
                     }
                     Action::Restore(n) => self.restore(n),
+                    Action::Change => self.start_change(),
                 }
             } else if next_net == Some(t) {
                 let (_, (from, to, msg)) = self.net.pop_first().expect("a message is due");
@@ -771,17 +941,22 @@ impl World {
             add(&mut s, 2_500 + self.rng.below(5_000), Action::ClockJump(back, 0));
             let fwd = self.rng.below(nodes) as usize;
             add(&mut s, 2_500 + self.rng.below(5_000), Action::ClockJump(fwd, 5_000));
-            if let Some(j) = late_joiner(&self.topology) {
-                add(&mut s, 3_000 + self.rng.below(3_000), Action::Restart(j));
+            let join_at = 3_000 + self.rng.below(3_000);
+            if let Some(j) = late_joiner(&self.full) {
+                add(&mut s, join_at, Action::Restart(j));
             }
+            add(&mut s, join_at + 100, Action::Change);
             // Every third seed restores one appliance from a backup taken earlier.
             if self.opts.seed % 3 == 0 {
-                let r = self.rng.below(nodes - u64::from(late_joiner(&self.topology).is_some())) as usize;
+                let r = self.rng.below(nodes - u64::from(late_joiner(&self.full).is_some())) as usize;
                 add(&mut s, 1_000 + self.rng.below(2_000), Action::Backup(r));
                 add(&mut s, 5_000 + self.rng.below(3_000), Action::Restore(r));
             }
-        } else if let Some(j) = late_joiner(&self.topology) {
-            add(&mut s, 3_000, Action::Restart(j));
+        } else {
+            if let Some(j) = late_joiner(&self.full) {
+                add(&mut s, 3_000, Action::Restart(j));
+            }
+            add(&mut s, 3_100, Action::Change);
         }
         for round in 0..14u64 {
             for n in 0..self.nodes.len() {
@@ -846,11 +1021,35 @@ impl World {
             self.report.violations.push("a node is still down at the end".into());
             return;
         }
+        if let Ok(k) = std::env::var("SIM_DEBUG_KEY") {
+            let writes: Vec<String> = self
+                .acked_users
+                .iter()
+                .map(|w| (w, "acked"))
+                .chain(self.buffered_users.iter().map(|w| (w, "buffered")))
+                .filter(|((key, _, _), _)| key == k.as_bytes())
+                .map(|((_, d, c), kind)| {
+                    format!("{kind} {d} over {c} del={}", self.acked_deletes.contains(d))
+                })
+                .collect();
+            eprintln!("history of {k}: {writes:?}");
+        }
+        // Every appliance committed (or adopted) the target topology.
+        for n in &self.nodes {
+            if n.membership.current() != &self.target {
+                self.report.violations.push(format!(
+                    "{} ended at topology epoch {}, not the committed {}",
+                    n.id,
+                    n.membership.epoch(),
+                    self.target.epoch
+                ));
+            }
+        }
         // Replicas in scope agree.
         for stream in StreamId::ALL {
             let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-            for (i, a) in self.topology.appliances.iter().enumerate() {
-                let holds = match (self.topology.generation, stream) {
+            for (i, a) in self.full.appliances.iter().enumerate() {
+                let holds = match (self.full.generation, stream) {
                     // (sessions stay in their site only in G3; G4's pair holds them all)
                     (Generation::G3, StreamId::Enterprise) => Some("all".to_string()),
                     (Generation::G3, StreamId::Sessions) => Some(a.site.clone()),
@@ -921,8 +1120,9 @@ impl World {
         // Every acknowledged user write is present or superseded, on every holder. A
         // last-writer-wins loss is recorded where the resolution ran, which for a
         // replica repaired from a snapshot is another appliance.
-        let losses: BTreeSet<Dot> =
+        let mut losses: BTreeSet<Dot> =
             live.iter().flat_map(|(_, s)| s.conflicts(Collection::Users).0).map(|c| c.loser).collect();
+        losses.extend(self.losses_seen.iter().copied());
         let history: Vec<(Vec<u8>, Dot, repl_wire::VersionVector)> =
             self.acked_users.iter().chain(self.buffered_users.iter()).cloned().collect();
         for (key, dot, _) in &self.acked_users {
@@ -1019,10 +1219,10 @@ impl World {
             }
         }
         // Sessions stay in their site (G3; in G4 the database pair holds all of them).
-        for (i, s) in live.iter().filter(|_| self.topology.generation == Generation::G3) {
+        for (i, s) in live.iter().filter(|_| self.full.generation == Generation::G3) {
             for key in s.scan_keys(Collection::Sessions, b"", usize::MAX) {
                 if let Some(&w) = self.session_writers.get(&key) {
-                    if self.topology.appliances[w].site != self.topology.appliances[*i].site {
+                    if self.full.appliances[w].site != self.full.appliances[*i].site {
                         self.report
                             .violations
                             .push(format!("session {} left its site", String::from_utf8_lossy(&key)));
@@ -1053,18 +1253,28 @@ impl World {
                 self.report.violations.push(format!("audit chain on {}: {e}", self.nodes[*i].id));
             }
         }
-        for n in &self.nodes {
-            for m in n.peers.values() {
-                let st = m.stats();
-                self.report.entries_sent += st.entries_sent;
-                self.report.entries_relayed += st.entries_relayed;
-            }
+        for n in 0..self.nodes.len() {
+            self.retire(n);
         }
     }
 
+    /// Drops node `n`'s machines, counting what they sent.
+    fn retire(&mut self, n: usize) {
+        let machines = std::mem::take(&mut self.nodes[n].peers);
+        for m in machines.values() {
+            self.count(m);
+        }
+    }
+
+    fn count(&mut self, m: &PeerSync) {
+        let st = m.stats();
+        self.report.entries_sent += st.entries_sent;
+        self.report.entries_relayed += st.entries_relayed;
+    }
+
     fn holds(&self, i: usize, stream: StreamId) -> bool {
-        let a = &self.topology.appliances[i];
-        match (self.topology.generation, stream) {
+        let a = &self.full.appliances[i];
+        match (self.full.generation, stream) {
             (Generation::G3, StreamId::Audit) => a.has(Role::Audit),
             (Generation::G3, _) => true,
             (Generation::G4, _) => a.has(Role::Database),

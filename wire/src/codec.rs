@@ -80,7 +80,8 @@ impl WireMessage for PeerMessage {
             | PeerMessage::Rewind { .. }
             | PeerMessage::NotCovered { .. }
             | PeerMessage::AuditAck { .. }
-            | PeerMessage::TopologyCommit { .. } => Ok(()),
+            | PeerMessage::TopologyCommit { .. }
+            | PeerMessage::TopologyAbort { .. } => Ok(()),
         }
     }
 }
@@ -331,6 +332,7 @@ mod tests {
                 PeerMessage::TopologyVote { new_epoch, accept, reason }
             }),
             any::<u64>().prop_map(|new_epoch| PeerMessage::TopologyCommit { new_epoch }),
+            any::<u64>().prop_map(|new_epoch| PeerMessage::TopologyAbort { new_epoch }),
             "[a-z ]{0,20}".prop_map(|message| PeerMessage::Error(ProtocolError {
                 code: ErrorCode::BadRequest,
                 message

@@ -251,6 +251,11 @@ pub enum PeerMessage {
         /// The epoch to commit.
         new_epoch: u64,
     },
+    /// Phase two when a vote was no or missing: forget the prepared topology.
+    TopologyAbort {
+        /// The epoch that was prepared.
+        new_epoch: u64,
+    },
     /// A typed protocol error; the session may continue or close per the code.
     Error(ProtocolError),
     /// The sender is closing the session.
