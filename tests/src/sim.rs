@@ -75,6 +75,8 @@ pub struct SimReport {
     pub restores: u64,
     /// Appliances that joined the running enterprise with an empty store.
     pub joins: u64,
+    /// The most sibling values any policy key held at the end.
+    pub siblings_max: u64,
     /// Appliances that committed a topology change (by two-phase commit).
     pub topology_commits: u64,
     /// Topology changes refused (an appliance unreachable, or a vote no), then retried.
@@ -270,6 +272,10 @@ fn store_options(clock: &Arc<ManualClock>, seed: u64, opts: &SimOptions) -> Stor
         unsafe_skip_order_check: opts.skip_order_check,
         unsafe_ship_buffered: opts.ship_buffered,
         unsafe_collect_tombstones_early: opts.collect_tombstones_early,
+        // User policies keep concurrent versions as siblings (bounded), users use LWW.
+        policies: [(Collection::UserPolicies, repl_engine::ConflictPolicy::KeepSiblings)]
+            .into_iter()
+            .collect(),
         ..StoreOptions::default()
     }
 }
@@ -556,6 +562,11 @@ impl World {
             }
             self.drain(n);
             return;
+        } else if roll < 16 && holds_enterprise {
+            // Concurrent writes to a few policies from many appliances make siblings.
+            let key = format!("policy{}", self.rng.below(3)).into_bytes();
+            let value = format!("p{}-{}", self.write_counter, self.nodes[n].id).into_bytes();
+            (StreamId::Enterprise, store.put(Collection::UserPolicies, &key, &value).map(|_| ()))
         } else if roll < 70 && holds_enterprise {
             let key = format!("user{}", self.rng.below(12)).into_bytes();
             let value = format!("v{}-{}", self.write_counter, self.nodes[n].id).into_bytes();
@@ -1216,6 +1227,20 @@ impl World {
                         ));
                     }
                 }
+            }
+        }
+        // Sibling sets stay within their bound.
+        for (i, s) in &live {
+            for key in s.scan_keys(Collection::UserPolicies, b"", usize::MAX) {
+                let n = s.get(Collection::UserPolicies, &key).map(|r| r.values.len()).unwrap_or(0);
+                if n > repl_engine::SIBLINGS_MAX {
+                    self.report.violations.push(format!(
+                        "{} holds {n} siblings of {}",
+                        self.nodes[*i].id,
+                        String::from_utf8_lossy(&key)
+                    ));
+                }
+                self.report.siblings_max = self.report.siblings_max.max(n as u64);
             }
         }
         // Sessions stay in their site (G3; in G4 the database pair holds all of them).

@@ -19,7 +19,7 @@ fn seeds(default: u64) -> std::ops::Range<u64> {
 fn run_many(generation: Generation, default: u64) {
     let mut compacted = 0;
     let (mut repairs, mut restores, mut joins, mut collected) = (0, 0, 0, 0);
-    let (mut commits, mut refusals, mut adoptions) = (0, 0, 0);
+    let (mut commits, mut refusals, mut adoptions, mut siblings) = (0, 0, 0, 0);
     for seed in seeds(default) {
         let report = simulate(SimOptions::new(seed, generation));
         repairs += report.repairs;
@@ -29,6 +29,7 @@ fn run_many(generation: Generation, default: u64) {
         commits += report.topology_commits;
         refusals += report.topology_refusals;
         adoptions += report.topology_adoptions;
+        siblings = siblings.max(report.siblings_max);
         assert!(
             report.violations.is_empty(),
             "{:?} seed {seed}: {:?}\nreplay: SEED={seed} cargo test -p repl-tests --test sim_convergence",
@@ -41,12 +42,13 @@ fn run_many(generation: Generation, default: u64) {
     println!(
         "{generation:?}: {compacted} segments compacted, {repairs} repairs, {restores} restores, \
          {joins} joins, {collected} tombstones collected; topology: {commits} commits, {refusals} \
-         refusals retried, {adoptions} adopted at handshake"
+         refusals retried, {adoptions} adopted at handshake; at most {siblings} siblings"
     );
     if seeds(default).count() >= 20 {
         assert!(compacted > 0, "compaction under the retention horizon never ran");
         assert!(repairs > 0 && restores > 0 && collected > 0, "the schedule missed a fault class");
         assert!(commits > 0 && refusals > 0, "topology changes were never refused and retried");
+        assert!(siblings > 1, "concurrent policy writes never made siblings");
         assert!(generation != Generation::G3 || joins > 0, "no appliance joined");
     }
 }
