@@ -330,6 +330,25 @@ mod tests {
     }
 
     #[test]
+    fn removing_an_appliance_needs_only_the_remaining_ones_and_leaves_it_out_of_every_scope() {
+        let t = with_a3(&g3());
+        let mut ms: BTreeMap<NodeId, Membership> =
+            t.appliances.iter().map(|a| (a.id.clone(), Membership::new(t.clone()))).collect();
+        let mut smaller = t.clone();
+        smaller.appliances.retain(|a| a.id.as_str() != "a2");
+        // a2 is already gone: the change still commits on the others.
+        let mut change = TopologyChange::new(&t, smaller, 0, 1_000).expect("valid");
+        run(&mut change, &mut ms, &["a2"], 0);
+        let committed = change.outcome().expect("decided").as_ref().expect("committed").clone();
+        let a1 = ms.get(&id("a1")).expect("a1").current().clone();
+        assert_eq!(a1, committed);
+        // Sessions to a2 close: no stream is in scope with it any more.
+        let scope = a1.scope(&id("a1"), &id("a2"));
+        assert!(scope.send.is_empty() && scope.receive.is_empty());
+        assert_eq!(ms.get(&id("a2")).expect("a2").epoch(), 1, "the removed appliance was not asked");
+    }
+
+    #[test]
     fn an_unreachable_appliance_refuses_the_change_by_name_and_nothing_changes() {
         let t = g3();
         let mut ms = members(&t);

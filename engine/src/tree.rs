@@ -3,8 +3,9 @@
 //!
 //! Keys fall into [`TREE_LEAVES`] leaf buckets by a fixed hash of (collection, key),
 //! the same on every appliance and every build. A key's digest is blake3 over its
-//! collection, key and live versions (dot, tombstone flag and the context each
-//! supersedes, sorted by dot; versions expired at the agreed cut-off left out). A leaf bucket's hash is the sum, modulo
+//! collection, key and live versions (dot and tombstone flag, sorted by dot; versions
+//! expired at the agreed cut-off left out). Contexts are left out: two replicas may
+//! learn of a last-writer-wins loser at different times, and hold the same data. A leaf bucket's hash is the sum, modulo
 //! 2^256, of its keys' digests: a function of the set of (key, version digest) pairs
 //! like a hash over the sorted pairs, but one a write updates in O(1) (subtract the
 //! key's old digest, add the new one), which is how the store keeps it current. An
@@ -51,28 +52,23 @@ pub(crate) fn key_digest(
     versions: &[Version],
     cutoff_ms: u64,
 ) -> Option<Sum> {
-    let mut live: Vec<(u64, u64, bool, &repl_wire::VersionVector)> = versions
+    let mut live: Vec<(u64, u64, bool)> = versions
         .iter()
         .filter(|v| !v.is_expired(cutoff_ms))
-        .map(|v| (v.dot.origin.0, v.dot.seq, v.tombstone, &v.context))
+        .map(|v| (v.dot.origin.0, v.dot.seq, v.tombstone))
         .collect();
     if live.is_empty() {
         return None;
     }
-    live.sort_unstable_by_key(|&(o, s, _, _)| (o, s));
+    live.sort_unstable();
     let mut h = blake3::Hasher::new();
     h.update(collection.name().as_bytes());
     h.update(&(key.len() as u64).to_le_bytes());
     h.update(key);
-    for (origin, seq, tombstone, context) in live {
+    for (origin, seq, tombstone) in live {
         h.update(&origin.to_le_bytes());
         h.update(&seq.to_le_bytes());
         h.update(&[u8::from(tombstone)]);
-        h.update(&(context.len() as u64).to_le_bytes());
-        for d in context.iter() {
-            h.update(&d.origin.0.to_le_bytes());
-            h.update(&d.seq.to_le_bytes());
-        }
     }
     let bytes = h.finalize();
     let b = bytes.as_bytes();

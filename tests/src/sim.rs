@@ -1075,6 +1075,36 @@ impl World {
             for (g, members) in groups {
                 let digests: Vec<[u8; 32]> =
                     members.iter().map(|&i| live[i].1.digest(stream).unwrap_or([0; 32])).collect();
+                // The anti-entropy roots agree too (they also cover each version's context).
+                let roots: Vec<Vec<repl_wire::BucketHash>> = members
+                    .iter()
+                    .map(|&i| live[i].1.tree_hashes(stream, 1_700_000_000_000 + self.now, 0, &[0]).1)
+                    .collect();
+                if roots.windows(2).any(|w| w[0] != w[1]) {
+                    let names: Vec<String> = members.iter().map(|&i| self.nodes[i].id.to_string()).collect();
+                    self.report
+                        .violations
+                        .push(format!("{stream} hash-tree roots of group {g} differ: {names:?}"));
+                    if std::env::var_os("SIM_DEBUG").is_some() {
+                        for &i in &members {
+                            if let Ok((_, all, _)) = live[i].1.snapshot_chunk(stream, &[], &[], usize::MAX) {
+                                let vs: Vec<String> = all
+                                    .iter()
+                                    .map(|e| {
+                                        format!(
+                                            "{}:{}:{}:{}",
+                                            String::from_utf8_lossy(&e.key),
+                                            e.dot,
+                                            e.is_delete(),
+                                            e.context
+                                        )
+                                    })
+                                    .collect();
+                                eprintln!("ROOTS {} {vs:?}", self.nodes[i].id);
+                            }
+                        }
+                    }
+                }
                 for d in &digests {
                     self.trace.update(d);
                 }
