@@ -1106,8 +1106,12 @@ mod tests {
         assert!(digests_equal(&sa, &sb));
         // b goes away; a changes 100 keys and compacts its log past what b holds.
         drop((a, b));
-        for i in 0..100u32 {
-            sa.put(Collection::Users, format!("user{}", i * 7).as_bytes(), b"second").expect("put");
+        // Rewritten a few times with large values, so the log rolls over many segments
+        // (the keys that differ are still 100).
+        for round in 0..3u8 {
+            for i in 0..100u32 {
+                sa.put(Collection::Users, format!("user{}", i * 7).as_bytes(), &[round; 1024]).expect("put");
+            }
         }
         sa.compact(StreamId::Enterprise, &VersionVector::new()).expect("compact");
         assert!(sa.entries_since(StreamId::Enterprise, &sb.vector(StreamId::Enterprise), 10).is_err());
