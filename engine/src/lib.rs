@@ -23,6 +23,8 @@ mod options;
 mod records;
 mod rng;
 pub mod routing;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 mod segment;
 mod storage;
 mod store;

@@ -1,0 +1,130 @@
+//! Real appliances over real QUIC on loopback: the node runtime drives the sync
+//! machines with mutual TLS. Three appliances of a G3 enterprise replicate users to
+//! each other and sessions only within their site; an appliance whose certificate
+//! comes from another CA is refused and receives nothing.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use repl_engine::runtime::{Node, NodeConfig};
+use repl_engine::sync::SyncConfig;
+use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
+use repl_engine::{Store, StoreOptions, WriteBatch};
+use repl_wire::transport::{AllowedPeers, CertificateAuthority, Identity, TlsSetup, Validity};
+use repl_wire::{Collection, NodeId};
+
+fn free_port() -> SocketAddr {
+    // Bound and released: the node binds it right after (loopback, this test only).
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free loopback port")
+}
+
+fn topology(addrs: &[(&str, &str, Option<Role>, SocketAddr)]) -> Topology {
+    let site = |id: &str, range: &str, failover: &str| Site {
+        id: id.into(),
+        name: id.into(),
+        kind: SiteKind::Active,
+        ranges: vec![range.parse().expect("range")],
+        primary_failover: Some(failover.into()),
+        secondary_failover: None,
+        external: None,
+    };
+    Topology {
+        enterprise: "loopback".into(),
+        generation: Generation::G3,
+        epoch: 1,
+        external: ExternalServers::default(),
+        bootstrap: None,
+        sites: vec![site("a", "10.1.0.0/16", "b"), site("b", "10.2.0.0/16", "a")],
+        appliances: addrs
+            .iter()
+            .map(|(id, site, role, address)| Appliance {
+                id: NodeId::new(*id).expect("id"),
+                name: id.to_string(),
+                site: site.to_string(),
+                address: *address,
+                roles: role.iter().copied().collect(),
+            })
+            .collect(),
+    }
+}
+
+fn tls(ca: &CertificateAuthority, id: &str, topology: &Topology) -> TlsSetup {
+    let cert = ca
+        .issue(&Identity::Appliance(NodeId::new(id).expect("id")), Validity::days_from_now(1))
+        .expect("issue");
+    let allowed = AllowedPeers::new(topology.appliances.iter().map(|a| a.id.clone()));
+    TlsSetup::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem, &[], allowed).expect("tls setup")
+}
+
+async fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_appliances_replicate_over_quic_and_a_foreign_certificate_is_refused() {
+    let ca = CertificateAuthority::create("loopback", Validity::days_from_now(1)).expect("ca");
+    let rogue_ca = CertificateAuthority::create("elsewhere", Validity::days_from_now(1)).expect("ca");
+    let specs = [
+        ("a1", "a", Some(Role::Audit), free_port()),
+        ("a2", "a", None, free_port()),
+        ("b1", "b", Some(Role::Audit), free_port()),
+        ("b2", "b", None, free_port()),
+    ];
+    let t = topology(&specs);
+    let dirs: Vec<tempfile::TempDir> = specs.iter().map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = Vec::new();
+    for (i, (id, _, _, addr)) in specs.iter().enumerate() {
+        let store = Store::open_dir(dirs[i].path(), StoreOptions::default()).expect("open");
+        // b2 holds a certificate from another CA: it is not part of this enterprise.
+        let ca = if *id == "b2" { &rogue_ca } else { &ca };
+        let config = NodeConfig {
+            me: NodeId::new(*id).expect("id"),
+            topology: t.clone(),
+            tls: tls(ca, id, &t),
+            listen: *addr,
+            sync: SyncConfig::default(),
+        };
+        nodes.push(Node::start(store, config).await.expect("start"));
+    }
+
+    // Users written on a1 reach every appliance of the enterprise.
+    let mut batch = WriteBatch::new();
+    for i in 0..50u32 {
+        batch.put(Collection::Users, format!("user{i}").as_bytes(), format!("v{i}").as_bytes());
+    }
+    nodes[0].store().write(batch, repl_engine::Durability::Durable).expect("write");
+    nodes[0].notify();
+    // A session on a2 stays in site a.
+    let mut session = WriteBatch::new();
+    session.put_expiring(Collection::Sessions, b"s-1", b"session", u64::MAX);
+    nodes[1].store().write(session, repl_engine::Durability::Durable).expect("session");
+    nodes[1].notify();
+
+    let has_all = |n: &Node| {
+        (0..50u32).all(|i| {
+            n.store().get(Collection::Users, format!("user{i}").as_bytes()).is_ok_and(|r| r.value().is_some())
+        })
+    };
+    wait_for("users on a2 and b1", Duration::from_secs(30), || has_all(&nodes[1]) && has_all(&nodes[2]))
+        .await;
+    wait_for("the session on a1", Duration::from_secs(30), || {
+        nodes[0].store().get(Collection::Sessions, b"s-1").is_ok_and(|r| r.value().is_some())
+    })
+    .await;
+    assert!(
+        nodes[2].store().get(Collection::Sessions, b"s-1").expect("read").value().is_none(),
+        "a session left its site"
+    );
+    // The foreign appliance was refused by the appliances it talked to, and got nothing.
+    wait_for("b2 refused", Duration::from_secs(30), || nodes.iter().any(|n| n.status().refused > 0)).await;
+    assert!(!has_all(&nodes[3]), "an appliance with a foreign certificate received data");
+    assert!(nodes[3].store().get(Collection::Users, b"user0").expect("read").value().is_none());
+
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
