@@ -128,3 +128,48 @@ async fn three_appliances_replicate_over_quic_and_a_foreign_certificate_is_refus
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appliance_that_stops_catches_up_when_it_comes_back() {
+    let ca = CertificateAuthority::create("loopback", Validity::days_from_now(1)).expect("ca");
+    let specs = [("a1", "a", Some(Role::Audit), free_port()), ("b1", "b", Some(Role::Audit), free_port())];
+    let t = topology(&specs);
+    let dirs: Vec<tempfile::TempDir> = specs.iter().map(|_| tempfile::tempdir().expect("dir")).collect();
+    let start = |i: usize| {
+        let (id, _, _, addr) = specs[i];
+        let store = Store::open_dir(dirs[i].path(), StoreOptions::default()).expect("open");
+        let config = NodeConfig {
+            me: NodeId::new(id).expect("id"),
+            topology: t.clone(),
+            tls: tls(&ca, id, &t),
+            listen: addr,
+            sync: SyncConfig::default(),
+        };
+        Node::start(store, config)
+    };
+    let a1 = start(0).await.expect("start a1");
+    let b1 = start(1).await.expect("start b1");
+    let put = |n: &Node, i: u32| {
+        n.store().put(Collection::Users, format!("user{i}").as_bytes(), b"v").expect("put");
+        n.notify();
+    };
+    let has = |n: &Node, i: u32| {
+        n.store().get(Collection::Users, format!("user{i}").as_bytes()).is_ok_and(|r| r.value().is_some())
+    };
+    put(&a1, 0);
+    wait_for("user0 on b1", Duration::from_secs(30), || has(&b1, 0)).await;
+
+    // b1 stops; a1 keeps writing; b1 comes back on the same data and address.
+    b1.shutdown().await;
+    for i in 1..=20 {
+        put(&a1, i);
+    }
+    let b1 = start(1).await.expect("restart b1");
+    wait_for("b1 to catch up after its restart", Duration::from_secs(30), || (0..=20).all(|i| has(&b1, i)))
+        .await;
+    // And writes flow the other way too.
+    put(&b1, 100);
+    wait_for("user100 on a1", Duration::from_secs(30), || has(&a1, 100)).await;
+    a1.shutdown().await;
+    b1.shutdown().await;
+}
