@@ -92,6 +92,14 @@ pub enum Error {
     /// A write batch mixes streams, or a collection was used on the wrong API.
     #[error("invalid request: {0}")]
     Request(&'static str),
+    /// A batch does not fit one frame of a segment (it must be split).
+    #[error("a batch of {bytes} bytes is larger than one frame of a segment ({max} bytes)")]
+    BatchTooLarge {
+        /// The batch's framed size.
+        bytes: u64,
+        /// The largest frame.
+        max: u64,
+    },
     /// A typed record could not be encoded or decoded.
     #[error("record encoding failed: {0}")]
     Record(String),

@@ -1,4 +1,14 @@
-//! A small seeded generator for the simulator's choices (SplitMix64).
+//! A small seeded generator for the simulator's choices (SplitMix64), and fresh
+//! random bits for incarnations and session nonces.
+
+use std::hash::{BuildHasher, Hasher};
+
+/// 64 random bits from the standard library's OS-seeded hasher keys.
+pub(crate) fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    h.finish()
+}
 
 /// SplitMix64: fast, seedable, good enough for fault injection.
 #[derive(Debug, Clone)]

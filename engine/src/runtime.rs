@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use repl_wire::transport::{
-    accept, client_endpoint, connect, recv_message, send_message, server_endpoint, Identity, TlsSetup,
-    TransportError,
+    accept, connect, recv_message, send_message, server_endpoint, Identity, TlsSetup, TransportError,
 };
 use repl_wire::{FrameReader, NodeId, PeerMessage, StreamId, VersionVector, ALPN_CLIENT, ALPN_PEER};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::rng::random_u64;
 use crate::store::Store;
 use crate::sync::{PeerSync, SyncConfig, SyncEvent, SyncSetup};
 use crate::topology::Topology;
@@ -84,13 +84,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn nonce() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
-    h.finish()
-}
-
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -109,17 +102,14 @@ impl Node {
         let status = Arc::new(std::sync::Mutex::new(NodeStatus::default()));
         let config = Arc::new(config);
         let mut tasks = Vec::new();
-        for peer in &config.topology.appliances {
-            let scope = config.topology.scope(&config.me, &peer.id);
-            if peer.id == config.me || (scope.send.is_empty() && scope.receive.is_empty()) {
-                continue;
-            }
-            if config.me < peer.id {
+        for (peer, addr) in peers_in_scope(&config.topology, &config.me) {
+            if config.me < peer {
                 let dialer = Dialer {
                     config: config.clone(),
                     store: store.clone(),
-                    peer: peer.id.clone(),
-                    addr: peer.address,
+                    endpoint: endpoint.clone(),
+                    peer,
+                    addr,
                     wake: wake.clone(),
                     status: status.clone(),
                 };
@@ -174,6 +164,8 @@ impl Node {
 struct Dialer {
     config: Arc<NodeConfig>,
     store: Store,
+    /// The node's own endpoint: it dials as well as accepts.
+    endpoint: quinn::Endpoint,
     peer: NodeId,
     addr: SocketAddr,
     wake: watch::Sender<u64>,
@@ -184,15 +176,9 @@ impl Dialer {
     async fn run(self) {
         let mut backoff_ms = 100u64;
         loop {
-            let bind: SocketAddr = if self.addr.is_ipv4() {
-                ([127, 0, 0, 1], 0).into()
-            } else {
-                (std::net::Ipv6Addr::LOCALHOST, 0).into()
-            };
             let session = async {
-                let endpoint = client_endpoint(bind).ok()?;
                 let conn =
-                    connect(&endpoint, &self.config.tls, ALPN_PEER, self.addr, &self.peer).await.ok()?;
+                    connect(&self.endpoint, &self.config.tls, ALPN_PEER, self.addr, &self.peer).await.ok()?;
                 let (send, recv) = conn.open_bi().await.ok()?;
                 let session = Session {
                     config: self.config.clone(),
@@ -203,14 +189,13 @@ impl Dialer {
                 };
                 session.run(send, recv).await;
                 conn.close(quinn::VarInt::from_u32(0), b"session over");
-                endpoint.wait_idle().await;
                 Some(())
             };
             if session.await.is_some() {
                 backoff_ms = 100;
             }
             // Jittered exponential backoff, capped at 5 s.
-            let jitter = nonce() % (backoff_ms / 2 + 1);
+            let jitter = random_u64() % (backoff_ms / 2 + 1);
             tokio::time::sleep(Duration::from_millis(backoff_ms / 2 + jitter)).await;
             backoff_ms = (backoff_ms * 2).min(5_000);
         }
@@ -276,7 +261,7 @@ impl Session {
             peer: self.peer.clone(),
             scope: self.config.topology.scope(&self.config.me, &self.peer),
             epoch: self.config.topology.epoch,
-            session: nonce(),
+            session: random_u64(),
             peer_incarnation: None,
             config: self.config.sync,
         };

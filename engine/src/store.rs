@@ -1,7 +1,6 @@
 //! The public face of the engine: [`Store`].
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -481,7 +480,7 @@ impl Store {
                     ticket = ticket.max(t);
                     applied.extend(dots);
                 }
-                Err(Error::Request(why)) if why == crate::stream::BATCH_TOO_LARGE && group.len() > 1 => {
+                Err(Error::BatchTooLarge { .. }) if group.len() > 1 => {
                     let mut first = group;
                     let second = first.split_off(first.len() / 2);
                     groups.push_front(second);
@@ -664,7 +663,7 @@ fn identity_bytes(incarnation: Incarnation) -> [u8; IDENTITY_BYTES] {
 }
 
 fn create_identity(storage: &dyn Storage, options: &StoreOptions) -> Result<Incarnation> {
-    let incarnation = Incarnation(options.incarnation_seed.unwrap_or_else(random_u64));
+    let incarnation = Incarnation(options.incarnation_seed.unwrap_or_else(crate::rng::random_u64));
     let io = || -> std::io::Result<()> {
         let file = storage.create(IDENTITY_TMP)?;
         file.write_all_at(&identity_bytes(incarnation), 0)?;
@@ -693,11 +692,4 @@ fn read_identity(storage: &dyn Storage) -> Result<Incarnation> {
         return Err(corrupt("identity checksum mismatch"));
     }
     Ok(Incarnation(u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"))))
-}
-
-/// 64 random bits from the standard library's OS-seeded hasher keys.
-fn random_u64() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id() as u64);
-    h.finish()
 }

@@ -577,34 +577,32 @@ impl StreamStore {
     ) -> Result<()> {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
-        let old_digest = match &st.tree {
-            Some(_) => st
-                .keydir
-                .get(&(entry.collection, entry.key.as_slice().into()))
-                .and_then(|v| key_digest(entry.collection, &entry.key, v, 0)),
-            None => None,
-        };
-        let (outcome, winner, new_digest) = match st
-            .keydir
-            .entry((entry.collection, entry.key.as_slice().into()))
-        {
-            btree_map::Entry::Occupied(mut held) => {
-                let outcome = merge(policy, held.get_mut(), incoming, covered);
-                let digest =
-                    st.tree.as_ref().and_then(|_| key_digest(entry.collection, &entry.key, held.get(), 0));
-                (outcome, held.get().first().map(|v| v.dot), digest)
+        // The hash tree, once built, follows every change of a key's versions.
+        let tracked = st.tree.is_some();
+        let digest = |versions: &[Version]| {
+            if tracked {
+                key_digest(entry.collection, &entry.key, versions, 0)
+            } else {
+                None
             }
-            btree_map::Entry::Vacant(slot) => {
-                let mut held = Vec::with_capacity(1);
-                let outcome = merge(policy, &mut held, incoming, covered);
-                let digest =
-                    st.tree.as_ref().and_then(|_| key_digest(entry.collection, &entry.key, &held, 0));
-                if !held.is_empty() {
-                    slot.insert(held);
+        };
+        let (outcome, winner, old_digest, new_digest) =
+            match st.keydir.entry((entry.collection, entry.key.as_slice().into())) {
+                btree_map::Entry::Occupied(mut held) => {
+                    let old = digest(held.get());
+                    let outcome = merge(policy, held.get_mut(), incoming, covered);
+                    (outcome, held.get().first().map(|v| v.dot), old, digest(held.get()))
                 }
-                (outcome, None, digest)
-            }
-        };
+                btree_map::Entry::Vacant(slot) => {
+                    let mut held = Vec::with_capacity(1);
+                    let outcome = merge(policy, &mut held, incoming, covered);
+                    let new = digest(&held);
+                    if !held.is_empty() {
+                        slot.insert(held);
+                    }
+                    (outcome, None, None, new)
+                }
+            };
         if let Some(tree) = st.tree.as_mut() {
             tree.update(entry.collection, &entry.key, old_digest, new_digest);
         }
@@ -746,7 +744,7 @@ impl StreamStore {
         }
         let bytes = frame_bytes(encoded.iter().map(|(_, b)| b.len()));
         if bytes > self.frame_max() {
-            return Err(Error::Request(BATCH_TOO_LARGE));
+            return Err(Error::BatchTooLarge { bytes, max: self.frame_max() });
         }
         self.reserve(&mut st, bytes)?;
 
@@ -1090,9 +1088,6 @@ fn retain_versions(st: &mut State, mut keep: impl FnMut(&KeyId, &Version) -> boo
     dropped
 }
 
-/// Why a batch was refused for not fitting one frame.
-pub(crate) const BATCH_TOO_LARGE: &str = "batch is larger than one frame of a segment";
-
 /// Payload bytes after which a snapshot chunk ends (at a key boundary).
 const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -1419,6 +1414,26 @@ impl StreamStore {
         Ok(checked)
     }
 
+    /// Creates the next compacted segment under a temporary name: written there and
+    /// renamed once synced, a compacted segment that exists under its own name never
+    /// holds unsynced bytes. A full disk is `StorageFull`.
+    fn create_compacted_tmp(&self, what: &'static str) -> Result<(u32, String, Arc<dyn StorageFile>)> {
+        let number = {
+            let mut st = lock(&self.state);
+            st.next_file += 1;
+            st.next_file - 1
+        };
+        let name = format!("{}.tmp", compacted_name(self.stream, number));
+        let file = self.storage.create(&name).map_err(|e| {
+            if is_out_of_space(&e) {
+                Error::StorageFull { stream: self.stream }
+            } else {
+                io_err(&name, what)(e)
+            }
+        })?;
+        Ok((number, name, file))
+    }
+
     // ----- anti-entropy -----------------------------------------------------------
 
     /// The stream's vector and the hashes of `buckets` at `level` of its hash tree.
@@ -1516,19 +1531,7 @@ impl StreamStore {
     /// (dropping one it had started).
     pub(crate) fn begin_snapshot(&self, peer: &str, buckets: Option<&[u32]>) -> Result<()> {
         self.abort_snapshot(peer);
-        let number = {
-            let mut st = lock(&self.state);
-            st.next_file += 1;
-            st.next_file - 1
-        };
-        let name = format!("{}.tmp", compacted_name(self.stream, number));
-        let file = self.storage.create(&name).map_err(|e| {
-            if is_out_of_space(&e) {
-                Error::StorageFull { stream: self.stream }
-            } else {
-                io_err(&name, "create snapshot segment")(e)
-            }
-        })?;
+        let (number, name, file) = self.create_compacted_tmp("create snapshot segment")?;
         let header = SegmentHeader {
             kind: SegmentKind::Compacted,
             stream: self.stream,
@@ -1556,9 +1559,23 @@ impl StreamStore {
         // `at` covers (the receiver will claim that one, so it must get its successor).
         let encoded: Vec<Vec<u8>> =
             entries.iter().filter(|e| e.collection.stream() == self.stream).map(Entry::encode).collect();
-        for group in encoded.chunks(1024) {
-            let refs: Vec<&[u8]> = group.iter().map(Vec::as_slice).collect();
+        // Frames no larger than recovery accepts, at offsets the keydir can address.
+        let mut groups: Vec<Vec<&[u8]>> = Vec::new();
+        let mut size = 0;
+        for e in &encoded {
+            let add = segment::ENTRY_HEADER_BYTES + e.len() as u64;
+            if groups.is_empty() || size + add > self.frame_max().max(FRAME_BYTES_MAX) {
+                groups.push(Vec::new());
+                size = FRAME_HEADER_BYTES + FRAME_COUNT_BYTES;
+            }
+            size += add;
+            groups.last_mut().expect("a group was opened").push(e);
+        }
+        for refs in groups {
             let (frame, spans) = build_frame(&refs);
+            if s.end + frame.len() as u64 > u64::from(u32::MAX) {
+                return Err(Error::Request("snapshot larger than one segment can address"));
+            }
             s.file.write_all_at(&frame, s.end).map_err(io_err(&s.name, "write snapshot frame"))?;
             for (rel, len) in spans {
                 s.staged.push((s.end as u32 + rel, len));
@@ -1843,22 +1860,7 @@ impl StreamStore {
         };
 
         // Copy live entries into a new compacted segment.
-        let (number, name, file) = {
-            let mut st = lock(&self.state);
-            let number = st.next_file;
-            st.next_file += 1;
-            // Written under a temporary name and renamed once synced: a compacted
-            // segment that exists under its own name never holds unsynced bytes.
-            let name = format!("{}.tmp", compacted_name(self.stream, number));
-            let file = self.storage.create(&name).map_err(|e| {
-                if is_out_of_space(&e) {
-                    Error::StorageFull { stream: self.stream }
-                } else {
-                    io_err(&name, "create compacted segment")(e)
-                }
-            })?;
-            (number, name, file)
-        };
+        let (number, name, file) = self.create_compacted_tmp("create compacted segment")?;
         let header = SegmentHeader {
             kind: SegmentKind::Compacted,
             stream: self.stream,

@@ -559,13 +559,7 @@ impl PeerSync {
             PeerMessage::SnapshotRequest { stream, buckets, resume } => {
                 self.on_snapshot_request(stream, buckets, resume, replica)
             }
-            PeerMessage::SnapshotChunk { stream, at, from, entries, checksum, resume, last } => self
-                .on_snapshot_chunk(
-                    now_ms,
-                    stream,
-                    SnapshotPart { at, from, entries, checksum, resume, last },
-                    replica,
-                ),
+            chunk @ PeerMessage::SnapshotChunk { .. } => self.on_snapshot_chunk(now_ms, chunk, replica),
             PeerMessage::Error(e) => self.events.push_back(SyncEvent::PeerError(e)),
             _ => {}
         }
@@ -731,34 +725,32 @@ impl PeerSync {
         self.send_repair_request(now_ms, stream, replica);
     }
 
-    fn on_snapshot_chunk(
-        &mut self,
-        now_ms: u64,
-        stream: StreamId,
-        part: SnapshotPart,
-        replica: &dyn Replica,
-    ) {
+    fn on_snapshot_chunk(&mut self, now_ms: u64, chunk: PeerMessage, replica: &dyn Replica) {
+        let PeerMessage::SnapshotChunk { stream, at, from, entries, checksum, resume: next, last } = chunk
+        else {
+            return;
+        };
         let peer = self.peer.as_str().to_string();
         let Some(r) = self.repairs.get_mut(&stream) else { return };
         let RepairStep::Fetch { buckets, resume, begun } = &mut r.step else { return };
-        if *resume != part.from {
+        if *resume != from {
             return; // a duplicate or an answer to an earlier request
         }
-        if chunk_checksum(&part.entries) != part.checksum {
+        if chunk_checksum(&entries) != checksum {
             self.send_repair_request(now_ms, stream, replica);
             return;
         }
-        let at = r.at.get_or_insert(part.at).clone();
+        let at = r.at.get_or_insert(at).clone();
         let mut staged = Ok(());
         if !*begun {
             let covered = if buckets.is_empty() { None } else { Some(buckets.as_slice()) };
             staged = replica.begin_snapshot(stream, &peer, covered);
             *begun = true;
         }
-        let staged = staged.and_then(|()| replica.stage_snapshot(stream, &peer, &part.entries));
-        r.entries += part.entries.len() as u64;
-        self.stats.repair_entries += part.entries.len() as u64;
-        if staged.is_err() || part.last {
+        let staged = staged.and_then(|()| replica.stage_snapshot(stream, &peer, &entries));
+        r.entries += entries.len() as u64;
+        self.stats.repair_entries += entries.len() as u64;
+        if staged.is_err() || last {
             let fetched = if buckets.is_empty() { TREE_LEAVES as usize } else { buckets.len() };
             let entries = r.entries;
             self.repairs.remove(&stream);
@@ -766,7 +758,7 @@ impl PeerSync {
             self.repair_done(now_ms, stream, fetched, entries, done, replica);
             return;
         }
-        *resume = part.resume;
+        *resume = next;
         self.send_repair_request(now_ms, stream, replica);
     }
 
@@ -931,16 +923,6 @@ const NOT_COVERED_REPEAT: u64 = 4;
 /// An acknowledgement is repeated this many times, this many retransmit intervals apart.
 const ACK_REPEATS: u8 = 2;
 const ACK_REPEAT_INTERVALS: u64 = 3;
-
-/// A snapshot chunk as received (the message's fields past the stream).
-struct SnapshotPart {
-    at: VersionVector,
-    from: Vec<u8>,
-    entries: Vec<Entry>,
-    checksum: [u8; 32],
-    resume: Vec<u8>,
-    last: bool,
-}
 
 /// blake3 over a chunk's encoded entries, in order.
 fn chunk_checksum(entries: &[Entry]) -> [u8; 32] {

@@ -1013,6 +1013,25 @@ impl World {
         }
     }
 
+    /// With `SIM_DEBUG` set: every version (key, dot, delete flag, context) of each
+    /// member's replica of `stream`, one line per appliance, for diffing.
+    fn dump_versions(&self, tag: &str, stream: StreamId, members: &[usize], live: &[(usize, Store)]) {
+        if std::env::var_os("SIM_DEBUG").is_none() {
+            return;
+        }
+        for &i in members {
+            let store = &live[i].1;
+            let Ok((_, all, _)) = store.snapshot_chunk(stream, &[], &[], usize::MAX) else { continue };
+            let versions: Vec<String> = all
+                .iter()
+                .map(|e| {
+                    format!("{}:{}:{}:{}", String::from_utf8_lossy(&e.key), e.dot, e.is_delete(), e.context)
+                })
+                .collect();
+            eprintln!("{tag} {} vector {} {versions:?}", self.nodes[i].id, store.vector(stream));
+        }
+    }
+
     /// Collects the tombstones every in-scope replica acknowledged.
     fn collect_tombstones(&mut self, n: usize) {
         let Some(store) = self.nodes[n].store.clone() else { return };
@@ -1075,82 +1094,23 @@ impl World {
             for (g, members) in groups {
                 let digests: Vec<[u8; 32]> =
                     members.iter().map(|&i| live[i].1.digest(stream).unwrap_or([0; 32])).collect();
-                // The anti-entropy roots agree too (they also cover each version's context).
+                // The anti-entropy roots agree too.
                 let roots: Vec<Vec<repl_wire::BucketHash>> = members
                     .iter()
                     .map(|&i| live[i].1.tree_hashes(stream, 1_700_000_000_000 + self.now, 0, &[0]).1)
                     .collect();
-                if roots.windows(2).any(|w| w[0] != w[1]) {
-                    let names: Vec<String> = members.iter().map(|&i| self.nodes[i].id.to_string()).collect();
-                    self.report
-                        .violations
-                        .push(format!("{stream} hash-tree roots of group {g} differ: {names:?}"));
-                    if std::env::var_os("SIM_DEBUG").is_some() {
-                        for &i in &members {
-                            if let Ok((_, all, _)) = live[i].1.snapshot_chunk(stream, &[], &[], usize::MAX) {
-                                let vs: Vec<String> = all
-                                    .iter()
-                                    .map(|e| {
-                                        format!(
-                                            "{}:{}:{}:{}",
-                                            String::from_utf8_lossy(&e.key),
-                                            e.dot,
-                                            e.is_delete(),
-                                            e.context
-                                        )
-                                    })
-                                    .collect();
-                                eprintln!("ROOTS {} {vs:?}", self.nodes[i].id);
-                            }
-                        }
-                    }
-                }
                 for d in &digests {
                     self.trace.update(d);
                 }
+                let names: Vec<String> = members.iter().map(|&i| self.nodes[i].id.to_string()).collect();
+                if roots.windows(2).any(|w| w[0] != w[1]) {
+                    self.dump_versions("ROOTS", stream, &members, &live);
+                    self.report
+                        .violations
+                        .push(format!("{stream} hash-tree roots of group {g} differ: {names:?}"));
+                }
                 if digests.windows(2).any(|w| w[0] != w[1]) {
-                    let names: Vec<String> = members.iter().map(|&i| self.nodes[i].id.to_string()).collect();
-                    if std::env::var_os("SIM_DEBUG").is_some() {
-                        for &i in &members {
-                            let s = &live[i].1;
-                            let keys: Vec<String> = s
-                                .scan_keys(Collection::Users, b"", 100)
-                                .iter()
-                                .map(|k| {
-                                    let r = s.get(Collection::Users, k).ok();
-                                    format!(
-                                        "{}={:?}",
-                                        String::from_utf8_lossy(k),
-                                        r.map(|r| (
-                                            r.values.iter().map(|v| v.dot.to_string()).collect::<Vec<_>>(),
-                                            r.context.to_string()
-                                        ))
-                                    )
-                                })
-                                .collect();
-                            if let Ok((_, all, _)) = s.snapshot_chunk(stream, &[], &[], usize::MAX) {
-                                let vs: Vec<String> = all
-                                    .iter()
-                                    .map(|e| {
-                                        format!(
-                                            "{}:{}:{}:{}",
-                                            String::from_utf8_lossy(&e.key),
-                                            e.dot,
-                                            e.is_delete(),
-                                            e.context
-                                        )
-                                    })
-                                    .collect();
-                                eprintln!("VERSIONS {} {vs:?}", self.nodes[i].id);
-                            }
-                            eprintln!(
-                                "{} {:?} vector {} {keys:?}",
-                                self.nodes[i].id,
-                                digests[members.iter().position(|m| *m == i).unwrap_or(0)][0],
-                                s.vector(stream)
-                            );
-                        }
-                    }
+                    self.dump_versions("VERSIONS", stream, &members, &live);
                     self.report.violations.push(format!("{stream} replicas of group {g} differ: {names:?}"));
                 }
                 let replicas = members.len() as u64;
