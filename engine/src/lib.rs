@@ -42,7 +42,9 @@ pub use options::{
     SEGMENT_BYTES_DEFAULT,
 };
 pub use records::{ComputerPolicy, Record, Session, SsoEnrollment, TopologyRecord, User, UserPolicy};
-pub use storage::{FileStorage, SimConfig, SimStorage, Storage, StorageFile};
+pub use storage::{
+    FileStorage, SimConfig, SimStorage, Storage, StorageFile, SyncLatency, SYNC_LATENCY_BOUNDS_US,
+};
 pub use store::{Durability, PendingWrite, Read, Recovery, Store, Value, WriteBatch};
 pub use stream::{CompactionReport, ConflictRecord, StreamRecovery};
 pub use versions::{ConflictPolicy, SIBLINGS_MAX};

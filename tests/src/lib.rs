@@ -23,6 +23,7 @@ pub fn sim_store(seed: u64) -> (SimStorage, Store, Arc<ManualClock>) {
     (disk, store, clock)
 }
 
+pub mod net;
 pub mod sim;
 
 /// The seed to use: `SEED` from the environment when set (to replay a failure).

@@ -3,91 +3,35 @@
 //! each other and sessions only within their site; an appliance whose certificate
 //! comes from another CA is refused and receives nothing.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use repl_engine::runtime::{Node, NodeConfig};
-use repl_engine::sync::SyncConfig;
-use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
+use repl_engine::topology::{Generation, Role};
 use repl_engine::{Store, StoreOptions, WriteBatch};
-use repl_wire::transport::{AllowedPeers, CertificateAuthority, Identity, TlsSetup, Validity};
+use repl_tests::net::{appliance_tls as tls, free_port, topology, wait_until as wait_for};
+use repl_wire::transport::{CertificateAuthority, Validity};
 use repl_wire::{Collection, NodeId};
 
-fn free_port() -> SocketAddr {
-    // Bound and released: the node binds it right after (loopback, this test only).
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free loopback port")
-}
-
-fn topology(addrs: &[(&str, &str, Option<Role>, SocketAddr)]) -> Topology {
-    let site = |id: &str, range: &str, failover: &str| Site {
-        id: id.into(),
-        name: id.into(),
-        kind: SiteKind::Active,
-        ranges: vec![range.parse().expect("range")],
-        primary_failover: Some(failover.into()),
-        secondary_failover: None,
-        external: None,
-    };
-    Topology {
-        enterprise: "loopback".into(),
-        generation: Generation::G3,
-        epoch: 1,
-        external: ExternalServers::default(),
-        bootstrap: None,
-        sites: vec![site("a", "10.1.0.0/16", "b"), site("b", "10.2.0.0/16", "a")],
-        appliances: addrs
-            .iter()
-            .map(|(id, site, role, address)| Appliance {
-                id: NodeId::new(*id).expect("id"),
-                name: id.to_string(),
-                site: site.to_string(),
-                address: *address,
-                roles: role.iter().copied().collect(),
-            })
-            .collect(),
-    }
-}
-
-fn tls(ca: &CertificateAuthority, id: &str, topology: &Topology) -> TlsSetup {
-    let cert = ca
-        .issue(&Identity::Appliance(NodeId::new(id).expect("id")), Validity::days_from_now(1))
-        .expect("issue");
-    let allowed = AllowedPeers::new(topology.appliances.iter().map(|a| a.id.clone()));
-    TlsSetup::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem, &[], allowed).expect("tls setup")
-}
-
-async fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+const AUDIT: &[Role] = &[Role::Audit];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_appliances_replicate_over_quic_and_a_foreign_certificate_is_refused() {
     let ca = CertificateAuthority::create("loopback", Validity::days_from_now(1)).expect("ca");
     let rogue_ca = CertificateAuthority::create("elsewhere", Validity::days_from_now(1)).expect("ca");
     let specs = [
-        ("a1", "a", Some(Role::Audit), free_port()),
-        ("a2", "a", None, free_port()),
-        ("b1", "b", Some(Role::Audit), free_port()),
-        ("b2", "b", None, free_port()),
+        ("a1", "a", AUDIT, free_port()),
+        ("a2", "a", &[], free_port()),
+        ("b1", "b", AUDIT, free_port()),
+        ("b2", "b", &[], free_port()),
     ];
-    let t = topology(&specs);
+    let t = topology(Generation::G3, &specs);
     let dirs: Vec<tempfile::TempDir> = specs.iter().map(|_| tempfile::tempdir().expect("dir")).collect();
     let mut nodes = Vec::new();
     for (i, (id, _, _, addr)) in specs.iter().enumerate() {
         let store = Store::open_dir(dirs[i].path(), StoreOptions::default()).expect("open");
         // b2 holds a certificate from another CA: it is not part of this enterprise.
         let ca = if *id == "b2" { &rogue_ca } else { &ca };
-        let config = NodeConfig {
-            me: NodeId::new(*id).expect("id"),
-            topology: t.clone(),
-            tls: tls(ca, id, &t),
-            listen: *addr,
-            sync: SyncConfig::default(),
-        };
+        let config = NodeConfig::new(NodeId::new(*id).expect("id"), t.clone(), tls(ca, id, &t), *addr);
         nodes.push(Node::start(store, config).await.expect("start"));
     }
 
@@ -125,26 +69,20 @@ async fn three_appliances_replicate_over_quic_and_a_foreign_certificate_is_refus
     assert!(nodes[3].store().get(Collection::Users, b"user0").expect("read").value().is_none());
 
     for n in nodes {
-        n.shutdown().await;
+        n.shutdown(Duration::ZERO).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_appliance_that_stops_catches_up_when_it_comes_back() {
     let ca = CertificateAuthority::create("loopback", Validity::days_from_now(1)).expect("ca");
-    let specs = [("a1", "a", Some(Role::Audit), free_port()), ("b1", "b", Some(Role::Audit), free_port())];
-    let t = topology(&specs);
+    let specs = [("a1", "a", AUDIT, free_port()), ("b1", "b", AUDIT, free_port())];
+    let t = topology(Generation::G3, &specs);
     let dirs: Vec<tempfile::TempDir> = specs.iter().map(|_| tempfile::tempdir().expect("dir")).collect();
     let start = |i: usize| {
         let (id, _, _, addr) = specs[i];
         let store = Store::open_dir(dirs[i].path(), StoreOptions::default()).expect("open");
-        let config = NodeConfig {
-            me: NodeId::new(id).expect("id"),
-            topology: t.clone(),
-            tls: tls(&ca, id, &t),
-            listen: addr,
-            sync: SyncConfig::default(),
-        };
+        let config = NodeConfig::new(NodeId::new(id).expect("id"), t.clone(), tls(&ca, id, &t), addr);
         Node::start(store, config)
     };
     let a1 = start(0).await.expect("start a1");
@@ -160,7 +98,7 @@ async fn an_appliance_that_stops_catches_up_when_it_comes_back() {
     wait_for("user0 on b1", Duration::from_secs(30), || has(&b1, 0)).await;
 
     // b1 stops; a1 keeps writing; b1 comes back on the same data and address.
-    b1.shutdown().await;
+    b1.shutdown(Duration::ZERO).await;
     for i in 1..=20 {
         put(&a1, i);
     }
@@ -170,6 +108,6 @@ async fn an_appliance_that_stops_catches_up_when_it_comes_back() {
     // And writes flow the other way too.
     put(&b1, 100);
     wait_for("user100 on a1", Duration::from_secs(30), || has(&a1, 100)).await;
-    a1.shutdown().await;
-    b1.shutdown().await;
+    a1.shutdown(Duration::ZERO).await;
+    b1.shutdown(Duration::ZERO).await;
 }

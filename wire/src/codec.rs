@@ -342,7 +342,7 @@ mod tests {
     }
 
     fn collection() -> impl Strategy<Value = Collection> {
-        (0usize..7).prop_map(|i| Collection::ALL[i])
+        (0..Collection::ALL.len()).prop_map(|i| Collection::ALL[i])
     }
 
     fn call() -> impl Strategy<Value = ClientCall> {

@@ -139,7 +139,7 @@ mod tests {
             any::<u64>(),
             1u64..1_000_000,
             any::<u64>(),
-            0usize..7,
+            0..Collection::ALL.len(),
             proptest::collection::vec(any::<u8>(), 0..64),
             proptest::option::of((
                 proptest::collection::vec(any::<u8>(), 0..256),

@@ -67,11 +67,14 @@ pub enum Collection {
     Sessions,
     /// Audit events.
     Audit,
+    /// Client requests already answered, by idempotency key: a retry (also one sent
+    /// to another appliance after a failover) gets the first answer. Expiring records.
+    Requests,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 7] = [
+    pub const ALL: [Collection; 8] = [
         Collection::Users,
         Collection::UserPolicies,
         Collection::ComputerPolicies,
@@ -79,12 +82,13 @@ impl Collection {
         Collection::Topology,
         Collection::Sessions,
         Collection::Audit,
+        Collection::Requests,
     ];
 
     /// The stream this collection replicates in.
     pub fn stream(self) -> StreamId {
         match self {
-            Collection::Sessions => StreamId::Sessions,
+            Collection::Sessions | Collection::Requests => StreamId::Sessions,
             Collection::Audit => StreamId::Audit,
             _ => StreamId::Enterprise,
         }
@@ -100,6 +104,7 @@ impl Collection {
             Collection::Topology => "topology",
             Collection::Sessions => "sessions",
             Collection::Audit => "audit",
+            Collection::Requests => "requests",
         }
     }
 

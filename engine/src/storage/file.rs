@@ -2,7 +2,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::{Storage, StorageFile};
 
@@ -10,6 +12,38 @@ use super::{Storage, StorageFile};
 #[derive(Debug, Clone)]
 pub struct FileStorage {
     dir: PathBuf,
+    latency: Arc<SyncLatency>,
+}
+
+/// Upper bounds, in microseconds, of the buckets of [`SyncLatency`] (the last bucket
+/// is unbounded).
+pub const SYNC_LATENCY_BOUNDS_US: [u64; 12] =
+    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000];
+
+/// A histogram of `fdatasync` latencies of one [`FileStorage`] (measured at the I/O
+/// edge; the store's logic never reads a clock).
+#[derive(Debug, Default)]
+pub struct SyncLatency {
+    buckets: [AtomicU64; SYNC_LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl SyncLatency {
+    fn record(&self, us: u64) {
+        let i = SYNC_LATENCY_BOUNDS_US.iter().position(|b| us <= *b).unwrap_or(SYNC_LATENCY_BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Count per bucket (not cumulative), the last one past every bound.
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Total of all recorded latencies, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
 }
 
 impl FileStorage {
@@ -17,7 +51,12 @@ impl FileStorage {
     pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)?;
-        Ok(FileStorage { dir })
+        Ok(FileStorage { dir, latency: Arc::default() })
+    }
+
+    /// The `fdatasync` latency histogram of every file of this storage.
+    pub fn sync_latency(&self) -> Arc<SyncLatency> {
+        self.latency.clone()
     }
 
     /// The directory this storage lives in.
@@ -34,17 +73,17 @@ impl FileStorage {
 }
 
 #[derive(Debug)]
-struct RealFile(File);
+struct RealFile(File, Arc<SyncLatency>);
 
 impl Storage for FileStorage {
     fn create(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(self.path(name)?)?;
-        Ok(Arc::new(RealFile(file)))
+        Ok(Arc::new(RealFile(file, self.latency.clone())))
     }
 
     fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
         let file = OpenOptions::new().read(true).write(true).open(self.path(name)?)?;
-        Ok(Arc::new(RealFile(file)))
+        Ok(Arc::new(RealFile(file, self.latency.clone())))
     }
 
     fn list(&self) -> io::Result<Vec<String>> {
@@ -82,7 +121,10 @@ impl StorageFile for RealFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        let start = Instant::now();
+        let done = self.0.sync_data();
+        self.1.record(start.elapsed().as_micros() as u64);
+        done
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -14,6 +14,6 @@ mod tls;
 pub use certs::{read_pem, CertError, CertificateAuthority, Identity, IssuedCertificate, KeyFile, Validity};
 pub use framed::{recv_message, send_message};
 pub use tls::{
-    accept, client_endpoint, connect, server_endpoint, AllowedPeers, KeyLogRecorder, TlsSetup,
-    TransportError, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL,
+    accept, client_endpoint, connect, negotiated_alpn, server_endpoint, AllowedPeers, KeyLogRecorder,
+    TlsSetup, TransportError, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL,
 };

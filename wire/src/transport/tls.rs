@@ -460,24 +460,32 @@ pub async fn connect(
     Ok(connecting.await?)
 }
 
+/// The ALPN protocol a connection negotiated (empty if none).
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Vec<u8> {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .unwrap_or_default()
+}
+
 /// Completes an incoming connection's handshake (client certificate verified by the
 /// server's verifier) and authorizes its identity for the negotiated protocol:
-/// appliances on `repl-peer/1`, clients and admins on `repl-client/1`. A refused
+/// appliances on `repl-peer/1`; clients, admins and (G4 service) appliances on
+/// `repl-client/1`. A refused
 /// connection is closed before any stream is accepted.
 pub async fn accept(incoming: quinn::Incoming) -> Result<(quinn::Connection, Identity), TransportError> {
     let conn = incoming.await?;
-    let alpn = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol)
-        .unwrap_or_default();
+    let alpn = negotiated_alpn(&conn);
     let identity = conn
         .peer_identity()
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().and_then(identity_of));
     let allowed = match (&identity, alpn.as_slice()) {
         (Some(Identity::Appliance(_)), a) if a == ALPN_PEER => true,
-        (Some(Identity::Client(_) | Identity::Admin(_)), a) if a == ALPN_CLIENT => true,
+        // A G4 service appliance reaches a database appliance as a client.
+        (Some(Identity::Client(_) | Identity::Admin(_) | Identity::Appliance(_)), a) if a == ALPN_CLIENT => {
+            true
+        }
         _ => false,
     };
     if !allowed {

@@ -1,0 +1,435 @@
+//! The node runtime (feature `runtime`): drives one [`PeerSync`](crate::sync::PeerSync)
+//! per in-scope peer over QUIC with mutual TLS, serves the client protocol, and keeps
+//! the counters behind the metrics. This is the only part of the engine that touches
+//! tokio, sockets and the wall clock; the machines it drives are the ones the
+//! simulator drives.
+//!
+//! Connections: of each pair of appliances the one with the smaller id dials, the
+//! other accepts; the dialer reconnects with jittered exponential backoff. One
+//! bidirectional stream per connection carries every message of a peer session, in
+//! order. Clients (agents, admins, G4 service appliances) speak `repl-client/1`: one
+//! bidirectional stream per request. A local write made directly on the [`Store`]
+//! must be announced with [`Node::notify`]; writes served over the client protocol
+//! announce themselves, and entries applied from one peer wake every other session,
+//! which pushes or relays them.
+
+mod client;
+mod metrics;
+mod peer;
+mod serve;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use repl_wire::transport::{server_endpoint, TlsSetup, TransportError};
+use repl_wire::{NodeId, StreamId, VersionVector, ALPN_CLIENT, ALPN_PEER};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use client::{ClientError, RemoteStore, RemoteTarget};
+pub use metrics::{serve_http, HttpError};
+
+use crate::storage::SyncLatency;
+use crate::store::Store;
+use crate::sync::SyncConfig;
+use crate::topology::Topology;
+
+/// How a G4 database appliance acknowledges client writes with respect to its pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PairMode {
+    /// Acknowledge once durable here; the pair catches up asynchronously.
+    #[default]
+    Async,
+    /// Acknowledge only once the other database appliance holds the write durably too.
+    Sync {
+        /// How long to wait for the pair's acknowledgement.
+        timeout_ms: u64,
+        /// What to do when it does not come in time.
+        on_timeout: PairTimeout,
+    },
+}
+
+/// What synchronous pair mode does when the pair does not confirm in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairTimeout {
+    /// Answer the client `Unavailable` (the write is durable here and will still
+    /// replicate; a retry with the same idempotency key returns the same token once the
+    /// pair confirms).
+    FailClosed,
+    /// Acknowledge anyway, count it and raise the degraded alarm.
+    Degrade,
+}
+
+/// How the node serves clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// How long a read carrying a causal token waits for that write to arrive.
+    pub causal_wait_ms: u64,
+    /// Synchronous pair mode (G4 database appliances only).
+    pub pair: PairMode,
+    /// How long answered requests are remembered for retries, in milliseconds.
+    pub request_ttl_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig { causal_wait_ms: 5_000, pair: PairMode::Async, request_ttl_ms: 600_000 }
+    }
+}
+
+/// What a node needs to run.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This appliance.
+    pub me: NodeId,
+    /// The enterprise topology (its addresses are where peers are dialed).
+    pub topology: Topology,
+    /// Mutual TLS: the enterprise CA, this appliance's certificate and the allowed peers.
+    pub tls: TlsSetup,
+    /// Where to accept peers and clients.
+    pub listen: SocketAddr,
+    /// Sync tunables.
+    pub sync: SyncConfig,
+    /// Client-protocol tunables.
+    pub serve: ServeConfig,
+    /// G4 service appliances: the database appliances client calls are forwarded to.
+    pub upstream: Option<RemoteStore>,
+    /// The data directory's fsync latency histogram, for the metrics.
+    pub sync_latency: Option<Arc<SyncLatency>>,
+}
+
+impl NodeConfig {
+    /// A configuration with default sync and serving tunables, no upstream and no
+    /// fsync histogram.
+    pub fn new(me: NodeId, topology: Topology, tls: TlsSetup, listen: SocketAddr) -> NodeConfig {
+        NodeConfig {
+            me,
+            topology,
+            tls,
+            listen,
+            sync: SyncConfig::default(),
+            serve: ServeConfig::default(),
+            upstream: None,
+            sync_latency: None,
+        }
+    }
+}
+
+/// The database appliances of a G4 `topology` as client targets: those of `site`
+/// first, then the others, each group in topology order.
+pub fn database_targets(topology: &Topology, site: &str) -> Vec<RemoteTarget> {
+    let mut dbs: Vec<&crate::topology::Appliance> =
+        topology.appliances.iter().filter(|a| a.has(crate::topology::Role::Database)).collect();
+    dbs.sort_by_key(|a| a.site != site);
+    dbs.into_iter().map(|a| RemoteTarget { id: a.id.clone(), address: a.address }).collect()
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The listen address could not be bound (in use, or not ours).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: TransportError,
+    },
+    /// This appliance is not in the topology it was given.
+    #[error("appliance {0} is not in the topology")]
+    NotInTopology(NodeId),
+}
+
+/// Per peer and stream: how far behind the peer is on what this node sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLag {
+    /// The stream.
+    pub stream: StreamId,
+    /// Entries this node holds that the peer has not acknowledged.
+    pub entries: u64,
+    /// How long the peer has been behind, in milliseconds (0 when caught up).
+    pub behind_ms: u64,
+}
+
+/// What a node knows of one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer.
+    pub id: NodeId,
+    /// Whether a session is established now.
+    pub connected: bool,
+    /// Sessions established so far.
+    pub sessions: u64,
+    /// Lag per stream this node sends the peer.
+    pub lag: Vec<StreamLag>,
+    /// Entries received from and sent to the peer.
+    pub entries_in: u64,
+    /// Entries sent (retransmissions included).
+    pub entries_out: u64,
+    /// UDP bytes received on the peer's connections.
+    pub bytes_in: u64,
+    /// UDP bytes sent.
+    pub bytes_out: u64,
+}
+
+/// Counters of a running node, for status pages and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Peers with an established session.
+    pub connected: Vec<NodeId>,
+    /// Connections refused (bad certificate, unknown appliance, wrong protocol).
+    pub refused: u64,
+    /// Errors raised by sessions (a peer's protocol error, a failed apply), newest last.
+    pub errors: Vec<String>,
+    /// Every in-scope peer.
+    pub peers: Vec<PeerStatus>,
+    /// Client requests served, and how many of them failed.
+    pub client_requests: u64,
+    /// Client requests answered with an error.
+    pub client_errors: u64,
+    /// Writes acknowledged without the pair's confirmation (synchronous mode degraded).
+    pub pair_degraded: u64,
+}
+
+/// The most session errors a status keeps.
+const ERRORS_KEPT: usize = 64;
+
+#[derive(Debug, Default)]
+struct PeerState {
+    connected: bool,
+    sessions: u64,
+    sends: BTreeSet<StreamId>,
+    acked: BTreeMap<StreamId, VersionVector>,
+    behind_since_ms: BTreeMap<StreamId, u64>,
+    entries_in: u64,
+    entries_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    refused: u64,
+    errors: Vec<String>,
+    peers: BTreeMap<NodeId, PeerState>,
+    client_requests: u64,
+    client_errors: u64,
+    pair_degraded: u64,
+}
+
+/// What every task of a node shares.
+#[derive(Debug)]
+struct Shared {
+    config: NodeConfig,
+    store: Store,
+    /// Bumped when entries become durable here (local writes, applied entries): peer
+    /// sessions push or relay.
+    wake: watch::Sender<u64>,
+    /// Bumped when anything a waiting request may wait on moved: the store's vectors
+    /// or a peer's acknowledgements.
+    progress: watch::Sender<u64>,
+    state: std::sync::Mutex<State>,
+    /// Requests being served, by idempotency key: a concurrent retry waits its turn.
+    in_flight: std::sync::Mutex<BTreeMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn error(&self, message: String) {
+        let mut state = self.state();
+        if state.errors.len() == ERRORS_KEPT {
+            state.errors.remove(0);
+        }
+        state.errors.push(message);
+    }
+
+    fn notify(&self) {
+        self.wake.send_modify(|v| *v += 1);
+        self.progress.send_modify(|v| *v += 1);
+    }
+
+    fn status(&self) -> NodeStatus {
+        let now = now_ms();
+        let state = self.state();
+        let mut peers = Vec::new();
+        for (id, p) in &state.peers {
+            let lag = p
+                .sends
+                .iter()
+                .map(|stream| {
+                    let ours = self.store.vector(*stream);
+                    let acked = p.acked.get(stream).cloned().unwrap_or_default();
+                    StreamLag {
+                        stream: *stream,
+                        entries: lag_entries(&ours, &acked),
+                        behind_ms: p.behind_since_ms.get(stream).map_or(0, |t| now.saturating_sub(*t)),
+                    }
+                })
+                .collect();
+            peers.push(PeerStatus {
+                id: id.clone(),
+                connected: p.connected,
+                sessions: p.sessions,
+                lag,
+                entries_in: p.entries_in,
+                entries_out: p.entries_out,
+                bytes_in: p.bytes_in,
+                bytes_out: p.bytes_out,
+            });
+        }
+        NodeStatus {
+            connected: state.peers.iter().filter(|(_, p)| p.connected).map(|(id, _)| id.clone()).collect(),
+            refused: state.refused,
+            errors: state.errors.clone(),
+            peers,
+            client_requests: state.client_requests,
+            client_errors: state.client_errors,
+            pair_degraded: state.pair_degraded,
+        }
+    }
+}
+
+/// Entries `ours` holds beyond `acked`.
+fn lag_entries(ours: &VersionVector, acked: &VersionVector) -> u64 {
+    ours.iter().map(|d| d.seq.saturating_sub(acked.get(d.origin))).sum()
+}
+
+/// A running appliance.
+#[derive(Debug)]
+pub struct Node {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// Starts serving `store` as appliance `config.me`: listens for peers and clients,
+    /// dials the in-scope peers whose id sorts after ours. Must run inside a
+    /// multi-threaded tokio runtime (store calls block on fdatasync).
+    pub async fn start(store: Store, config: NodeConfig) -> Result<Node, NodeError> {
+        if config.topology.appliance(&config.me).is_none() {
+            return Err(NodeError::NotInTopology(config.me));
+        }
+        let endpoint = server_endpoint(config.listen, &config.tls, &[ALPN_PEER, ALPN_CLIENT])
+            .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        let mut state = State::default();
+        for (peer, _) in peers_in_scope(&config.topology, &config.me) {
+            let scope = config.topology.scope(&config.me, &peer);
+            state.peers.insert(peer, PeerState { sends: scope.send, ..PeerState::default() });
+        }
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            wake: watch::channel(0).0,
+            progress: watch::channel(0).0,
+            state: std::sync::Mutex::new(state),
+            in_flight: std::sync::Mutex::default(),
+        });
+        let mut tasks = Vec::new();
+        for (peer, addr) in peers_in_scope(&shared.config.topology, &shared.config.me) {
+            if shared.config.me < peer {
+                tasks.push(tokio::spawn(peer::dial(shared.clone(), endpoint.clone(), peer, addr)));
+            }
+        }
+        tasks.push(tokio::spawn(peer::accept_loop(shared.clone(), endpoint.clone())));
+        Ok(Node { shared, endpoint, tasks })
+    }
+
+    /// The store this node serves.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// This appliance's id.
+    pub fn id(&self) -> &NodeId {
+        &self.shared.config.me
+    }
+
+    /// Where the node accepts peers and clients.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Announces new durable local writes to every session.
+    pub fn notify(&self) {
+        self.shared.notify();
+    }
+
+    /// A snapshot of the node's counters.
+    pub fn status(&self) -> NodeStatus {
+        self.shared.status()
+    }
+
+    /// The node's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        metrics::render(&self.shared)
+    }
+
+    /// A small HTML status page.
+    pub fn status_page(&self) -> String {
+        metrics::status_page(&self.shared)
+    }
+
+    /// Waits until every connected peer has acknowledged everything this node holds in
+    /// the streams it sends it, or `timeout` passes; true if they did.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let mut progress = self.shared.progress.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.shared.status();
+            if status.peers.iter().filter(|p| p.connected).all(|p| p.lag.iter().all(|l| l.entries == 0)) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, progress.changed()).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Stops gracefully: stops accepting new connections, gives connected peers up to
+    /// `drain` to acknowledge what this node holds, then closes every connection and
+    /// waits for the sessions to end. Everything acknowledged is already durable.
+    pub async fn shutdown(self, drain: Duration) {
+        self.endpoint.set_server_config(None);
+        let connected = !self.shared.status().connected.is_empty();
+        if connected && !drain.is_zero() {
+            let _ = self.drained(drain).await;
+        }
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// The peers of `me` in `topology` (those sharing a stream with it), by id.
+pub fn peers_in_scope(topology: &Topology, me: &NodeId) -> BTreeMap<NodeId, SocketAddr> {
+    topology
+        .appliances
+        .iter()
+        .filter(|a| &a.id != me)
+        .filter(|a| {
+            let s = topology.scope(me, &a.id);
+            !(s.send.is_empty() && s.receive.is_empty())
+        })
+        .map(|a| (a.id.clone(), a.address))
+        .collect()
+}

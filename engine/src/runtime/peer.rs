@@ -1,0 +1,207 @@
+//! Peer connections: dialing with backoff, accepting (peers and clients), and the
+//! session loop that drives one sync machine over one ordered QUIC stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use repl_wire::transport::{accept, connect, negotiated_alpn, recv_message, send_message, Identity};
+use repl_wire::{FrameReader, NodeId, PeerMessage, StreamId, VersionVector, ALPN_PEER};
+
+use super::{lag_entries, now_ms, serve, Shared};
+use crate::rng::random_u64;
+use crate::sync::{PeerSync, SyncEvent, SyncSetup};
+
+/// Backoff between dial attempts: starts here, doubles, capped at [`BACKOFF_MAX_MS`].
+const BACKOFF_MIN_MS: u64 = 100;
+const BACKOFF_MAX_MS: u64 = 5_000;
+
+/// Dials `peer` at `addr` for as long as the node runs.
+pub(super) async fn dial(shared: Arc<Shared>, endpoint: quinn::Endpoint, peer: NodeId, addr: SocketAddr) {
+    let mut backoff_ms = BACKOFF_MIN_MS;
+    loop {
+        let attempt = async {
+            let conn = connect(&endpoint, &shared.config.tls, ALPN_PEER, addr, &peer).await.ok()?;
+            let (send, recv) = conn.open_bi().await.ok()?;
+            run_session(&shared, &conn, peer.clone(), send, recv).await;
+            conn.close(quinn::VarInt::from_u32(0), b"session over");
+            Some(())
+        };
+        if attempt.await.is_some() {
+            backoff_ms = BACKOFF_MIN_MS;
+        }
+        // Jittered exponential backoff: half the step plus up to half again.
+        let jitter = random_u64() % (backoff_ms / 2 + 1);
+        tokio::time::sleep(Duration::from_millis(backoff_ms / 2 + jitter)).await;
+        backoff_ms = (backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+}
+
+/// Accepts connections until the endpoint closes: appliances of the topology on the
+/// peer protocol, clients on the client protocol.
+pub(super) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let (conn, identity) = match accept(incoming).await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    shared.state().refused += 1;
+                    shared.error(format!("refused a connection from {remote}: {e}"));
+                    return;
+                }
+            };
+            if negotiated_alpn(&conn) != ALPN_PEER {
+                return serve::serve_connection(shared, conn, identity).await;
+            }
+            let id = match identity {
+                Identity::Appliance(id) if shared.state().peers.contains_key(&id) => id,
+                other => {
+                    shared.state().refused += 1;
+                    shared.error(format!("refused {} from {remote}: not an in-scope appliance", other.uri()));
+                    conn.close(quinn::VarInt::from_u32(1), b"not an in-scope appliance");
+                    return;
+                }
+            };
+            let Ok((send, recv)) = conn.accept_bi().await else { return };
+            run_session(&shared, &conn, id, send, recv).await;
+            conn.close(quinn::VarInt::from_u32(0), b"session over");
+        });
+    }
+}
+
+fn vectors(shared: &Shared) -> Vec<VersionVector> {
+    StreamId::ALL.iter().map(|s| shared.store.vector(*s)).collect()
+}
+
+/// Drives one session until the stream breaks or the node stops.
+async fn run_session(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    peer: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let config = &shared.config;
+    let setup = SyncSetup {
+        me: config.me.clone(),
+        peer: peer.clone(),
+        scope: config.topology.scope(&config.me, &peer),
+        epoch: config.topology.epoch,
+        session: random_u64(),
+        peer_incarnation: None,
+        config: config.sync,
+    };
+    let store = shared.store.clone();
+    let mut machine = tokio::task::block_in_place(|| PeerSync::new(setup, now_ms(), &store));
+    let mut woken = shared.wake.subscribe();
+    let mut reader = FrameReader::new();
+    let mut established = false;
+    let (mut entries_in, mut entries_out, mut bytes_base) = (0u64, 0u64, (0u64, 0u64));
+    loop {
+        while let Some(m) = machine.poll_transmit() {
+            if send_message(&mut send, &m).await.is_err() {
+                return closed(shared, &peer, established);
+            }
+        }
+        while let Some(event) = machine.poll_event() {
+            match event {
+                SyncEvent::PeerError(e) => shared.error(format!("{peer}: {e}")),
+                SyncEvent::ApplyFailed(e) => shared.error(format!("{peer}: apply failed: {e}")),
+                SyncEvent::EpochDiffers { ours, theirs } => {
+                    shared.error(format!("{peer}: topology epoch {theirs} differs from ours {ours}"))
+                }
+                _ => {}
+            }
+        }
+        if machine.is_established() && !established {
+            established = true;
+            let mut state = shared.state();
+            let p = state.peers.entry(peer.clone()).or_default();
+            p.connected = true;
+            p.sessions += 1;
+        }
+        // Publish what the machine knows: the peer's acknowledgements and the counters.
+        let stats = machine.stats();
+        let udp = conn.stats().udp_rx.bytes;
+        let udp_out = conn.stats().udp_tx.bytes;
+        let acked_moved = {
+            let now = now_ms();
+            let mut state = shared.state();
+            let p = state.peers.entry(peer.clone()).or_default();
+            p.entries_out += stats.entries_sent - entries_out;
+            entries_out = stats.entries_sent;
+            p.entries_in += entries_in;
+            entries_in = 0;
+            p.bytes_in += udp - bytes_base.0;
+            p.bytes_out += udp_out - bytes_base.1;
+            bytes_base = (udp, udp_out);
+            let mut moved = false;
+            for stream in StreamId::ALL {
+                let Some(acked) = machine.acked(stream) else { continue };
+                if p.acked.get(&stream) != Some(acked) {
+                    p.acked.insert(stream, acked.clone());
+                    moved = true;
+                }
+                if p.sends.contains(&stream) {
+                    if lag_entries(&store.vector(stream), acked) == 0 {
+                        p.behind_since_ms.remove(&stream);
+                    } else {
+                        p.behind_since_ms.entry(stream).or_insert(now);
+                    }
+                }
+            }
+            moved
+        };
+        if acked_moved {
+            shared.progress.send_modify(|v| *v += 1);
+        }
+        let deadline = tokio::task::block_in_place(|| machine.poll_timeout(&store));
+        let sleep =
+            deadline.map_or(Duration::from_secs(3600), |t| Duration::from_millis(t.saturating_sub(now_ms())));
+        tokio::select! {
+            message = recv_message::<PeerMessage>(&mut recv, &mut reader) => {
+                let message = match message {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return closed(shared, &peer, established),
+                    Err(e) => {
+                        shared.error(format!("{peer}: session ended: {e}"));
+                        return closed(shared, &peer, established);
+                    }
+                };
+                if let PeerMessage::Entries { entries, .. } = &message {
+                    entries_in += entries.len() as u64;
+                }
+                let before = vectors(shared);
+                tokio::task::block_in_place(|| machine.handle_message(now_ms(), message, &store));
+                if vectors(shared) != before {
+                    // Entries arrived: other sessions may push or relay them, and
+                    // requests waiting on a causal token may proceed.
+                    shared.notify();
+                }
+            }
+            () = tokio::time::sleep(sleep) => {
+                tokio::task::block_in_place(|| machine.handle_timeout(now_ms(), &store));
+            }
+            changed = woken.changed() => {
+                if changed.is_err() {
+                    return closed(shared, &peer, established);
+                }
+                tokio::task::block_in_place(|| {
+                    for stream in StreamId::ALL {
+                        machine.handle_local_durable(now_ms(), stream, &store);
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn closed(shared: &Shared, peer: &NodeId, established: bool) {
+    if established {
+        if let Some(p) = shared.state().peers.get_mut(peer) {
+            p.connected = false;
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The client protocol (`repl-client/1`): one bidirectional stream per request, one
+//! [`ClientRequest`] in, one [`ClientReply`] out.
+//!
+//! Writes are idempotent by the request's key: the answer (the causal token) is stored
+//! durably as an expiring record of the `requests` collection, which replicates with
+//! the sessions stream, so a retry here or, after a failover, at the site peer or the
+//! other database appliance returns the first answer instead of writing again. A read
+//! carrying a causal token waits until this appliance holds that write. A G4 service
+//! appliance forwards everything but audit appends to its database appliances, with
+//! the client's own idempotency key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use repl_wire::transport::{recv_message, send_message, Identity};
+use repl_wire::{
+    AdminCall, ClientCall, ClientReply, ClientRequest, Collection, Dot, ErrorCode, FrameReader,
+    ProtocolError, StreamId, ValueView,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{now_ms, PairMode, PairTimeout, Shared};
+use crate::audit::AuditQuery;
+use crate::error::Error;
+use crate::store::{Durability, WriteBatch};
+use crate::topology::Role;
+
+/// Serves one client connection until it closes.
+pub(super) async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, identity: Identity) {
+    let identity = Arc::new(identity);
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let shared = shared.clone();
+        let identity = identity.clone();
+        tokio::spawn(async move { serve_stream(&shared, &identity, send, recv).await });
+    }
+}
+
+async fn serve_stream(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let mut reader = FrameReader::new();
+    let reply = match recv_message::<ClientRequest>(&mut recv, &mut reader).await {
+        Ok(Some(request)) => handle(shared, identity, request).await,
+        Ok(None) => return,
+        Err(e) => refuse(ErrorCode::BadRequest, format!("malformed request: {e}")),
+    };
+    {
+        let mut state = shared.state();
+        state.client_requests += 1;
+        if matches!(reply, ClientReply::Error(_)) {
+            state.client_errors += 1;
+        }
+    }
+    if send_message(&mut send, &reply).await.is_ok() {
+        let _ = send.finish();
+        // Wait for the client to read the reply (or go away) before dropping the stream.
+        let _ = send.stopped().await;
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> ClientReply {
+    ClientReply::Error(ProtocolError { code, message: message.into() })
+}
+
+fn store_error(e: &Error) -> ClientReply {
+    let code = match e {
+        Error::ContextMismatch => ErrorCode::ContextMismatch,
+        Error::Request(_) | Error::BatchTooLarge { .. } | Error::Record(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Unavailable,
+    };
+    refuse(code, e.to_string())
+}
+
+/// What a `requests` record holds: the answer of a write.
+#[derive(Debug, Serialize, Deserialize)]
+struct Answered {
+    stream: u8,
+    token: Dot,
+}
+
+/// Which stream a write call writes, or `None` for calls that do not write.
+fn write_stream(call: &ClientCall) -> Option<StreamId> {
+    match call {
+        ClientCall::Put { collection, .. } | ClientCall::Delete { collection, .. } => {
+            Some(collection.stream())
+        }
+        ClientCall::SessionCreate { .. }
+        | ClientCall::SessionTouch { .. }
+        | ClientCall::SessionEnd { .. } => Some(StreamId::Sessions),
+        ClientCall::AuditAppend(_) => Some(StreamId::Audit),
+        _ => None,
+    }
+}
+
+async fn handle(shared: &Arc<Shared>, identity: &Identity, request: ClientRequest) -> ClientReply {
+    if let ClientCall::Admin(call) = &request.body {
+        return match identity {
+            Identity::Admin(_) => admin(shared, call),
+            _ => refuse(ErrorCode::NotAuthorized, "administrative calls need an admin certificate"),
+        };
+    }
+    if let Some(upstream) = &shared.config.upstream {
+        // A service appliance: audit is recorded here and forwarded by the audit
+        // stream; everything else is the database appliances' business.
+        if !matches!(request.body, ClientCall::AuditAppend(_)) {
+            return upstream.call_with_key(request.idempotency_key, request.body).await.unwrap_or_else(|e| {
+                refuse(ErrorCode::Unavailable, format!("no database appliance answered: {e}"))
+            });
+        }
+    }
+    let Some(stream) = write_stream(&request.body) else { return read(shared, request.body).await };
+    // One request per key at a time: a retry racing its original waits for it.
+    let slot = {
+        let mut in_flight = super::lock(&shared.in_flight);
+        in_flight.entry(request.idempotency_key).or_default().clone()
+    };
+    let reply = {
+        let _turn = slot.lock().await;
+        idempotent_write(shared, request.idempotency_key, stream, request.body).await
+    };
+    {
+        let mut in_flight = super::lock(&shared.in_flight);
+        if Arc::strong_count(&slot) <= 2 {
+            in_flight.remove(&request.idempotency_key);
+        }
+    }
+    reply
+}
+
+async fn idempotent_write(
+    shared: &Arc<Shared>,
+    key: [u8; 16],
+    stream: StreamId,
+    call: ClientCall,
+) -> ClientReply {
+    let store = &shared.store;
+    let known = tokio::task::block_in_place(|| store.get(Collection::Requests, &key));
+    let answered = match known {
+        Ok(read) => read.value().and_then(|v| postcard::from_bytes::<Answered>(v).ok()),
+        Err(e) => return store_error(&e),
+    };
+    if let Some(answered) = answered {
+        // A retry: the first answer, once this appliance holds that write.
+        let stream = StreamId::from_code(answered.stream).unwrap_or(stream);
+        if !wait_for(shared, stream, answered.token, shared.config.serve.causal_wait_ms).await {
+            return refuse(
+                ErrorCode::Timeout,
+                "the first attempt's write has not reached this appliance yet",
+            );
+        }
+        return confirm(shared, stream, answered.token).await;
+    }
+    let written = tokio::task::block_in_place(|| write(shared, call));
+    let token = match written {
+        Ok(token) => token,
+        Err(reply) => return reply,
+    };
+    // Remember the answer (after the write is durable: a crash in between can only
+    // make a retry write again, never answer for a write that is not there).
+    let record = postcard::to_allocvec(&Answered { stream: stream.code(), token }).unwrap_or_default();
+    let expires = now_ms() + shared.config.serve.request_ttl_ms;
+    let remembered = tokio::task::block_in_place(|| {
+        store.write(
+            std::mem::take(WriteBatch::new().put_expiring(Collection::Requests, &key, &record, expires)),
+            Durability::Durable,
+        )
+    });
+    shared.notify();
+    if let Err(e) = remembered {
+        shared.error(format!("could not remember request answer: {e}"));
+    }
+    confirm(shared, stream, token).await
+}
+
+/// The write of a call; its dot is the causal token.
+fn write(shared: &Shared, call: ClientCall) -> Result<Dot, ClientReply> {
+    let store = &shared.store;
+    let mut batch = WriteBatch::new();
+    match call {
+        ClientCall::Put { collection, key, value, context, cas } => {
+            if matches!(collection, Collection::Audit | Collection::Requests | Collection::Sessions) {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    format!("{collection} is written through its own calls, not put"),
+                ));
+            }
+            match (context, cas) {
+                (Some(ctx), true) => batch.compare_and_put(collection, &key, &value, &ctx),
+                (None, true) => batch.compare_and_put(collection, &key, &value, &Default::default()),
+                (Some(ctx), false) => batch.put_with_context(collection, &key, &value, &ctx),
+                (None, false) => batch.put(collection, &key, &value),
+            };
+        }
+        ClientCall::Delete { collection, key, context } => {
+            batch.delete(collection, &key, context.as_ref());
+        }
+        ClientCall::SessionCreate { id, record, expires_at_ms } => {
+            batch.put_expiring(Collection::Sessions, id.as_bytes(), &record, expires_at_ms);
+        }
+        ClientCall::SessionTouch { id, expires_at_ms } => {
+            let read = store.get(Collection::Sessions, id.as_bytes()).map_err(|e| store_error(&e))?;
+            let Some(record) = read.value() else {
+                return Err(refuse(ErrorCode::NotFound, format!("no live session {id}")));
+            };
+            batch.put_expiring(Collection::Sessions, id.as_bytes(), record, expires_at_ms);
+        }
+        ClientCall::SessionEnd { id } => {
+            batch.delete(Collection::Sessions, id.as_bytes(), None);
+        }
+        ClientCall::AuditAppend(event) => {
+            batch.audit(event);
+        }
+        _ => return Err(refuse(ErrorCode::BadRequest, "not a write")),
+    }
+    let dots = store.write(batch, Durability::Durable).map_err(|e| store_error(&e))?;
+    shared.notify();
+    dots.first().copied().ok_or_else(|| refuse(ErrorCode::Internal, "the write produced no entry"))
+}
+
+/// Waits until this appliance holds `dot` in `stream`, up to `wait_ms`.
+async fn wait_for(shared: &Shared, stream: StreamId, dot: Dot, wait_ms: u64) -> bool {
+    let mut progress = shared.progress.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        if shared.store.vector(stream).contains(dot) {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, progress.changed()).await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// In synchronous pair mode, waits until the other database appliance acknowledged
+/// `token`; then answers the client.
+async fn confirm(shared: &Shared, stream: StreamId, token: Dot) -> ClientReply {
+    let PairMode::Sync { timeout_ms, on_timeout } = shared.config.serve.pair else {
+        return ClientReply::Written { token };
+    };
+    let topology = &shared.config.topology;
+    let me = &shared.config.me;
+    let pair: Vec<_> = topology
+        .appliances
+        .iter()
+        .filter(|a| &a.id != me && a.has(Role::Database) && topology.scope(me, &a.id).send.contains(&stream))
+        .map(|a| a.id.clone())
+        .collect();
+    let mut progress = shared.progress.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        let held = {
+            let state = shared.state();
+            pair.iter().all(|p| {
+                state.peers.get(p).and_then(|s| s.acked.get(&stream)).is_some_and(|v| v.contains(token))
+            })
+        };
+        if held {
+            return ClientReply::Written { token };
+        }
+        if tokio::time::timeout_at(deadline, progress.changed()).await.is_err() {
+            return match on_timeout {
+                PairTimeout::FailClosed => refuse(
+                    ErrorCode::Unavailable,
+                    format!("the other database appliance did not confirm within {timeout_ms} ms"),
+                ),
+                PairTimeout::Degrade => {
+                    shared.state().pair_degraded += 1;
+                    shared.error(format!("pair mode degraded: {token:?} acknowledged without the pair"));
+                    ClientReply::Written { token }
+                }
+            };
+        }
+    }
+}
+
+async fn read(shared: &Arc<Shared>, call: ClientCall) -> ClientReply {
+    let store = &shared.store;
+    match call {
+        ClientCall::Get { collection, key, after } => {
+            if let Some(dot) = after {
+                let wait = shared.config.serve.causal_wait_ms;
+                if !wait_for(shared, collection.stream(), dot, wait).await {
+                    return refuse(
+                        ErrorCode::Timeout,
+                        format!("this appliance did not receive write {dot:?} within {wait} ms"),
+                    );
+                }
+            }
+            match tokio::task::block_in_place(|| store.get(collection, &key)) {
+                Ok(read) => ClientReply::Values {
+                    values: read
+                        .values
+                        .into_iter()
+                        .map(|v| ValueView { value: v.bytes, dot: v.dot, hlc: v.hlc })
+                        .collect(),
+                    context: read.context,
+                },
+                Err(e) => store_error(&e),
+            }
+        }
+        ClientCall::Scan { collection, start, limit } => {
+            ClientReply::Keys(store.scan_keys(collection, &start, limit.min(10_000) as usize))
+        }
+        ClientCall::AuditQuery { from_ms, until_ms, user, appliance, limit } => {
+            let query =
+                AuditQuery { from_ms, until_ms, user, appliance, limit: Some(limit.min(10_000) as usize) };
+            match tokio::task::block_in_place(|| store.audit_query(&query)) {
+                Ok(found) => ClientReply::Audit(found.into_iter().map(|a| (a.dot, a.record.event)).collect()),
+                Err(e) => store_error(&e),
+            }
+        }
+        _ => refuse(ErrorCode::BadRequest, "this call is not served here"),
+    }
+}
+
+fn admin(shared: &Shared, call: &AdminCall) -> ClientReply {
+    let store = &shared.store;
+    match call {
+        AdminCall::Status => {
+            let status = shared.status();
+            ClientReply::Status {
+                appliance: shared.config.me.clone(),
+                incarnation: store.incarnation(),
+                topology_epoch: shared.config.topology.epoch,
+                streams: StreamId::ALL
+                    .iter()
+                    .map(|s| repl_wire::StreamStatus {
+                        stream: *s,
+                        vector: store.vector(*s),
+                        lag: status
+                            .peers
+                            .iter()
+                            .filter_map(|p| {
+                                p.lag.iter().find(|l| l.stream == *s).map(|l| (p.id.clone(), l.entries))
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }
+        }
+        AdminCall::TopologyShow => ClientReply::Blob(shared.config.topology.encode()),
+        AdminCall::Verify { stream } => {
+            let at = store.vector(*stream);
+            match tokio::task::block_in_place(|| store.digest(*stream)) {
+                Ok(root) => ClientReply::Root { at, root },
+                Err(e) => store_error(&e),
+            }
+        }
+        _ => refuse(ErrorCode::BadRequest, "this administrative call is not served by this build yet"),
+    }
+}
