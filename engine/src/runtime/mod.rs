@@ -199,7 +199,9 @@ const ERRORS_KEPT: usize = 64;
 
 #[derive(Debug, Default)]
 struct PeerState {
-    connected: bool,
+    /// Live sessions (an old session of a restarted peer may linger until its
+    /// connection times out, beside the new one).
+    live: u32,
     sessions: u64,
     sends: BTreeSet<StreamId>,
     acked: BTreeMap<StreamId, VersionVector>,
@@ -218,6 +220,8 @@ struct State {
     client_requests: u64,
     client_errors: u64,
     pair_degraded: u64,
+    /// Synchronous pair mode is degraded (the pair did not confirm in time).
+    pair_degraded_mode: bool,
 }
 
 /// What every task of a node shares.
@@ -274,7 +278,7 @@ impl Shared {
                 .collect();
             peers.push(PeerStatus {
                 id: id.clone(),
-                connected: p.connected,
+                connected: p.live > 0,
                 sessions: p.sessions,
                 lag,
                 entries_in: p.entries_in,
@@ -284,7 +288,7 @@ impl Shared {
             });
         }
         NodeStatus {
-            connected: state.peers.iter().filter(|(_, p)| p.connected).map(|(id, _)| id.clone()).collect(),
+            connected: state.peers.iter().filter(|(_, p)| p.live > 0).map(|(id, _)| id.clone()).collect(),
             refused: state.refused,
             errors: state.errors.clone(),
             peers,

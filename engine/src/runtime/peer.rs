@@ -47,6 +47,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
             let (conn, identity) = match accept(incoming).await {
                 Ok(accepted) => accepted,
                 Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a connection");
                     shared.state().refused += 1;
                     shared.error(format!("refused a connection from {remote}: {e}"));
                     return;
@@ -58,6 +59,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
             let id = match identity {
                 Identity::Appliance(id) if shared.state().peers.contains_key(&id) => id,
                 other => {
+                    tracing::warn!(%remote, identity = %other.uri(), "refused: not an in-scope appliance");
                     shared.state().refused += 1;
                     shared.error(format!("refused {} from {remote}: not an in-scope appliance", other.uri()));
                     conn.close(quinn::VarInt::from_u32(1), b"not an in-scope appliance");
@@ -107,19 +109,30 @@ async fn run_session(
         }
         while let Some(event) = machine.poll_event() {
             match event {
-                SyncEvent::PeerError(e) => shared.error(format!("{peer}: {e}")),
-                SyncEvent::ApplyFailed(e) => shared.error(format!("{peer}: apply failed: {e}")),
+                SyncEvent::PeerError(e) => {
+                    tracing::warn!(%peer, error = %e, "peer reported an error");
+                    shared.error(format!("{peer}: {e}"))
+                }
+                SyncEvent::ApplyFailed(e) => {
+                    tracing::error!(%peer, error = %e, "entries from the peer could not be applied");
+                    shared.error(format!("{peer}: apply failed: {e}"))
+                }
                 SyncEvent::EpochDiffers { ours, theirs } => {
+                    tracing::warn!(%peer, ours, theirs, "topology epochs differ");
                     shared.error(format!("{peer}: topology epoch {theirs} differs from ours {ours}"))
+                }
+                SyncEvent::Repaired { stream, buckets_fetched, entries } => {
+                    tracing::info!(%peer, %stream, buckets_fetched, entries, "repair from the peer completed")
                 }
                 _ => {}
             }
         }
         if machine.is_established() && !established {
             established = true;
+            tracing::info!(%peer, "session established");
             let mut state = shared.state();
             let p = state.peers.entry(peer.clone()).or_default();
-            p.connected = true;
+            p.live += 1;
             p.sessions += 1;
         }
         // Publish what the machine knows: the peer's acknowledgements and the counters.
@@ -166,6 +179,7 @@ async fn run_session(
                     Ok(Some(message)) => message,
                     Ok(None) => return closed(shared, &peer, established),
                     Err(e) => {
+                        tracing::info!(%peer, error = %e, "session ended");
                         shared.error(format!("{peer}: session ended: {e}"));
                         return closed(shared, &peer, established);
                     }
@@ -200,8 +214,9 @@ async fn run_session(
 
 fn closed(shared: &Shared, peer: &NodeId, established: bool) {
     if established {
+        tracing::info!(%peer, "session closed");
         if let Some(p) = shared.state().peers.get_mut(peer) {
-            p.connected = false;
+            p.live = p.live.saturating_sub(1);
         }
     }
 }

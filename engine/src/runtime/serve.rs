@@ -99,6 +99,8 @@ async fn handle(shared: &Arc<Shared>, identity: &Identity, request: ClientReques
     if let ClientCall::Admin(call) = &request.body {
         return match identity {
             Identity::Admin(_) => admin(shared, call),
+            // An appliance joining through this one reads the topology.
+            Identity::Appliance(_) if matches!(call, AdminCall::TopologyShow) => admin(shared, call),
             _ => refuse(ErrorCode::NotAuthorized, "administrative calls need an admin certificate"),
         };
     }
@@ -151,7 +153,7 @@ async fn idempotent_write(
                 "the first attempt's write has not reached this appliance yet",
             );
         }
-        return confirm(shared, stream, answered.token).await;
+        return confirm(shared, &[(stream, answered.token)]).await;
     }
     let written = tokio::task::block_in_place(|| write(shared, call));
     let token = match written {
@@ -169,10 +171,15 @@ async fn idempotent_write(
         )
     });
     shared.notify();
-    if let Err(e) = remembered {
-        shared.error(format!("could not remember request answer: {e}"));
+    match remembered.as_deref() {
+        // In synchronous pair mode the pair must hold the answer too, so that a retry
+        // there after a failover finds it.
+        Ok([remembered, ..]) => confirm(shared, &[(stream, token), (StreamId::Sessions, *remembered)]).await,
+        _ => {
+            shared.error("could not remember a request's answer".to_string());
+            confirm(shared, &[(stream, token)]).await
+        }
     }
-    confirm(shared, stream, token).await
 }
 
 /// The write of a call; its dot is the causal token.
@@ -235,8 +242,11 @@ async fn wait_for(shared: &Shared, stream: StreamId, dot: Dot, wait_ms: u64) -> 
 }
 
 /// In synchronous pair mode, waits until the other database appliance acknowledged
-/// `token`; then answers the client.
-async fn confirm(shared: &Shared, stream: StreamId, token: Dot) -> ClientReply {
+/// the `writes` (the first is the client's causal token); then answers the client.
+async fn confirm(shared: &Shared, writes: &[(StreamId, Dot)]) -> ClientReply {
+    let Some(&(_, token)) = writes.first() else {
+        return refuse(ErrorCode::Internal, "nothing to confirm");
+    };
     let PairMode::Sync { timeout_ms, on_timeout } = shared.config.serve.pair else {
         return ClientReply::Written { token };
     };
@@ -245,20 +255,41 @@ async fn confirm(shared: &Shared, stream: StreamId, token: Dot) -> ClientReply {
     let pair: Vec<_> = topology
         .appliances
         .iter()
-        .filter(|a| &a.id != me && a.has(Role::Database) && topology.scope(me, &a.id).send.contains(&stream))
+        .filter(|a| {
+            &a.id != me && a.has(Role::Database) && topology.scope(me, &a.id).send.contains(&writes[0].0)
+        })
         .map(|a| a.id.clone())
         .collect();
     let mut progress = shared.progress.subscribe();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    // Once degraded, later writes wait only a tenth of the timeout until the pair
+    // confirms one again: the pair may be dead but not yet noticed by its session.
+    let degraded = shared.state().pair_degraded_mode;
+    let wait_ms = if degraded && on_timeout == PairTimeout::Degrade { timeout_ms / 10 } else { timeout_ms };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let held = {
             let state = shared.state();
             pair.iter().all(|p| {
-                state.peers.get(p).and_then(|s| s.acked.get(&stream)).is_some_and(|v| v.contains(token))
+                writes.iter().all(|(stream, dot)| {
+                    state.peers.get(p).and_then(|s| s.acked.get(stream)).is_some_and(|v| v.contains(*dot))
+                })
             })
         };
         if held {
+            if degraded {
+                tracing::info!("pair mode restored: the other database appliance confirms again");
+                shared.state().pair_degraded_mode = false;
+            }
             return ClientReply::Written { token };
+        }
+        // Degrading mode does not make every write wait out the timeout while the
+        // pair is known to be down.
+        let pair_down = {
+            let state = shared.state();
+            pair.iter().any(|p| state.peers.get(p).is_none_or(|s| s.live == 0))
+        };
+        if pair_down && on_timeout == PairTimeout::Degrade {
+            return degrade(shared, token);
         }
         if tokio::time::timeout_at(deadline, progress.changed()).await.is_err() {
             return match on_timeout {
@@ -266,14 +297,22 @@ async fn confirm(shared: &Shared, stream: StreamId, token: Dot) -> ClientReply {
                     ErrorCode::Unavailable,
                     format!("the other database appliance did not confirm within {timeout_ms} ms"),
                 ),
-                PairTimeout::Degrade => {
-                    shared.state().pair_degraded += 1;
-                    shared.error(format!("pair mode degraded: {token:?} acknowledged without the pair"));
-                    ClientReply::Written { token }
-                }
+                PairTimeout::Degrade => degrade(shared, token),
             };
         }
     }
+}
+
+fn degrade(shared: &Shared, token: Dot) -> ClientReply {
+    let mut state = shared.state();
+    if !state.pair_degraded_mode {
+        tracing::warn!(?token, "pair mode degraded: acknowledging without the other database appliance");
+    }
+    state.pair_degraded_mode = true;
+    state.pair_degraded += 1;
+    drop(state);
+    shared.error(format!("pair mode degraded: {token:?} acknowledged without the pair"));
+    ClientReply::Written { token }
 }
 
 async fn read(shared: &Arc<Shared>, call: ClientCall) -> ClientReply {
@@ -308,7 +347,18 @@ async fn read(shared: &Arc<Shared>, call: ClientCall) -> ClientReply {
             let query =
                 AuditQuery { from_ms, until_ms, user, appliance, limit: Some(limit.min(10_000) as usize) };
             match tokio::task::block_in_place(|| store.audit_query(&query)) {
-                Ok(found) => ClientReply::Audit(found.into_iter().map(|a| (a.dot, a.record.event)).collect()),
+                Ok(found) => {
+                    // An event appended twice (a retry after its appliance died before
+                    // answering and before shipping it) stays twice in the append-only
+                    // chain, but is reported once: the copies are identical.
+                    let mut seen = std::collections::BTreeSet::new();
+                    let unique = found
+                        .into_iter()
+                        .filter(|a| seen.insert(postcard::to_allocvec(&a.record.event).unwrap_or_default()))
+                        .map(|a| (a.dot, a.record.event))
+                        .collect();
+                    ClientReply::Audit(unique)
+                }
                 Err(e) => store_error(&e),
             }
         }

@@ -26,9 +26,9 @@ use crate::id::NodeId;
 use crate::message::{ALPN_CLIENT, ALPN_PEER};
 
 /// A connection with no traffic for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alive pings keep an idle but healthy connection open.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Errors of the transport.
 #[derive(Debug, Error)]
