@@ -89,7 +89,10 @@ struct Member {
     child: Option<Child>,
 }
 
-struct Demo {
+/// A local enterprise of `repld` processes on loopback: its files, its processes,
+/// and clients to reach them. `repld demo` drives one; the process tests too.
+pub struct Demo {
+    exe: PathBuf,
     dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
     ca: CertificateAuthority,
@@ -111,28 +114,38 @@ fn site(id: &str, name: &str, range: &str, failover: &str) -> Result<Site, DemoE
     })
 }
 
+/// The demo's G3 enterprise: two sites of two appliances, one audit holder per site.
+pub const G3_LAYOUT: &[(&str, &str, &[Role])] =
+    &[("a1", "a", &[Role::Audit]), ("a2", "a", &[]), ("b1", "b", &[Role::Audit]), ("b2", "b", &[])];
+
+/// The demo's G4 enterprise: a database and a service appliance in each of two sites.
+pub const G4_LAYOUT: &[(&str, &str, &[Role])] = &[
+    ("db1", "a", &[Role::Database]),
+    ("db2", "b", &[Role::Database]),
+    ("svc1", "a", &[Role::Service]),
+    ("svc2", "b", &[Role::Service]),
+];
+
 impl Demo {
-    fn create(args: &DemoArgs) -> Result<Demo, DemoError> {
-        let (dir, temp) = match &args.dir {
+    /// Writes the files of an enterprise of `layout` ((id, site, roles); sites `a`
+    /// and `b`) into `dir` (a fresh temporary directory when `None`); `exe` is the
+    /// `repld` binary to start.
+    pub fn create(
+        exe: PathBuf,
+        dir: Option<PathBuf>,
+        g4: bool,
+        layout: &[(&str, &str, &[Role])],
+    ) -> Result<Demo, DemoError> {
+        let (dir, temp) = match dir {
             Some(d) => {
-                std::fs::create_dir_all(d).map_err(setup("demo directory"))?;
-                (d.clone(), None)
+                std::fs::create_dir_all(&d).map_err(setup("demo directory"))?;
+                (d, None)
             }
             None => {
                 let t =
                     tempfile::Builder::new().prefix("repld-demo-").tempdir().map_err(setup("temp dir"))?;
                 (t.path().to_path_buf(), Some(t))
             }
-        };
-        let layout: &[(&str, &str, &[Role])] = if args.g4 {
-            &[
-                ("db1", "a", &[Role::Database]),
-                ("db2", "b", &[Role::Database]),
-                ("svc1", "a", &[Role::Service]),
-                ("svc2", "b", &[Role::Service]),
-            ]
-        } else {
-            &[("a1", "a", &[Role::Audit]), ("a2", "a", &[]), ("b1", "b", &[Role::Audit]), ("b2", "b", &[])]
         };
         let ca = CertificateAuthority::create("demo", Validity::days_from_now(2)).map_err(setup("CA"))?;
         let mut members = Vec::new();
@@ -150,7 +163,7 @@ impl Demo {
         }
         let topology = Topology {
             enterprise: "demo".into(),
-            generation: if args.g4 { Generation::G4 } else { Generation::G3 },
+            generation: if g4 { Generation::G4 } else { Generation::G3 },
             epoch: 1,
             external: ExternalServers::default(),
             bootstrap: Some(members[0].id.clone()),
@@ -169,7 +182,7 @@ impl Demo {
                 })
                 .collect(),
         };
-        let demo = Demo { dir, _temp: temp, ca, topology, members, g4: args.g4, checks: Vec::new() };
+        let demo = Demo { exe, dir, _temp: temp, ca, topology, members, g4, checks: Vec::new() };
         demo.write_files()?;
         Ok(demo)
     }
@@ -211,6 +224,31 @@ impl Demo {
         Ok(())
     }
 
+    /// The directory of the enterprise's files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The enterprise CA.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    /// The appliances' ids, in layout order.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.members.iter().map(|m| m.id.clone()).collect()
+    }
+
+    /// The metrics address of appliance `index`.
+    pub fn metrics(&self, index: usize) -> SocketAddr {
+        self.members[index].metrics
+    }
+
+    /// The log of appliance `index` so far.
+    pub fn log(&self, index: usize) -> String {
+        std::fs::read_to_string(&self.members[index].log).unwrap_or_default()
+    }
+
     fn tls(&self, identity: Identity) -> Result<TlsSetup, DemoError> {
         let cert = self.ca.issue(&identity, Validity::days_from_now(2)).map_err(setup("issue"))?;
         let allowed = AllowedPeers::new(self.topology.appliances.iter().map(|a| a.id.clone()));
@@ -218,7 +256,8 @@ impl Demo {
             .map_err(setup("tls"))
     }
 
-    fn client(&self, identity: Identity, ids: &[&NodeId]) -> Result<RemoteStore, DemoError> {
+    /// A client as `identity` of the appliances `ids`, tried in order.
+    pub fn client(&self, identity: Identity, ids: &[&NodeId]) -> Result<RemoteStore, DemoError> {
         let targets = ids
             .iter()
             .filter_map(|id| self.member(id))
@@ -233,8 +272,9 @@ impl Demo {
         self.members.iter().find(|m| &m.id == id)
     }
 
-    fn start(&mut self, index: usize) -> Result<(), DemoError> {
-        let exe = std::env::current_exe().map_err(setup("own executable"))?;
+    /// Starts appliance `index` as a child process (`repld --config`).
+    pub fn start(&mut self, index: usize) -> Result<(), DemoError> {
+        let exe = self.exe.clone();
         let m = &mut self.members[index];
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(&m.log).map_err(setup("log file"))?;
@@ -251,7 +291,7 @@ impl Demo {
     }
 
     /// Waits until the appliance answers on its metrics port (it is ready then).
-    async fn wait_ready(&mut self, index: usize) -> Result<(), DemoError> {
+    pub async fn wait_ready(&mut self, index: usize) -> Result<(), DemoError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let m = &mut self.members[index];
@@ -269,7 +309,8 @@ impl Demo {
         }
     }
 
-    fn kill(&mut self, index: usize) -> Result<(), DemoError> {
+    /// Kills appliance `index` with SIGKILL and reaps it.
+    pub fn kill(&mut self, index: usize) -> Result<(), DemoError> {
         let m = &mut self.members[index];
         if let Some(mut child) = m.child.take() {
             // std's kill sends SIGKILL: no drain, no flush, as in a power-cut-free crash.
@@ -280,7 +321,7 @@ impl Demo {
     }
 
     /// Stops every running appliance with SIGTERM (graceful) and checks the exits.
-    async fn stop_all(&mut self) {
+    pub async fn stop_all(&mut self) {
         for m in &mut self.members {
             if let Some(child) = &m.child {
                 if let Ok(pid) = i32::try_from(child.id()) {
@@ -317,6 +358,11 @@ impl Demo {
         self.check("every appliance stopped cleanly on SIGTERM", clean, detail);
     }
 
+    /// Whether every check so far passed.
+    pub fn all_passed(&self) -> bool {
+        self.checks.iter().all(|(_, ok, _)| *ok)
+    }
+
     fn check(&mut self, what: &str, ok: bool, detail: String) {
         println!(
             "  [{}] {what}{}",
@@ -337,6 +383,18 @@ impl Demo {
             })
             .map(|a| a.id.clone())
             .collect()
+    }
+}
+
+impl Drop for Demo {
+    /// Never leaves a child behind (a failed check or a panic in a test included).
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 }
 
@@ -566,7 +624,9 @@ async fn converge(
 
 /// Runs the demo; prints progress, checks and the summary.
 pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
-    let mut demo = Demo::create(&args)?;
+    let exe = std::env::current_exe().map_err(setup("own executable"))?;
+    let layout = if args.g4 { G4_LAYOUT } else { G3_LAYOUT };
+    let mut demo = Demo::create(exe, args.dir.clone(), args.g4, layout)?;
     let kind = if demo.g4 { "G4: 2 database + 2 service appliances" } else { "G3: 2 sites x 2 appliances" };
     println!("repld demo — {kind}, on loopback, files in {}", demo.dir.display());
     let outcome = drive(&mut demo, &args).await;

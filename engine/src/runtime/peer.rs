@@ -19,9 +19,23 @@ const BACKOFF_MAX_MS: u64 = 5_000;
 /// Dials `peer` at `addr` for as long as the node runs.
 pub(super) async fn dial(shared: Arc<Shared>, endpoint: quinn::Endpoint, peer: NodeId, addr: SocketAddr) {
     let mut backoff_ms = BACKOFF_MIN_MS;
+    let mut last_failure = String::new();
     loop {
         let attempt = async {
-            let conn = connect(&endpoint, &shared.config.tls, ALPN_PEER, addr, &peer).await.ok()?;
+            let conn = match connect(&endpoint, &shared.config.tls, ALPN_PEER, addr, &peer).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Logged when the failure changes, not at every retry.
+                    let failure = e.to_string();
+                    if failure != last_failure {
+                        tracing::warn!(%peer, %addr, error = %failure, "cannot connect to peer; retrying");
+                        shared.error(format!("{peer}: cannot connect: {failure}"));
+                        last_failure = failure;
+                    }
+                    return None;
+                }
+            };
+            last_failure.clear();
             let (send, recv) = conn.open_bi().await.ok()?;
             run_session(&shared, &conn, peer.clone(), send, recv).await;
             conn.close(quinn::VarInt::from_u32(0), b"session over");

@@ -1,0 +1,174 @@
+//! Real `repld` processes on loopback: configuration errors, replication between
+//! three appliances through a SIGKILL and restart, a foreign certificate refused and
+//! logged, and the G4 demo (failover to the other database appliance without losing
+//! an acknowledged write) end to end.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use repl_engine::topology::Role;
+use repl_tools::demo::{http_get, Demo};
+use repl_wire::transport::{CertificateAuthority, Identity, Validity};
+use repl_wire::Collection;
+
+fn repld() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_repld"))
+}
+
+fn run_repld(args: &[&str]) -> Output {
+    Command::new(repld()).args(args).output().expect("run repld")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A three-appliance G3 enterprise plus `b2`, whose certificate comes from another CA.
+const LAYOUT: &[(&str, &str, &[Role])] =
+    &[("a1", "a", &[Role::Audit]), ("a2", "a", &[]), ("b1", "b", &[Role::Audit]), ("b2", "b", &[])];
+
+fn config_of(dir: &Path, id: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{id}.toml"))).expect("config")
+}
+
+#[test]
+fn a_bad_configuration_names_the_file_and_field_and_exits_2() {
+    let demo = Demo::create(repld(), None, false, LAYOUT).expect("files");
+    let dir = demo.dir();
+    let good = config_of(dir, "a1");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("missing field", good.replace("listen = ", "# listen = "), "listen"),
+        ("unknown field", format!("colour = \"red\"\n{good}"), "colour"),
+        ("bad address", good.replace("listen = \"127.0.0.1:", "listen = \"nowhere:"), "listen"),
+        ("not in topology", good.replace("appliance = \"a1\"", "appliance = \"zz9\""), "appliance"),
+        ("wrong site", good.replace("site = \"a\"", "site = \"b\""), "site"),
+        (
+            "metrics beyond loopback",
+            good.replace("metrics = \"127.0.0.1:", "metrics = \"10.9.9.9:"),
+            "metrics",
+        ),
+        ("missing certificate", good.replace("cert = \"a1.pem\"", "cert = \"nope.pem\""), "tls.cert"),
+    ];
+    for (what, text, field) in cases {
+        let file = dir.join(format!("bad-{}.toml", what.replace(' ', "-")));
+        std::fs::write(&file, text).expect("write");
+        let out = run_repld(&["--config", file.to_str().expect("utf-8 path")]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(&file.display().to_string()), "{what}: error does not name the file: {err}");
+        assert!(err.contains(field), "{what}: error does not name `{field}`: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+    // The documented example is a valid configuration.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/repld.toml");
+    let out = run_repld(&["check", "--config", example.to_str().expect("path")]);
+    assert!(out.status.success(), "the example configuration: {}", stderr(&out));
+    // A missing file, a bad argument.
+    let out = run_repld(&["--config", dir.join("absent.toml").to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("absent.toml"), "{}", stderr(&out));
+    let out = run_repld(&["--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--frobnicate"));
+
+    // The listen port in use: a clear error and exit 2.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let listen_line = good.lines().find(|l| l.starts_with("listen")).expect("listen line").to_string();
+    let file = dir.join("port-in-use.toml");
+    std::fs::write(&file, good.replace(&listen_line, &format!("listen = \"127.0.0.1:{port}\"")))
+        .expect("write");
+    let out = run_repld(&["--config", file.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot listen"), "{}", stderr(&out));
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_appliances_replicate_through_a_sigkill_and_a_foreign_certificate_is_refused() {
+    let mut demo = Demo::create(repld(), None, false, LAYOUT).expect("files");
+    // b2 presents a certificate of another CA.
+    let rogue = CertificateAuthority::create("elsewhere", Validity::days_from_now(1)).expect("ca");
+    let ids = demo.ids();
+    let cert = rogue.issue(&Identity::Appliance(ids[3].clone()), Validity::days_from_now(1)).expect("issue");
+    std::fs::write(demo.dir().join("b2.pem"), &cert.cert_pem).expect("write");
+    std::fs::write(demo.dir().join("b2.key"), &cert.key_pem).expect("write");
+    for i in 0..4 {
+        demo.start(i).expect("start");
+    }
+    for i in 0..4 {
+        demo.wait_ready(i).await.expect("ready");
+    }
+    let agent = |ids: &[&repl_wire::NodeId]| demo.client(Identity::Client("t".into()), ids).expect("client");
+    let on_a1 = agent(&[&ids[0]]);
+    let on_a2 = agent(&[&ids[1]]);
+    let on_b1 = agent(&[&ids[2]]);
+    for i in 0..100u32 {
+        on_a1.put(Collection::Users, format!("u{i}").as_bytes(), b"v").await.expect("put");
+    }
+    let all_on = |c: &repl_engine::runtime::RemoteStore, n: u32| {
+        let c = c.clone();
+        async move {
+            for i in 0..n {
+                match c.get(Collection::Users, format!("u{i}").as_bytes()).await {
+                    Ok((values, _)) if !values.is_empty() => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+    };
+    wait_for("the users on a2 and b1", Duration::from_secs(30), async || {
+        all_on(&on_a2, 100).await && all_on(&on_b1, 100).await
+    })
+    .await;
+
+    // a2 is killed mid-workload; a1 keeps taking writes; a2 comes back and catches up.
+    let writer = {
+        let on_a1 = on_a1.clone();
+        tokio::spawn(async move {
+            for i in 100..300u32 {
+                on_a1.put(Collection::Users, format!("u{i}").as_bytes(), b"v").await.expect("put");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    demo.kill(1).expect("kill a2");
+    writer.await.expect("writer");
+    demo.start(1).expect("restart a2");
+    demo.wait_ready(1).await.expect("a2 ready");
+    wait_for("every user on a2 and b1", Duration::from_secs(60), async || {
+        all_on(&on_a2, 300).await && all_on(&on_b1, 300).await
+    })
+    .await;
+
+    // The foreign appliance was refused, the refusal logged, and it holds nothing.
+    let start = Instant::now();
+    while !(0..3).any(|i| demo.log(i).contains("UnknownIssuer")) {
+        assert!(start.elapsed() < Duration::from_secs(30), "no refusal logged:\n{}", demo.log(0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = http_get(demo.metrics(3), "/metrics").await.expect("b2 metrics");
+    assert!(metrics.contains("repl_stream_entries{stream=\"enterprise\"} 0"), "{metrics}");
+    demo.stop_all().await;
+    assert!(demo.all_passed(), "an appliance did not stop cleanly");
+}
+
+#[test]
+fn the_g4_demo_fails_over_without_losing_an_acknowledged_write() {
+    let out = run_repld(&["demo", "--g4", "--writes", "120"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{text}\n{}", stderr(&out));
+    assert!(text.contains("killed db1 with SIGKILL"), "{text}");
+    assert!(text.contains("every acknowledged enterprise write is on db1"), "{text}");
+    assert!(text.contains("checks passed"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+}
