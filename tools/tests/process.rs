@@ -172,3 +172,39 @@ fn the_g4_demo_fails_over_without_losing_an_acknowledged_write() {
     assert!(text.contains("checks passed"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appliance_joins_through_a_member_and_keeps_the_topology() {
+    let mut demo = Demo::create(repld(), None, false, LAYOUT).expect("files");
+    let dir = demo.dir().to_path_buf();
+    let a1_listen =
+        config_of(&dir, "a1").lines().find(|l| l.starts_with("listen")).expect("listen").to_string();
+    let a1_address = a1_listen.split('"').nth(1).expect("address").to_string();
+    let b2 = config_of(&dir, "b2").replace(
+        "topology_file = \"topology.toml\"",
+        &format!("[join]\nappliance = \"a1\"\naddress = \"{a1_address}\"\n"),
+    );
+    // [join] must come after the top-level keys: move it to the end.
+    let (head, tls) = b2.split_once("[tls]").expect("tls table");
+    let (top, join) = head.split_once("[join]").expect("join table");
+    std::fs::write(dir.join("b2.toml"), format!("{top}[tls]{tls}\n[join]{join}")).expect("write");
+    for i in 0..4 {
+        demo.start(i).expect("start");
+    }
+    for i in 0..4 {
+        demo.wait_ready(i).await.expect("ready");
+    }
+    assert!(dir.join("data/b2/topology.bin").exists(), "the joined topology was not kept");
+    let ids = demo.ids();
+    let on_a1 = demo.client(Identity::Client("t".into()), &[&ids[0]]).expect("client");
+    let on_b2 = demo.client(Identity::Client("t".into()), &[&ids[3]]).expect("client");
+    on_a1.put(Collection::Users, b"joined", b"yes").await.expect("put");
+    wait_for(
+        "the user on b2",
+        Duration::from_secs(30),
+        async || matches!(on_b2.get(Collection::Users, b"joined").await, Ok((v, _)) if !v.is_empty()),
+    )
+    .await;
+    demo.stop_all().await;
+    assert!(demo.all_passed(), "an appliance did not stop cleanly");
+}
