@@ -70,8 +70,12 @@ pub fn tls_setup(config: &Config, topology: &Topology) -> Result<TlsSetup, Confi
     let ca = read_pem(config, "tls.ca", &config.tls.ca)?;
     let cert = read_pem(config, "tls.cert", &config.tls.cert)?;
     let key = read_pem(config, "tls.key", &config.tls.key)?;
-    let crls =
+    let mut crls =
         config.tls.crls.iter().map(|c| read_pem(config, "tls.crls", c)).collect::<Result<Vec<_>, _>>()?;
+    // A CRL installed at runtime (replctl certs revoke) applies again after a restart.
+    if let Ok(kept) = std::fs::read_to_string(config.data_dir.join("crl.pem")) {
+        crls.push(kept);
+    }
     let allowed = AllowedPeers::new(topology.appliances.iter().map(|a| a.id.clone()));
     TlsSetup::from_pem(&ca, &cert, &key, &crls, allowed).map_err(|e| ConfigError::Invalid {
         file: config.file.clone(),
@@ -169,6 +173,7 @@ impl Daemon {
         node_config.sync = config.sync;
         node_config.upstream = upstream;
         node_config.sync_latency = Some(latency);
+        node_config.crl_file = Some(config.data_dir.join("crl.pem"));
         let node = Arc::new(Node::start(store, node_config).await?);
         let (metrics, http) = match config.metrics {
             Some(addr) => {

@@ -193,6 +193,10 @@ impl Demo {
                 .map_err(|e| DemoError::Setup(format!("write {name}: {e}")))
         };
         write("ca.pem", self.ca.cert_pem())?;
+        // The CA key, so `replctl certs` can issue and revoke for this enterprise.
+        repl_wire::transport::KeyFile::Secret
+            .write(&self.dir.join("ca.key"), self.ca.key_pem())
+            .map_err(setup("write ca.key"))?;
         let topology = toml::to_string(&self.topology).map_err(setup("topology TOML"))?;
         write("topology.toml", &topology)?;
         for m in &self.members {

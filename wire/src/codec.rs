@@ -120,6 +120,10 @@ impl WireMessage for ClientRequest {
             ClientCall::Admin(AdminCall::TopologyPrepare { topology, .. }) => {
                 list("topology", topology.len(), VALUE_BYTES_MAX)
             }
+            ClientCall::Admin(AdminCall::Tree { buckets, .. }) => {
+                list("buckets", buckets.len(), LIST_ITEMS_MAX)
+            }
+            ClientCall::Admin(AdminCall::InstallCrl { pem }) => list("CRL", pem.len(), VALUE_BYTES_MAX),
             ClientCall::Admin(_) => Ok(()),
         }
     }
@@ -141,6 +145,10 @@ impl WireMessage for ClientReply {
             ClientReply::Audit(rows) => list("audit rows", rows.len(), LIST_ITEMS_MAX),
             ClientReply::Status { streams, .. } => list("streams", streams.len(), 16),
             ClientReply::Error(e) => text("error message", &e.message),
+            ClientReply::Conflicts { records, .. } => list("conflicts", records.len(), LIST_ITEMS_MAX),
+            ClientReply::Tree { hashes, .. } => list("hashes", hashes.len(), LIST_ITEMS_MAX),
+            ClientReply::Entries { entries, .. } => list("entries", entries.len(), LIST_ITEMS_MAX),
+            ClientReply::Count(_) => Ok(()),
             ClientReply::Written { .. }
             | ClientReply::Blob(_)
             | ClientReply::Root { .. }

@@ -395,6 +395,45 @@ pub enum AdminCall {
         /// The collection.
         collection: Collection,
     },
+    /// Hashes of hash-tree buckets of a stream, read atomically with its vector.
+    Tree {
+        /// The stream.
+        stream: StreamId,
+        /// Sessions expired at this time are left out (the caller picks one for all).
+        cutoff_ms: u64,
+        /// The level (0 is the root).
+        level: u8,
+        /// The buckets at that level.
+        buckets: Vec<u32>,
+    },
+    /// The versions held in one leaf bucket of a stream's hash tree.
+    BucketEntries {
+        /// The stream.
+        stream: StreamId,
+        /// The leaf bucket.
+        bucket: u32,
+    },
+    /// Verify every origin's audit hash chain.
+    AuditVerify,
+    /// Install a certificate revocation list: refused on new connections at once,
+    /// live connections of a revoked certificate closed.
+    InstallCrl {
+        /// The CRL, PEM.
+        pem: String,
+    },
+}
+
+/// A recorded last-writer-wins conflict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictView {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The losing write.
+    pub loser: Dot,
+    /// Its value (`None` for a losing delete).
+    pub value: Option<Vec<u8>>,
+    /// The write that won.
+    pub winner: Dot,
 }
 
 /// A value in a reply.
@@ -461,6 +500,29 @@ pub enum ClientReply {
     },
     /// Done, nothing to return.
     Done,
+    /// Recorded conflicts (the newest kept) and how many were ever recorded.
+    Conflicts {
+        /// The kept records.
+        records: Vec<ConflictView>,
+        /// All recorded since the start.
+        total: u64,
+    },
+    /// Hash-tree bucket hashes and the vector they were read at.
+    Tree {
+        /// The vector.
+        at: VersionVector,
+        /// The hashes.
+        hashes: Vec<BucketHash>,
+    },
+    /// Versions (as entries) and the vector they were read at.
+    Entries {
+        /// The vector.
+        at: VersionVector,
+        /// The versions.
+        entries: Vec<Entry>,
+    },
+    /// A count (audit records verified, ...).
+    Count(u64),
     /// The call failed.
     Error(ProtocolError),
 }

@@ -98,6 +98,8 @@ pub struct NodeConfig {
     pub upstream: Option<RemoteStore>,
     /// The data directory's fsync latency histogram, for the metrics.
     pub sync_latency: Option<Arc<SyncLatency>>,
+    /// Where an installed CRL is kept (so it applies again after a restart).
+    pub crl_file: Option<std::path::PathBuf>,
 }
 
 impl NodeConfig {
@@ -113,6 +115,7 @@ impl NodeConfig {
             serve: ServeConfig::default(),
             upstream: None,
             sync_latency: None,
+            crl_file: None,
         }
     }
 }
@@ -236,11 +239,55 @@ struct Shared {
     /// or a peer's acknowledgements.
     progress: watch::Sender<u64>,
     state: std::sync::Mutex<State>,
+    /// The TLS setup in force (a CRL installed at runtime replaces it).
+    tls: std::sync::RwLock<TlsSetup>,
+    endpoint: quinn::Endpoint,
+    /// Live connections and the serial of the certificate their other end presented.
+    connections: std::sync::Mutex<Vec<(u64, quinn::Connection)>>,
     /// Requests being served, by idempotency key: a concurrent retry waits its turn.
     in_flight: std::sync::Mutex<BTreeMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
+    fn tls(&self) -> TlsSetup {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Remembers a live connection, so a revocation can close it.
+    fn track(&self, conn: &quinn::Connection) {
+        let serial = repl_wire::transport::peer_serial(conn).unwrap_or(0);
+        let mut connections = lock(&self.connections);
+        connections.retain(|(_, c)| c.close_reason().is_none());
+        connections.push((serial, conn.clone()));
+    }
+
+    /// Installs a CRL: new handshakes check it at once, live connections of revoked
+    /// certificates are closed, and the CRL is kept for the next start. Returns how
+    /// many connections were closed.
+    fn install_crl(&self, pem: &str) -> Result<usize, String> {
+        let revoked = repl_wire::transport::crl_serials(pem).map_err(|e| e.to_string())?;
+        let tls = self.tls().with_crls(&[pem.to_string()]).map_err(|e| e.to_string())?;
+        let server = tls.server_config(&[ALPN_PEER, ALPN_CLIENT]).map_err(|e| e.to_string())?;
+        if let Some(path) = &self.config.crl_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, pem)
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| format!("cannot keep the CRL in {}: {e}", path.display()))?;
+        }
+        self.endpoint.set_server_config(Some(server));
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        let mut closed = 0;
+        for (serial, conn) in lock(&self.connections).iter() {
+            if revoked.contains(serial) {
+                conn.close(quinn::VarInt::from_u32(3), b"certificate revoked");
+                closed += 1;
+            }
+        }
+        tracing::info!(revoked = revoked.len(), closed, "certificate revocation list installed");
+        Ok(closed)
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -335,9 +382,13 @@ impl Node {
             let scope = config.topology.scope(&config.me, &peer);
             state.peers.insert(peer, PeerState { sends: scope.send, ..PeerState::default() });
         }
+        let tls = std::sync::RwLock::new(config.tls.clone());
         let shared = Arc::new(Shared {
             config,
             store,
+            tls,
+            endpoint: endpoint.clone(),
+            connections: std::sync::Mutex::default(),
             wake: watch::channel(0).0,
             progress: watch::channel(0).0,
             state: std::sync::Mutex::new(state),

@@ -22,7 +22,7 @@ pub(super) async fn dial(shared: Arc<Shared>, endpoint: quinn::Endpoint, peer: N
     let mut last_failure = String::new();
     loop {
         let attempt = async {
-            let conn = match connect(&endpoint, &shared.config.tls, ALPN_PEER, addr, &peer).await {
+            let conn = match connect(&endpoint, &shared.tls(), ALPN_PEER, addr, &peer).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Logged when the failure changes, not at every retry.
@@ -36,6 +36,7 @@ pub(super) async fn dial(shared: Arc<Shared>, endpoint: quinn::Endpoint, peer: N
                 }
             };
             last_failure.clear();
+            shared.track(&conn);
             let (send, recv) = conn.open_bi().await.ok()?;
             run_session(&shared, &conn, peer.clone(), send, recv).await;
             conn.close(quinn::VarInt::from_u32(0), b"session over");
@@ -67,6 +68,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
                     return;
                 }
             };
+            shared.track(&conn);
             if negotiated_alpn(&conn) != ALPN_PEER {
                 return serve::serve_connection(shared, conn, identity).await;
             }

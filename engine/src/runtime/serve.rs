@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use repl_wire::transport::{recv_message, send_message, Identity};
 use repl_wire::{
-    AdminCall, ClientCall, ClientReply, ClientRequest, Collection, Dot, ErrorCode, FrameReader,
+    AdminCall, ClientCall, ClientReply, ClientRequest, Collection, ConflictView, Dot, ErrorCode, FrameReader,
     ProtocolError, StreamId, ValueView,
 };
 use serde::{Deserialize, Serialize};
@@ -392,6 +392,46 @@ fn admin(shared: &Shared, call: &AdminCall) -> ClientReply {
             }
         }
         AdminCall::TopologyShow => ClientReply::Blob(shared.config.topology.encode()),
+        AdminCall::Tree { stream, cutoff_ms, level, buckets } => {
+            let (at, hashes) =
+                tokio::task::block_in_place(|| store.tree_hashes(*stream, *cutoff_ms, *level, buckets));
+            ClientReply::Tree { at, hashes }
+        }
+        AdminCall::BucketEntries { stream, bucket } => {
+            let mut entries = Vec::new();
+            let mut resume = Vec::new();
+            let at = loop {
+                let chunk =
+                    tokio::task::block_in_place(|| store.snapshot_chunk(*stream, &[*bucket], &resume, 4096));
+                match chunk {
+                    Ok((vector, mut found, next)) => {
+                        entries.append(&mut found);
+                        if next.is_empty() || entries.len() >= 60_000 {
+                            break vector;
+                        }
+                        resume = next;
+                    }
+                    Err(e) => return store_error(&e),
+                }
+            };
+            ClientReply::Entries { at, entries }
+        }
+        AdminCall::AuditVerify => match tokio::task::block_in_place(|| store.audit_verify()) {
+            Ok(n) => ClientReply::Count(n),
+            Err(e) => refuse(ErrorCode::Internal, format!("audit chain broken: {e}")),
+        },
+        AdminCall::InstallCrl { pem } => match shared.install_crl(pem) {
+            Ok(closed) => ClientReply::Count(closed as u64),
+            Err(e) => refuse(ErrorCode::BadRequest, format!("CRL not installed: {e}")),
+        },
+        AdminCall::Conflicts { collection } => {
+            let (records, total) = store.conflicts(*collection);
+            let records = records
+                .into_iter()
+                .map(|c| ConflictView { key: c.key, loser: c.loser, value: c.value, winner: c.winner })
+                .collect();
+            ClientReply::Conflicts { records, total }
+        }
         AdminCall::Verify { stream } => {
             let at = store.vector(*stream);
             match tokio::task::block_in_place(|| store.digest(*stream)) {

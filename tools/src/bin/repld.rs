@@ -30,24 +30,10 @@ enum Command {
     },
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
-}
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-        }
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("repld: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let (cli, rt) = match repl_tools::start::<Cli>("repld", 1) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     match (cli.command, cli.config) {
         (Some(Command::Demo(args)), _) => {
@@ -92,5 +78,15 @@ fn main() -> ExitCode {
             eprintln!("repld: give --config FILE, or a subcommand (repld demo); see repld --help");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

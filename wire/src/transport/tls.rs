@@ -324,6 +324,37 @@ pub(crate) fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     found.next().is_none().then_some(first)
 }
 
+fn serial_u64(raw: &[u8]) -> Option<u64> {
+    let digits: Vec<u8> = raw.iter().copied().skip_while(|b| *b == 0).collect();
+    (digits.len() <= 8).then(|| digits.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)))
+}
+
+/// The serial numbers a CRL (PEM) revokes; serials longer than 64 bits (never issued
+/// by this enterprise's CA) are left out.
+pub fn crl_serials(pem: &str) -> Result<Vec<u64>, TransportError> {
+    let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| TransportError::Pem { what: "CRL" })?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(der.as_ref()).map_err(|_| TransportError::Pem { what: "CRL" })?;
+    Ok(crl.iter_revoked_certificates().filter_map(|r| serial_u64(r.raw_serial())).collect())
+}
+
+/// The serial number of a certificate (PEM).
+pub fn certificate_serial(pem: &str) -> Result<u64, TransportError> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| TransportError::Pem { what: "certificate" })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|_| TransportError::Pem { what: "certificate" })?;
+    serial_u64(parsed.tbs_certificate.raw_serial()).ok_or(TransportError::Pem { what: "certificate serial" })
+}
+
+/// The serial number of the certificate the other end of `conn` presented.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<u64> {
+    let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    serial_u64(parsed.tbs_certificate.raw_serial())
+}
+
 fn refuse() -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
 }

@@ -1,0 +1,480 @@
+//! `replctl`: the operator's command line. Certificates are files; everything else
+//! talks to appliances over the client protocol with an admin certificate.
+//!
+//! Exit codes: 0 success, 1 a check failed (verify, audit verify, unreachable
+//! appliance in status), 2 usage, input or connection error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use repl_engine::runtime::{RemoteStore, RemoteTarget};
+use repl_engine::topology::{Generation, Role, Topology};
+use repl_wire::transport::{
+    certificate_serial, read_pem, AllowedPeers, CertificateAuthority, Identity, KeyFile, TlsSetup, Validity,
+};
+use repl_wire::{AdminCall, ClientCall, ClientReply, Collection, NodeId, StreamId, VersionVector};
+use serde_json::json;
+
+use crate::config::read_topology;
+
+/// A failure of a `replctl` command, with its exit code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CtlError {
+    /// Bad input: an argument, a file, a value.
+    #[error("{0}")]
+    Usage(String),
+    /// An appliance could not be reached or refused.
+    #[error("{0}")]
+    Connection(String),
+    /// A check ran and failed.
+    #[error("{0}")]
+    CheckFailed(String),
+}
+
+impl CtlError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::CheckFailed(_) => 1,
+            CtlError::Usage(_) | CtlError::Connection(_) => 2,
+        }
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> CtlError {
+    CtlError::Usage(e.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+// ----- certificates ---------------------------------------------------------------
+
+/// `certs init`: a new enterprise CA in `dir` (ca.pem, ca.key 0600).
+pub fn certs_init(dir: &Path, enterprise: &str, days: i64) -> Result<String, CtlError> {
+    if dir.join("ca.key").exists() {
+        return Err(usage(format!("{} already holds a CA (ca.key); refusing to replace it", dir.display())));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| usage(format!("{}: {e}", dir.display())))?;
+    let ca = CertificateAuthority::create(enterprise, Validity::days_from_now(days)).map_err(usage)?;
+    KeyFile::Public.write(&dir.join("ca.pem"), ca.cert_pem()).map_err(usage)?;
+    KeyFile::Secret.write(&dir.join("ca.key"), ca.key_pem()).map_err(usage)?;
+    Ok(format!(
+        "enterprise CA for {enterprise:?} written to {}/ca.pem (key ca.key, mode 0600)",
+        dir.display()
+    ))
+}
+
+fn load_ca(dir: &Path) -> Result<CertificateAuthority, CtlError> {
+    let cert = read_pem(&dir.join("ca.pem"), KeyFile::Public).map_err(usage)?;
+    let key = read_pem(&dir.join("ca.key"), KeyFile::Secret).map_err(usage)?;
+    CertificateAuthority::from_pem(&cert, &key).map_err(usage)
+}
+
+/// `certs issue`: a certificate for `identity` signed by the CA in `dir`, written to
+/// `out/<name>.pem` and `<name>.key`.
+pub fn certs_issue(dir: &Path, identity: Identity, out: &Path, days: i64) -> Result<String, CtlError> {
+    let ca = load_ca(dir)?;
+    let issued = ca.issue(&identity, Validity::days_from_now(days)).map_err(usage)?;
+    let name = match &identity {
+        Identity::Appliance(id) => id.to_string(),
+        Identity::Client(n) | Identity::Admin(n) => n.clone(),
+    };
+    std::fs::create_dir_all(out).map_err(|e| usage(format!("{}: {e}", out.display())))?;
+    KeyFile::Public.write(&out.join(format!("{name}.pem")), &issued.cert_pem).map_err(usage)?;
+    KeyFile::Secret.write(&out.join(format!("{name}.key")), &issued.key_pem).map_err(usage)?;
+    Ok(format!("{} issued: {}/{name}.pem, serial {}", identity.uri(), out.display(), issued.serial))
+}
+
+/// `certs revoke`: adds `serial` to the CA's revocation list (`dir/revoked.txt`) and
+/// writes the new CRL to `dir/crl.pem`. Returns the CRL.
+pub fn certs_revoke(dir: &Path, serial: u64) -> Result<String, CtlError> {
+    let ca = load_ca(dir)?;
+    let list = dir.join("revoked.txt");
+    let mut revoked: BTreeSet<u64> = std::fs::read_to_string(&list)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    revoked.insert(serial);
+    let serials: Vec<u64> = revoked.iter().copied().collect();
+    // The CRL number grows with every CRL this CA issues.
+    let crl = ca.revocation_list(&serials, serials.len() as u64 + now_ms() / 1000).map_err(usage)?;
+    let text: String = serials.iter().map(|s| format!("{s}\n")).collect();
+    KeyFile::Public.write(&list, &text).map_err(usage)?;
+    KeyFile::Public.write(&dir.join("crl.pem"), &crl).map_err(usage)?;
+    Ok(crl)
+}
+
+/// The serial of a certificate file.
+pub fn serial_of(cert: &Path) -> Result<u64, CtlError> {
+    let pem = read_pem(cert, KeyFile::Public).map_err(usage)?;
+    certificate_serial(&pem).map_err(|e| usage(format!("{}: {e}", cert.display())))
+}
+
+// ----- connections ----------------------------------------------------------------
+
+/// How `replctl` reaches the enterprise: admin credentials and the topology.
+#[derive(Debug)]
+pub struct Enterprise {
+    topology: Topology,
+    tls: TlsSetup,
+}
+
+impl Enterprise {
+    /// Loads credentials (`ca`, `cert`, `key`) and the topology file.
+    pub fn load(ca: &Path, cert: &Path, key: &Path, topology: &Path) -> Result<Enterprise, CtlError> {
+        let topology = read_topology(topology).map_err(usage)?;
+        let ca = read_pem(ca, KeyFile::Public).map_err(usage)?;
+        let cert = read_pem(cert, KeyFile::Public).map_err(usage)?;
+        let key = read_pem(key, KeyFile::Secret).map_err(usage)?;
+        let allowed = AllowedPeers::new(topology.appliances.iter().map(|a| a.id.clone()));
+        let tls = TlsSetup::from_pem(&ca, &cert, &key, &[], allowed).map_err(usage)?;
+        Ok(Enterprise { topology, tls })
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// A client of one appliance.
+    pub fn one(&self, id: &NodeId) -> Result<RemoteStore, CtlError> {
+        let a = self.topology.appliance(id).ok_or_else(|| usage(format!("{id} is not in the topology")))?;
+        let target = RemoteTarget { id: a.id.clone(), address: a.address };
+        Ok(RemoteStore::new(self.tls.clone(), vec![target])
+            .map_err(|e| CtlError::Connection(e.to_string()))?
+            .with_timeouts(Duration::from_secs(3), Duration::from_secs(5)))
+    }
+
+    /// A client of `id`, or of every appliance that holds `stream` (in topology order,
+    /// failing over).
+    pub fn for_stream(&self, id: Option<&NodeId>, stream: StreamId) -> Result<RemoteStore, CtlError> {
+        if let Some(id) = id {
+            return self.one(id);
+        }
+        let targets = self
+            .holders(stream)
+            .into_iter()
+            .filter_map(|id| self.topology.appliance(&id).map(|a| RemoteTarget { id, address: a.address }))
+            .collect();
+        Ok(RemoteStore::new(self.tls.clone(), targets)
+            .map_err(|e| CtlError::Connection(e.to_string()))?
+            .with_timeouts(Duration::from_secs(3), Duration::from_secs(10)))
+    }
+
+    /// The appliances that hold `stream`.
+    pub fn holders(&self, stream: StreamId) -> Vec<NodeId> {
+        let t = &self.topology;
+        t.appliances
+            .iter()
+            .filter(|a| match (t.generation, stream) {
+                (Generation::G4, _) => a.has(Role::Database),
+                (Generation::G3, StreamId::Audit) => a.has(Role::Audit),
+                (Generation::G3, _) => true,
+            })
+            .map(|a| a.id.clone())
+            .collect()
+    }
+
+    /// Groups of appliances that must hold the same `stream` (sessions: per site in G3).
+    pub fn groups(&self, stream: StreamId) -> Vec<Vec<NodeId>> {
+        let holders = self.holders(stream);
+        if stream == StreamId::Sessions && self.topology.generation == Generation::G3 {
+            let mut by_site: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
+            for a in &self.topology.appliances {
+                by_site.entry(a.site.as_str()).or_default().push(a.id.clone());
+            }
+            return by_site.into_values().filter(|g| g.len() > 1).collect();
+        }
+        vec![holders]
+    }
+}
+
+async fn admin(client: &RemoteStore, call: AdminCall) -> Result<ClientReply, CtlError> {
+    client
+        .call(ClientCall::Admin(call))
+        .await
+        .map(|(_, r)| r)
+        .map_err(|e| CtlError::Connection(e.to_string()))
+}
+
+fn vector_json(v: &VersionVector) -> serde_json::Value {
+    serde_json::Value::Object(v.iter().map(|d| (format!("{:016x}", d.origin.0), json!(d.seq))).collect())
+}
+
+// ----- status ---------------------------------------------------------------------
+
+/// `status`: every appliance, reachable or not, with its vectors and lag.
+pub async fn status(e: &Enterprise, as_json: bool) -> Result<String, CtlError> {
+    let mut rows = Vec::new();
+    let mut unreachable = Vec::new();
+    for a in &e.topology.appliances {
+        let roles: Vec<String> = a.roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect();
+        let reply = admin(&e.one(&a.id)?, AdminCall::Status).await;
+        let row = match reply {
+            Ok(ClientReply::Status { incarnation, topology_epoch, streams, .. }) => json!({
+                "appliance": a.id.as_str(), "site": a.site, "roles": roles, "reachable": true,
+                "incarnation": format!("{:016x}", incarnation.0), "epoch": topology_epoch,
+                "streams": streams.iter().map(|s| json!({
+                    "stream": s.stream.name(),
+                    "entries": s.vector.iter().map(|d| d.seq).sum::<u64>(),
+                    "vector": vector_json(&s.vector),
+                    "lag": s.lag.iter().map(|(p, n)| (p.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                })).collect::<Vec<_>>(),
+            }),
+            other => {
+                unreachable.push(a.id.to_string());
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(r) => format!("unexpected answer {r:?}"),
+                };
+                json!({"appliance": a.id.as_str(), "site": a.site, "roles": roles, "reachable": false, "error": why})
+            }
+        };
+        rows.push(row);
+    }
+    let out = if as_json {
+        serde_json::to_string_pretty(&json!({ "enterprise": e.topology.enterprise, "appliances": rows }))
+            .unwrap_or_default()
+    } else {
+        let mut text = format!(
+            "{:<10} {:<6} {:<10} {:<10} {:>10} {:>10} {:>10}  lag (entries) per peer\n",
+            "appliance", "site", "roles", "reachable", "enterprise", "sessions", "audit"
+        );
+        for r in &rows {
+            let count = |name: &str| {
+                r["streams"]
+                    .as_array()
+                    .and_then(|s| s.iter().find(|x| x["stream"] == name))
+                    .map_or("-".to_string(), |x| x["entries"].to_string())
+            };
+            let lag: Vec<String> = r["streams"]
+                .as_array()
+                .map(|streams| {
+                    streams
+                        .iter()
+                        .flat_map(|s| {
+                            s["lag"]
+                                .as_object()
+                                .into_iter()
+                                .flatten()
+                                .filter(|(_, n)| n.as_u64() != Some(0))
+                                .map(move |(p, n)| format!("{p}:{}={n}", s["stream"].as_str().unwrap_or("")))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            text.push_str(&format!(
+                "{:<10} {:<6} {:<10} {:<10} {:>10} {:>10} {:>10}  {}\n",
+                r["appliance"].as_str().unwrap_or(""),
+                r["site"].as_str().unwrap_or(""),
+                r["roles"]
+                    .as_array()
+                    .map(|v| v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
+                if r["reachable"] == true { "yes" } else { "NO" },
+                count("enterprise"),
+                count("sessions"),
+                count("audit"),
+                if r["reachable"] == true {
+                    if lag.is_empty() {
+                        "caught up".to_string()
+                    } else {
+                        lag.join(" ")
+                    }
+                } else {
+                    r["error"].as_str().unwrap_or("").to_string()
+                },
+            ));
+        }
+        text
+    };
+    if unreachable.is_empty() {
+        Ok(out)
+    } else {
+        println!("{out}");
+        Err(CtlError::CheckFailed(format!("unreachable: {}", unreachable.join(", "))))
+    }
+}
+
+// ----- verify ---------------------------------------------------------------------
+
+async fn tree(
+    client: &RemoteStore,
+    stream: StreamId,
+    cutoff_ms: u64,
+    level: u8,
+    buckets: Vec<u32>,
+) -> Result<(VersionVector, BTreeMap<u32, [u8; 32]>), CtlError> {
+    match admin(client, AdminCall::Tree { stream, cutoff_ms, level, buckets }).await? {
+        ClientReply::Tree { at, hashes } => {
+            Ok((at, hashes.into_iter().map(|h| (h.bucket, h.hash)).collect()))
+        }
+        other => Err(CtlError::Connection(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// `verify`: for each stream and group of appliances that must agree, compares the
+/// hash-tree roots read at equal vectors (retrying while writes move them); when they
+/// differ, descends to the differing leaf buckets and lists the keys whose versions
+/// differ. Returns the report; an error of kind `CheckFailed` when anything differs.
+pub async fn verify(e: &Enterprise, streams: &[StreamId]) -> Result<String, CtlError> {
+    let mut report = String::new();
+    let mut failures = Vec::new();
+    for &stream in streams {
+        for group in e.groups(stream) {
+            let clients: Vec<(NodeId, RemoteStore)> =
+                group.iter().map(|id| e.one(id).map(|c| (id.clone(), c))).collect::<Result<_, _>>()?;
+            let cutoff = now_ms();
+            let mut attempt = 0;
+            let roots = loop {
+                let mut roots = Vec::new();
+                for (id, c) in &clients {
+                    roots.push((id.clone(), tree(c, stream, cutoff, 0, vec![0]).await?));
+                }
+                let equal_vectors = roots.windows(2).all(|w| w[0].1 .0 == w[1].1 .0);
+                attempt += 1;
+                if equal_vectors || attempt >= 50 {
+                    break (roots, equal_vectors);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let (roots, equal_vectors) = roots;
+            let names = group.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(", ");
+            let same_root = roots.windows(2).all(|w| w[0].1 .1 == w[1].1 .1);
+            if equal_vectors && same_root {
+                report.push_str(&format!("{stream}: {names} agree at {} entries\n", sum(&roots[0].1 .0)));
+                continue;
+            }
+            if !equal_vectors {
+                let line = format!(
+                    "{stream}: {names} never held equal vectors in 10 s (writes ongoing or a replica behind)"
+                );
+                report.push_str(&format!("{line}\n"));
+                failures.push(line);
+                continue;
+            }
+            // Descend: buckets whose hashes differ, level by level.
+            let mut differing = vec![0u32];
+            for level in 1..=repl_engine::tree::TREE_LEAF_LEVEL {
+                let asked: Vec<u32> =
+                    differing.iter().flat_map(|b| repl_engine::tree::children(*b)).collect();
+                let mut per: Vec<BTreeMap<u32, [u8; 32]>> = Vec::new();
+                for (_, c) in &clients {
+                    per.push(tree(c, stream, cutoff, level, asked.clone()).await?.1);
+                }
+                differing = asked
+                    .into_iter()
+                    .filter(|b| per.windows(2).any(|w| w[0].get(b) != w[1].get(b)))
+                    .collect();
+            }
+            let mut keys = BTreeSet::new();
+            for bucket in &differing {
+                let mut per = Vec::new();
+                for (_, c) in &clients {
+                    match admin(c, AdminCall::BucketEntries { stream, bucket: *bucket }).await? {
+                        ClientReply::Entries { entries, .. } => per.push(
+                            entries
+                                .into_iter()
+                                .map(|en| ((en.collection, en.key), en.dot))
+                                .collect::<BTreeSet<_>>(),
+                        ),
+                        other => return Err(CtlError::Connection(format!("unexpected answer {other:?}"))),
+                    }
+                }
+                let all: BTreeSet<_> = per.iter().flatten().cloned().collect();
+                for item in all {
+                    if per.iter().any(|p| !p.contains(&item)) {
+                        keys.insert((item.0 .0, String::from_utf8_lossy(&item.0 .1).into_owned()));
+                    }
+                }
+            }
+            let line = format!(
+                "{stream}: {names} DIFFER in {} leaf bucket(s) {:?}; keys: {}",
+                differing.len(),
+                differing.iter().take(20).collect::<Vec<_>>(),
+                keys.iter().take(50).map(|(c, k)| format!("{c}/{k}")).collect::<Vec<_>>().join(", ")
+            );
+            report.push_str(&format!("{line}\n"));
+            failures.push(line);
+        }
+    }
+    if failures.is_empty() {
+        Ok(report)
+    } else {
+        print!("{report}");
+        Err(CtlError::CheckFailed(format!("{} group(s) differ", failures.len())))
+    }
+}
+
+fn sum(v: &VersionVector) -> u64 {
+    v.iter().map(|d| d.seq).sum()
+}
+
+/// `audit verify`: every audit holder checks every origin's hash chain.
+pub async fn audit_verify(e: &Enterprise) -> Result<String, CtlError> {
+    let mut out = String::new();
+    let mut broken = Vec::new();
+    for id in e.holders(StreamId::Audit) {
+        match admin(&e.one(&id)?, AdminCall::AuditVerify).await {
+            Ok(ClientReply::Count(n)) => out.push_str(&format!("{id}: {n} audit records, chains intact\n")),
+            Ok(other) => broken.push(format!("{id}: unexpected answer {other:?}")),
+            Err(err) => broken.push(format!("{id}: {err}")),
+        }
+    }
+    if broken.is_empty() {
+        Ok(out)
+    } else {
+        print!("{out}");
+        Err(CtlError::CheckFailed(broken.join("; ")))
+    }
+}
+
+/// `certs revoke --push`: installs `crl` on every appliance; returns a line per
+/// appliance.
+pub async fn push_crl(e: &Enterprise, crl: &str) -> Result<String, CtlError> {
+    let mut out = String::new();
+    let mut failed = Vec::new();
+    for a in &e.topology.appliances {
+        match admin(&e.one(&a.id)?, AdminCall::InstallCrl { pem: crl.to_string() }).await {
+            Ok(ClientReply::Count(closed)) => {
+                out.push_str(&format!("{}: CRL installed, {closed} live connection(s) closed\n", a.id))
+            }
+            Ok(other) => failed.push(format!("{}: unexpected answer {other:?}", a.id)),
+            Err(err) => failed.push(format!("{}: {err}", a.id)),
+        }
+    }
+    if failed.is_empty() {
+        Ok(out)
+    } else {
+        print!("{out}");
+        Err(CtlError::Connection(format!("CRL not installed on: {}", failed.join("; "))))
+    }
+}
+
+/// Parses a collection name.
+pub fn collection(name: &str) -> Result<Collection, CtlError> {
+    Collection::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Collection::ALL.iter().map(|c| c.name()).collect();
+        usage(format!("unknown collection {name:?}; one of {}", names.join(", ")))
+    })
+}
+
+/// Parses a stream name.
+pub fn stream(name: &str) -> Result<StreamId, CtlError> {
+    StreamId::ALL
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| usage(format!("unknown stream {name:?}; one of enterprise, sessions, audit")))
+}
+
+/// A path given on the command line or in an environment variable.
+pub fn path_arg(given: Option<PathBuf>, env: &str, what: &str) -> Result<PathBuf, CtlError> {
+    given
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .ok_or_else(|| usage(format!("give --{what} or set {env}")))
+}
