@@ -186,6 +186,11 @@ async fn a_service_appliance_forwards_to_the_database_and_keeps_audit_for_it() {
         [&db1, &db2].iter().all(|n| seqs(n, StreamId::Audit) == 1)
     })
     .await;
+    // Once both holders acknowledged it, the service appliance lets it go.
+    wait_until("svc1 to release the forwarded audit record", Duration::from_secs(30), || {
+        svc.store().audit_backlog() == 0
+    })
+    .await;
     for n in [svc, db1, db2] {
         n.shutdown(Duration::ZERO).await;
     }

@@ -401,6 +401,7 @@ impl Node {
             }
         }
         tasks.push(tokio::spawn(peer::accept_loop(shared.clone(), endpoint.clone())));
+        tasks.push(tokio::spawn(housekeeping(shared.clone())));
         Ok(Node { shared, endpoint, tasks })
     }
 
@@ -473,6 +474,57 @@ impl Node {
         }
         self.endpoint.wait_idle().await;
     }
+}
+
+/// How often the housekeeping task runs.
+const HOUSEKEEPING_MS: u64 = 1_000;
+
+/// Periodic upkeep: drops expired sessions from memory and, on an appliance that
+/// forwards audit records to holders, releases those every holder acknowledged.
+async fn housekeeping(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(HOUSEKEEPING_MS)).await;
+        let release = audit_release_point(&shared);
+        tokio::task::block_in_place(|| {
+            shared.store.expire();
+            if let Some(acked) = release {
+                let released = shared.store.release_audit(&acked);
+                if released > 0 {
+                    tracing::debug!(released, "audit records released: every holder has them");
+                }
+            }
+        });
+    }
+}
+
+/// On an audit forwarder (not a holder itself): the meet of the holders'
+/// acknowledged audit vectors; `None` on a holder or while a holder has not answered.
+fn audit_release_point(shared: &Shared) -> Option<VersionVector> {
+    let topology = &shared.config.topology;
+    let me = &shared.config.me;
+    let holders: Vec<&NodeId> = topology
+        .appliances
+        .iter()
+        .filter(|a| &a.id != me && topology.scope(me, &a.id).send.contains(&StreamId::Audit))
+        .map(|a| &a.id)
+        .collect();
+    let i_hold = topology
+        .appliances
+        .iter()
+        .any(|a| &a.id != me && topology.scope(&a.id, me).send.contains(&StreamId::Audit));
+    if i_hold || holders.is_empty() {
+        return None;
+    }
+    let state = shared.state();
+    let mut meet: Option<VersionVector> = None;
+    for h in holders {
+        let acked = state.peers.get(h)?.acked.get(&StreamId::Audit)?;
+        meet = Some(match meet {
+            None => acked.clone(),
+            Some(m) => m.meet(acked),
+        });
+    }
+    meet
 }
 
 /// The peers of `me` in `topology` (those sharing a stream with it), by id.
