@@ -36,6 +36,9 @@ pub enum DaemonError {
     /// The metrics server could not start.
     #[error(transparent)]
     Metrics(#[from] repl_engine::runtime::HttpError),
+    /// Another process holds the data directory (a running repld, or a restore).
+    #[error(transparent)]
+    Locked(crate::backup::BackupError),
     /// Joining through a peer failed.
     #[error("cannot join through {peer}: {message}")]
     Join {
@@ -51,7 +54,10 @@ impl DaemonError {
     /// environment (bad field, missing certificate, address in use), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DaemonError::Config(_) | DaemonError::Start(_) | DaemonError::Metrics(_) => 2,
+            DaemonError::Config(_)
+            | DaemonError::Start(_)
+            | DaemonError::Metrics(_)
+            | DaemonError::Locked(_) => 2,
             DaemonError::Store { .. } | DaemonError::Join { .. } => 1,
         }
     }
@@ -134,11 +140,14 @@ pub struct Daemon {
     /// Where metrics are served, if configured.
     pub metrics: Option<std::net::SocketAddr>,
     http: Option<tokio::task::JoinHandle<()>>,
+    /// Held while running: no second repld and no restore on this data directory.
+    _lock: std::fs::File,
 }
 
 impl Daemon {
     /// Opens the store and starts the node and the metrics server.
     pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
+        let lock = crate::backup::lock_data_dir(&config.data_dir).map_err(DaemonError::Locked)?;
         let topology = topology(config).await?;
         let tls = tls_setup(config, &topology)?;
         let store_dir = config.data_dir.join("store");
@@ -188,7 +197,7 @@ impl Daemon {
             metrics = ?metrics,
             "ready"
         );
-        Ok(Daemon { node, metrics, http })
+        Ok(Daemon { node, metrics, http, _lock: lock })
     }
 
     /// Stops: lets connected peers catch up (bounded), then closes everything.

@@ -324,6 +324,27 @@ impl Demo {
         Ok(())
     }
 
+    /// Stops appliance `index` with SIGTERM and waits for it to exit (up to 20 s,
+    /// then SIGKILL); true if it exited cleanly.
+    pub async fn stop(&mut self, index: usize) -> bool {
+        let Some(mut child) = self.members[index].child.take() else { return false };
+        if let Some(pid) = i32::try_from(child.id()).ok().and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+
     /// Stops every running appliance with SIGTERM (graceful) and checks the exits.
     pub async fn stop_all(&mut self) {
         for m in &mut self.members {

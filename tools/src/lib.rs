@@ -2,6 +2,7 @@
 //! binaries and their process tests share: the configuration, the daemon, the demo,
 //! the operator commands.
 
+pub mod backup;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

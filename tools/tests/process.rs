@@ -157,7 +157,14 @@ async fn three_appliances_replicate_through_a_sigkill_and_a_foreign_certificate_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let metrics = http_get(demo.metrics(3), "/metrics").await.expect("b2 metrics");
-    assert!(metrics.contains("repl_stream_entries{stream=\"enterprise\"} 0"), "{metrics}");
+    let received: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("repl_entries_total{") && l.contains("direction=\"in\"") && !l.ends_with(" 0")
+        })
+        .collect();
+    assert!(received.is_empty(), "b2 received entries: {received:?}");
+    assert!(metrics.contains("repl_peer_connected{appliance=\"b2\",peer=\"a1\"} 0"), "{metrics}");
     demo.stop_all().await;
     assert!(demo.all_passed(), "an appliance did not stop cleanly");
 }

@@ -208,3 +208,143 @@ async fn operating_a_running_enterprise() {
     // Missing credentials: a usage error.
     assert_eq!(code(&replctl(&["status"])), 2);
 }
+
+fn listing(dir: &Path) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map_or(0, |m| m.len())))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_load_restores_one_appliance_and_its_old_incarnation_is_refused() {
+    const THREE: &[(&str, &str, &[repl_engine::topology::Role])] = &[
+        ("a1", "a", &[repl_engine::topology::Role::Audit]),
+        ("a2", "a", &[]),
+        ("b1", "b", &[repl_engine::topology::Role::Audit]),
+    ];
+    let mut demo =
+        Demo::create(PathBuf::from(env!("CARGO_BIN_EXE_repld")), None, false, THREE).expect("files");
+    let dir = demo.dir().to_path_buf();
+    let d = dir.to_str().expect("path").to_string();
+    assert_eq!(code(&replctl(&["certs", "issue", "--dir", &d, "--admin", "ops"])), 0);
+    assert_eq!(code(&replctl(&["certs", "issue", "--dir", &d, "--client", "agent"])), 0);
+    for i in 0..3 {
+        demo.start(i).expect("start");
+    }
+    for i in 0..3 {
+        demo.wait_ready(i).await.expect("ready");
+    }
+    let ctl = Ctl { dir: dir.clone() };
+    let writer = client_of(&dir, "agent", &demo, 0);
+    for i in 0..100u32 {
+        writer.put(Collection::Users, format!("before-{i}").as_bytes(), b"v").await.expect("put");
+    }
+
+    // The backup of a2 is taken while a1 keeps writing.
+    let load = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            for i in 0..300u32 {
+                writer.put(Collection::Users, format!("during-{i}").as_bytes(), b"v").await.expect("put");
+            }
+        })
+    };
+    let file = dir.join("a2.backup");
+    let out = ctl.run(&["backup", "--appliance", "a2", file.to_str().expect("p")]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    load.await.expect("load");
+    for i in 0..100u32 {
+        writer.put(Collection::Users, format!("after-{i}").as_bytes(), b"v").await.expect("put");
+    }
+
+    // Refusals: a2 is running; a damaged and a truncated file change nothing.
+    let a2_config = dir.join("a2.toml");
+    let restore =
+        |f: &Path| replctl(&["restore", "--config", a2_config.to_str().expect("p"), f.to_str().expect("p")]);
+    let running = restore(&file);
+    assert_eq!(code(&running), 2, "{}", text(&running));
+    assert!(text(&running).contains("running"), "{}", text(&running));
+    assert!(demo.stop(1).await, "a2 did not stop cleanly");
+    let store_dir = dir.join("data/a2/store");
+    let before = listing(&store_dir);
+    let bytes = std::fs::read(&file).expect("backup");
+    let mut damaged = bytes.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x40;
+    let damaged_file = dir.join("damaged.backup");
+    std::fs::write(&damaged_file, &damaged).expect("write");
+    let out = restore(&damaged_file);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("checksum"), "{}", text(&out));
+    let truncated_file = dir.join("truncated.backup");
+    std::fs::write(&truncated_file, &bytes[..bytes.len() - 100]).expect("write");
+    let out = restore(&truncated_file);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("truncated"), "{}", text(&out));
+    assert_eq!(listing(&store_dir), before, "a refused restore changed the store");
+
+    // Keep the old incarnation's data to play a zombie later; restore; start again.
+    let zombie = dir.join("data/a2-old");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(dir.join("data/a2"))
+        .arg(&zombie)
+        .status()
+        .expect("cp")
+        .success());
+    let out = restore(&file);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(text(&out).contains("new incarnation") || text(&out).contains("incarnation"), "{}", text(&out));
+    demo.start(1).expect("restart a2");
+    demo.wait_ready(1).await.expect("a2 ready");
+
+    // Every acknowledged write is back on a2 and the replicas agree.
+    let on_a2 = client_of(&dir, "agent", &demo, 1);
+    let start = Instant::now();
+    'outer: loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "a2 did not get every write back");
+        for (prefix, n) in [("before", 100u32), ("during", 300), ("after", 100)] {
+            for i in 0..n {
+                match on_a2.get(Collection::Users, format!("{prefix}-{i}").as_bytes()).await {
+                    Ok((v, _)) if !v.is_empty() => {}
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue 'outer;
+                    }
+                }
+            }
+        }
+        break;
+    }
+    let start = Instant::now();
+    loop {
+        let out = ctl.run(&["verify"]);
+        if code(&out) == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "verify after the restore: {}", text(&out));
+    }
+
+    // The old incarnation comes back (a zombie on the old data): refused and logged.
+    assert!(demo.stop(1).await);
+    std::fs::rename(dir.join("data/a2"), dir.join("data/a2-new")).expect("move");
+    std::fs::rename(&zombie, dir.join("data/a2")).expect("move");
+    demo.start(1).expect("start the zombie");
+    demo.wait_ready(1).await.expect("zombie ready");
+    let start = Instant::now();
+    while !(demo.log(0).contains("retired incarnation") || demo.log(2).contains("retired incarnation")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the old incarnation was not refused:\n{}",
+            demo.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    demo.stop_all().await;
+}

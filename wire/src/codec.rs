@@ -124,6 +124,9 @@ impl WireMessage for ClientRequest {
                 list("buckets", buckets.len(), LIST_ITEMS_MAX)
             }
             ClientCall::Admin(AdminCall::InstallCrl { pem }) => list("CRL", pem.len(), VALUE_BYTES_MAX),
+            ClientCall::Admin(AdminCall::BackupChunk { resume, .. }) => {
+                list("resume token", resume.len(), KEY_BYTES_MAX + 1)
+            }
             ClientCall::Admin(_) => Ok(()),
         }
     }
@@ -149,6 +152,10 @@ impl WireMessage for ClientReply {
             ClientReply::Tree { hashes, .. } => list("hashes", hashes.len(), LIST_ITEMS_MAX),
             ClientReply::Entries { entries, .. } => list("entries", entries.len(), LIST_ITEMS_MAX),
             ClientReply::Count(_) => Ok(()),
+            ClientReply::Chunk { entries, resume, .. } => {
+                list("entries", entries.len(), LIST_ITEMS_MAX)?;
+                list("resume token", resume.len(), KEY_BYTES_MAX + 1)
+            }
             ClientReply::Written { .. }
             | ClientReply::Blob(_)
             | ClientReply::Root { .. }

@@ -415,6 +415,14 @@ pub enum AdminCall {
     },
     /// Verify every origin's audit hash chain.
     AuditVerify,
+    /// A chunk of an online backup: every version of `stream` in key order after
+    /// `resume` (empty for the first chunk), with the stream's vector.
+    BackupChunk {
+        /// The stream.
+        stream: StreamId,
+        /// Where the previous chunk ended.
+        resume: Vec<u8>,
+    },
     /// Install a certificate revocation list: refused on new connections at once,
     /// live connections of a revoked certificate closed.
     InstallCrl {
@@ -523,6 +531,16 @@ pub enum ClientReply {
     },
     /// A count (audit records verified, ...).
     Count(u64),
+    /// A chunk of versions, the vector read with it, and where the next begins
+    /// (empty after the last).
+    Chunk {
+        /// The vector.
+        at: VersionVector,
+        /// The versions.
+        entries: Vec<Entry>,
+        /// The resume token.
+        resume: Vec<u8>,
+    },
     /// The call failed.
     Error(ProtocolError),
 }

@@ -24,13 +24,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use repl_wire::transport::{server_endpoint, TlsSetup, TransportError};
-use repl_wire::{NodeId, StreamId, VersionVector, ALPN_CLIENT, ALPN_PEER};
+use repl_wire::{Collection, Incarnation, NodeId, StreamId, VersionVector, ALPN_CLIENT, ALPN_PEER};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use client::{ClientError, RemoteStore, RemoteTarget};
 pub use metrics::{serve_http, HttpError};
 
+use crate::records::{Record, TopologyRecord};
 use crate::storage::SyncLatency;
 use crate::store::Store;
 use crate::sync::SyncConfig;
@@ -144,6 +145,9 @@ pub enum NodeError {
     /// This appliance is not in the topology it was given.
     #[error("appliance {0} is not in the topology")]
     NotInTopology(NodeId),
+    /// The store refused a write at start (its incarnation record).
+    #[error("store: {0}")]
+    Store(crate::Error),
 }
 
 /// Per peer and stream: how far behind the peer is on what this node sends it.
@@ -375,6 +379,9 @@ impl Node {
         if config.topology.appliance(&config.me).is_none() {
             return Err(NodeError::NotInTopology(config.me));
         }
+        if let Err(e) = tokio::task::block_in_place(|| claim_incarnation(&store, &config.me)) {
+            return Err(NodeError::Store(e));
+        }
         let endpoint = server_endpoint(config.listen, &config.tls, &[ALPN_PEER, ALPN_CLIENT])
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let mut state = State::default();
@@ -474,6 +481,59 @@ impl Node {
         }
         self.endpoint.wait_idle().await;
     }
+}
+
+/// The record naming an appliance's current incarnation.
+const INCARNATION_KIND: &str = "incarnation";
+/// The records naming incarnations an appliance retired (by a restore).
+const RETIRED_KIND: &str = "retired-incarnation";
+
+fn retired_id(appliance: &NodeId, incarnation: Incarnation) -> String {
+    format!("{appliance}/{:016x}", incarnation.0)
+}
+
+/// Records this appliance's incarnation in the replicated topology collection. After
+/// a restore the store holds the previous incarnation's record: that one is retired
+/// (a record every peer learns), and peers refuse its sessions from then on.
+fn claim_incarnation(store: &Store, me: &NodeId) -> crate::Result<()> {
+    let ours = store.incarnation();
+    let key = TopologyRecord { kind: INCARNATION_KIND.into(), id: me.to_string(), body: Vec::new() }.key();
+    let held: Vec<TopologyRecord> = store.get_record(&key)?;
+    let previous: Vec<Incarnation> = held
+        .iter()
+        .filter_map(|r| r.body.as_slice().try_into().ok().map(|b| Incarnation(u64::from_le_bytes(b))))
+        .filter(|i| *i != ours)
+        .collect();
+    if !held.is_empty() && previous.is_empty() {
+        return Ok(());
+    }
+    let mut batch = crate::store::WriteBatch::new();
+    batch.record(&TopologyRecord {
+        kind: INCARNATION_KIND.into(),
+        id: me.to_string(),
+        body: ours.0.to_le_bytes().to_vec(),
+    })?;
+    for old in &previous {
+        tracing::info!(retired = %format!("{:016x}", old.0), "this appliance was restored: its previous incarnation is retired");
+        batch.record(&TopologyRecord {
+            kind: RETIRED_KIND.into(),
+            id: retired_id(me, *old),
+            body: Vec::new(),
+        })?;
+    }
+    store.write(batch, crate::store::Durability::Durable)?;
+    Ok(())
+}
+
+/// Whether `incarnation` of `appliance` was retired by a restore.
+fn is_retired(store: &Store, appliance: &NodeId, incarnation: Incarnation) -> bool {
+    let key = TopologyRecord {
+        kind: RETIRED_KIND.into(),
+        id: retired_id(appliance, incarnation),
+        body: Vec::new(),
+    }
+    .key();
+    store.get(Collection::Topology, &key).is_ok_and(|r| r.value().is_some())
 }
 
 /// How often the housekeeping task runs.

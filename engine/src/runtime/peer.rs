@@ -137,6 +137,14 @@ async fn run_session(
                     tracing::warn!(%peer, ours, theirs, "topology epochs differ");
                     shared.error(format!("{peer}: topology epoch {theirs} differs from ours {ours}"))
                 }
+                SyncEvent::PeerSession { incarnation } if super::is_retired(&store, &peer, incarnation) => {
+                    let inc = format!("{:016x}", incarnation.0);
+                    tracing::warn!(%peer, incarnation = %inc, "refused a retired incarnation (restored from a backup)");
+                    shared.state().refused += 1;
+                    shared.error(format!("{peer}: refused retired incarnation {inc}"));
+                    conn.close(quinn::VarInt::from_u32(4), b"retired incarnation");
+                    return closed(shared, &peer, established);
+                }
                 SyncEvent::Repaired { stream, buckets_fetched, entries } => {
                     tracing::info!(%peer, %stream, buckets_fetched, entries, "repair from the peer completed")
                 }

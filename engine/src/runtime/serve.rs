@@ -416,6 +416,13 @@ fn admin(shared: &Shared, call: &AdminCall) -> ClientReply {
             };
             ClientReply::Entries { at, entries }
         }
+        AdminCall::BackupChunk { stream, resume } => {
+            // About 1 MiB of entries per chunk keeps each reply far below a frame.
+            match tokio::task::block_in_place(|| store.snapshot_chunk(*stream, &[], resume, 2048)) {
+                Ok((at, entries, resume)) => ClientReply::Chunk { at, entries, resume },
+                Err(e) => store_error(&e),
+            }
+        }
         AdminCall::AuditVerify => match tokio::task::block_in_place(|| store.audit_verify()) {
             Ok(n) => ClientReply::Count(n),
             Err(e) => refuse(ErrorCode::Internal, format!("audit chain broken: {e}")),
