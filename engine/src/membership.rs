@@ -27,6 +27,9 @@ pub const PREPARED_LAPSE_MS: u64 = 30_000;
 pub struct Membership {
     current: Topology,
     prepared: Option<(Topology, u64)>,
+    /// A new appliance waiting to be added: it accepts a change that adds it whatever
+    /// the epoch it was made against (it has no view of its own to protect).
+    joining: Option<NodeId>,
 }
 
 /// Why a change was refused.
@@ -56,7 +59,12 @@ fn names(ids: &[NodeId]) -> String {
 impl Membership {
     /// Membership starting from `current`.
     pub fn new(current: Topology) -> Membership {
-        Membership { current, prepared: None }
+        Membership { current, prepared: None, joining: None }
+    }
+
+    /// Membership of appliance `me`, not yet in `current`, waiting to be added.
+    pub fn joining(current: Topology, me: NodeId) -> Membership {
+        Membership { current, prepared: None, joining: Some(me) }
     }
 
     /// The committed topology.
@@ -83,13 +91,14 @@ impl Membership {
                 self.prepared = None;
             }
         }
-        if self.current.epoch != expected_epoch {
-            return vote(false, format!("the epoch here is {}, not {expected_epoch}", self.current.epoch));
-        }
         let proposed: Topology = match postcard::from_bytes(topology) {
             Ok(t) => t,
             Err(e) => return vote(false, format!("the proposed topology does not decode: {e}")),
         };
+        let adds_me = self.joining.as_ref().is_some_and(|me| proposed.appliance(me).is_some());
+        if self.current.epoch != expected_epoch && !adds_me {
+            return vote(false, format!("the epoch here is {}, not {expected_epoch}", self.current.epoch));
+        }
         if proposed.epoch != new_epoch || new_epoch != expected_epoch + 1 {
             return vote(false, format!("epoch {new_epoch} does not follow {expected_epoch}"));
         }
@@ -114,6 +123,7 @@ impl Membership {
         match self.prepared.take() {
             Some((t, _)) if t.epoch == new_epoch => {
                 self.current = t;
+                self.joining = None;
                 Some(&self.current)
             }
             other => {
@@ -126,6 +136,16 @@ impl Membership {
     /// Handles an abort: forgets the prepared change of that epoch.
     pub fn on_abort(&mut self, new_epoch: u64) {
         if self.prepared.as_ref().is_some_and(|(t, _)| t.epoch == new_epoch) {
+            self.prepared = None;
+        }
+    }
+
+    /// Handles the abort of one proposal (encoded as in its prepare): forgets the
+    /// prepared change only if it is that proposal, so the abort of a change that
+    /// lost does not undo the change that won here.
+    pub fn on_abort_of(&mut self, topology: &[u8]) {
+        let Ok(aborted) = postcard::from_bytes::<Topology>(topology) else { return };
+        if self.prepared.as_ref().is_some_and(|(t, _)| *t == aborted) {
             self.prepared = None;
         }
     }
@@ -448,5 +468,51 @@ mod tests {
         ));
         assert!(m.on_commit(3).is_none());
         assert_eq!(m.on_commit(2).map(|t| t.sites[0].name.clone()), Some("Paris".to_string()));
+    }
+
+    #[test]
+    fn a_joining_appliance_votes_only_for_the_change_that_adds_it() {
+        let t = g3();
+        let empty = Topology { appliances: Vec::new(), sites: Vec::new(), epoch: 0, ..t.clone() };
+        let mut ms = members(&t);
+        // a3 has no view (epoch 0): a plain member would refuse every prepare.
+        ms.insert(id("a3"), Membership::joining(empty, id("a3")));
+        let rename = {
+            let mut p = t.clone();
+            p.sites[0].name = "renamed".into();
+            p
+        };
+        let bytes = postcard::to_allocvec(&Topology { epoch: t.epoch + 1, ..rename }).expect("encode");
+        let vote = ms.get_mut(&id("a3")).expect("a3").on_prepare(0, t.epoch, t.epoch + 1, &bytes);
+        assert!(matches!(vote, PeerMessage::TopologyVote { accept: false, .. }), "{vote:?}");
+        let mut change = TopologyChange::new(&t, with_a3(&t), 0, 1_000).expect("valid");
+        run(&mut change, &mut ms, &[], 0);
+        assert!(matches!(change.outcome(), Some(Ok(_))), "{:?}", change.outcome());
+        assert!(ms.values().all(|m| m.epoch() == t.epoch + 1));
+        assert!(ms[&id("a3")].current().appliance(&id("a3")).is_some());
+    }
+
+    #[test]
+    fn the_abort_of_a_losing_change_does_not_undo_the_winner() {
+        let t = g3();
+        let mut m = Membership::new(t.clone());
+        let proposal = |name: &str| {
+            let mut p = t.clone();
+            p.sites[0].name = name.into();
+            p.epoch = t.epoch + 1;
+            postcard::to_allocvec(&p).expect("encode")
+        };
+        let (x, y) = (proposal("x"), proposal("y"));
+        assert!(matches!(
+            m.on_prepare(0, t.epoch, t.epoch + 1, &x),
+            PeerMessage::TopologyVote { accept: true, .. }
+        ));
+        assert!(matches!(
+            m.on_prepare(0, t.epoch, t.epoch + 1, &y),
+            PeerMessage::TopologyVote { accept: false, .. }
+        ));
+        m.on_abort_of(&y);
+        assert!(m.on_commit(t.epoch + 1).is_some(), "the losing change's abort undid the winner");
+        assert_eq!(m.current().sites[0].name, "x");
     }
 }

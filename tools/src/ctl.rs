@@ -121,19 +121,20 @@ pub fn serial_of(cert: &Path) -> Result<u64, CtlError> {
 #[derive(Debug)]
 pub struct Enterprise {
     topology: Topology,
+    topology_file: PathBuf,
     tls: TlsSetup,
 }
 
 impl Enterprise {
     /// Loads credentials (`ca`, `cert`, `key`) and the topology file.
-    pub fn load(ca: &Path, cert: &Path, key: &Path, topology: &Path) -> Result<Enterprise, CtlError> {
-        let topology = read_topology(topology).map_err(usage)?;
+    pub fn load(ca: &Path, cert: &Path, key: &Path, topology_path: &Path) -> Result<Enterprise, CtlError> {
+        let topology = read_topology(topology_path).map_err(usage)?;
         let ca = read_pem(ca, KeyFile::Public).map_err(usage)?;
         let cert = read_pem(cert, KeyFile::Public).map_err(usage)?;
         let key = read_pem(key, KeyFile::Secret).map_err(usage)?;
         let allowed = AllowedPeers::new(topology.appliances.iter().map(|a| a.id.clone()));
         let tls = TlsSetup::from_pem(&ca, &cert, &key, &[], allowed).map_err(usage)?;
-        Ok(Enterprise { topology, tls })
+        Ok(Enterprise { topology, topology_file: topology_path.to_path_buf(), tls })
     }
 
     /// The topology.
@@ -144,7 +145,12 @@ impl Enterprise {
     /// A client of one appliance.
     pub fn one(&self, id: &NodeId) -> Result<RemoteStore, CtlError> {
         let a = self.topology.appliance(id).ok_or_else(|| usage(format!("{id} is not in the topology")))?;
-        let target = RemoteTarget { id: a.id.clone(), address: a.address };
+        self.at(id, a.address)
+    }
+
+    /// A client of appliance `id` at `address` (one not in the topology file yet).
+    pub fn at(&self, id: &NodeId, address: std::net::SocketAddr) -> Result<RemoteStore, CtlError> {
+        let target = RemoteTarget { id: id.clone(), address };
         Ok(RemoteStore::new(self.tls.clone(), vec![target])
             .map_err(|e| CtlError::Connection(e.to_string()))?
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(5)))
@@ -413,6 +419,95 @@ pub async fn verify(e: &Enterprise, streams: &[StreamId]) -> Result<String, CtlE
 
 fn sum(v: &VersionVector) -> u64 {
     v.iter().map(|d| d.seq).sum()
+}
+
+// ----- topology changes -----------------------------------------------------------
+
+/// Changes the topology by two-phase commit: reads the current topology from the
+/// first appliance that answers, applies `edit`, sends the prepare to every appliance
+/// of the proposed topology, and commits only if every one accepted (else aborts,
+/// naming who refused or did not answer). On success the topology file is rewritten.
+pub async fn change_topology(
+    e: &Enterprise,
+    edit: impl FnOnce(&mut Topology) -> Result<(), CtlError>,
+) -> Result<String, CtlError> {
+    let mut current = None;
+    for a in &e.topology.appliances {
+        if let Ok(ClientReply::Blob(bytes)) = admin(&e.one(&a.id)?, AdminCall::TopologyShow).await {
+            current = Topology::decode(&bytes).ok();
+            break;
+        }
+    }
+    let current = current.ok_or_else(|| CtlError::Connection("no appliance answered".into()))?;
+    let mut proposed = current.clone();
+    edit(&mut proposed)?;
+    let mut change = repl_engine::membership::TopologyChange::new(&current, proposed.clone(), now_ms(), 0)
+        .map_err(|err| usage(err.to_string()))?;
+    proposed.epoch = current.epoch + 1;
+    let address = |id: &NodeId| proposed.appliance(id).map(|a| a.address);
+    // Phase one: every vote, in parallel.
+    let mut votes = Vec::new();
+    while let Some((id, message)) = change.poll_transmit() {
+        let repl_wire::PeerMessage::TopologyPrepare { expected_epoch, topology, .. } = message else {
+            continue;
+        };
+        let Some(addr) = address(&id) else { continue };
+        let client = e.at(&id, addr)?;
+        votes.push(tokio::spawn(async move {
+            let reply = admin(&client, AdminCall::TopologyPrepare { expected_epoch, topology }).await;
+            (id, reply)
+        }));
+    }
+    for vote in votes {
+        let Ok((id, reply)) = vote.await else { continue };
+        match reply {
+            Ok(ClientReply::Done) => change.handle_vote(&id, proposed.epoch, true, String::new()),
+            Ok(ClientReply::Error(err)) => change.handle_vote(&id, proposed.epoch, false, err.message),
+            Ok(other) => {
+                change.handle_vote(&id, proposed.epoch, false, format!("unexpected answer {other:?}"))
+            }
+            Err(CtlError::Connection(m)) if m.contains("refused") => {
+                change.handle_vote(&id, proposed.epoch, false, m)
+            }
+            Err(_) => {} // no vote: named as unreachable below
+        }
+    }
+    change.handle_timeout(u64::MAX);
+    // Phase two: commit or abort everywhere.
+    let encoded = postcard::to_allocvec(&proposed).map_err(usage)?;
+    let mut not_applied = Vec::new();
+    while let Some((id, message)) = change.poll_transmit() {
+        let call = match message {
+            repl_wire::PeerMessage::TopologyCommit { new_epoch } => AdminCall::TopologyCommit { new_epoch },
+            repl_wire::PeerMessage::TopologyAbort { new_epoch } => {
+                AdminCall::TopologyAbort { new_epoch, topology: encoded.clone() }
+            }
+            _ => continue,
+        };
+        let commit = matches!(call, AdminCall::TopologyCommit { .. });
+        if let Some(addr) = address(&id) {
+            if let Err(err) = admin(&e.at(&id, addr)?, call).await {
+                if commit {
+                    not_applied.push(format!("{id}: {err}"));
+                }
+            }
+        }
+    }
+    match change.outcome() {
+        Some(Ok(_)) if !not_applied.is_empty() => Err(CtlError::CheckFailed(format!(
+            "committed, but not applied on: {} (they adopt it from their peers)",
+            not_applied.join("; ")
+        ))),
+        Some(Ok(t)) => {
+            let text = toml::to_string(t).map_err(usage)?;
+            std::fs::write(&e.topology_file, text).map_err(|err| {
+                usage(format!("committed, but cannot rewrite {}: {err}", e.topology_file.display()))
+            })?;
+            Ok(format!("topology epoch {} committed on {} appliance(s)\n", t.epoch, t.appliances.len()))
+        }
+        Some(Err(err)) => Err(CtlError::CheckFailed(format!("change refused: {err}"))),
+        None => Err(CtlError::CheckFailed("change undecided".into())),
+    }
 }
 
 /// `audit verify`: every audit holder checks every origin's hash chain.

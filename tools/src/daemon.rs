@@ -8,7 +8,7 @@ use repl_engine::runtime::{database_targets, serve_http, Node, NodeConfig, Remot
 use repl_engine::topology::{Generation, Role, Topology};
 use repl_engine::{FileStorage, Store, StoreOptions};
 use repl_wire::transport::{AllowedPeers, TlsSetup};
-use repl_wire::{AdminCall, ClientCall, ClientReply};
+use repl_wire::{AdminCall, ClientCall, ClientReply, NodeId};
 
 use crate::config::{check_membership, Config, ConfigError, TopologySource};
 
@@ -90,46 +90,79 @@ pub fn tls_setup(config: &Config, topology: &Topology) -> Result<TlsSetup, Confi
     })
 }
 
-/// The topology: the bootstrap file's, or the one kept from joining, or fetched now
-/// from the peer to join through (and kept).
-async fn topology(config: &Config) -> Result<Topology, DaemonError> {
-    let (peer, address) = match &config.topology {
-        TopologySource::Bootstrap(t) => return Ok((**t).clone()),
-        TopologySource::Join(peer, address) => (peer.clone(), *address),
+/// The topology and whether this appliance waits to be added: the newest of the
+/// bootstrap file's and the one kept from a committed change or a join; or, at the
+/// first start of a joining appliance, the one fetched from the peer (and kept).
+async fn topology(config: &Config) -> Result<(Topology, bool), DaemonError> {
+    let kept_path = config.data_dir.join("topology.bin");
+    let kept = match std::fs::read(&kept_path) {
+        Ok(bytes) => Some(Topology::decode(&bytes).map_err(|e| DaemonError::Join {
+            peer: "kept topology".into(),
+            message: format!("{}: {e}", kept_path.display()),
+        })?),
+        Err(_) => None,
     };
-    let kept = config.data_dir.join("topology.bin");
-    let join_err = |message: String| DaemonError::Join { peer: peer.to_string(), message };
-    let topology = match std::fs::read(&kept) {
-        Ok(bytes) => Topology::decode(&bytes).map_err(|e| join_err(format!("{}: {e}", kept.display())))?,
-        Err(_) => {
-            // Our certificate is the credential; the peer is the only appliance known.
-            let bootstrap = Topology {
-                enterprise: String::new(),
-                generation: Generation::G3,
-                epoch: 0,
-                external: Default::default(),
-                bootstrap: None,
-                sites: Vec::new(),
-                appliances: Vec::new(),
+    let (topology, source) = match (&config.topology, kept) {
+        (TopologySource::Bootstrap(t), Some(k)) if k.epoch > t.epoch => (k, kept_path.clone()),
+        (TopologySource::Bootstrap(t), _) => ((**t).clone(), config.file.clone()),
+        (TopologySource::Join(..), Some(k)) => (k, kept_path.clone()),
+        (TopologySource::Join(peer, address), None) => {
+            let t = match fetch_topology(config, peer, *address).await {
+                Ok(t) => t,
+                // Not an appliance of the enterprise yet (the member refuses our
+                // certificate), or the member is unreachable: wait, with no view, for
+                // the topology change that adds this appliance.
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot read the topology: waiting to be added by a topology change");
+                    return Ok((empty_topology(), true));
+                }
             };
-            let tls = tls_setup(config, &bootstrap)?;
-            let client = RemoteStore::new(tls, vec![RemoteTarget { id: peer.clone(), address }])
-                .map_err(|e| join_err(e.to_string()))?;
-            let reply = client.call(ClientCall::Admin(AdminCall::TopologyShow)).await;
-            let bytes = match reply {
-                Ok((_, ClientReply::Blob(bytes))) => bytes,
-                Ok((_, other)) => return Err(join_err(format!("unexpected answer {other:?}"))),
-                Err(e) => return Err(join_err(e.to_string())),
-            };
-            let topology = Topology::decode(&bytes).map_err(|e| join_err(e.to_string()))?;
             std::fs::create_dir_all(&config.data_dir)
-                .and_then(|()| std::fs::write(&kept, &bytes))
-                .map_err(|e| join_err(format!("cannot keep the topology in {}: {e}", kept.display())))?;
-            topology
+                .and_then(|()| std::fs::write(&kept_path, t.encode()))
+                .map_err(|e| DaemonError::Join {
+                peer: peer.to_string(),
+                message: format!("cannot keep the topology in {}: {e}", kept_path.display()),
+            })?;
+            (t, kept_path.clone())
         }
     };
-    check_membership(config, &topology, &kept)?;
-    Ok(topology)
+    // A joining appliance not yet in the topology waits to be added.
+    let pending = matches!(config.topology, TopologySource::Join(..))
+        && topology.appliance(&config.appliance).is_none();
+    if !pending {
+        check_membership(config, &topology, &source)?;
+    }
+    Ok((topology, pending))
+}
+
+/// A topology with nothing in it: the view of an appliance waiting to be added.
+fn empty_topology() -> Topology {
+    Topology {
+        enterprise: String::new(),
+        generation: Generation::G3,
+        epoch: 0,
+        external: Default::default(),
+        bootstrap: None,
+        sites: Vec::new(),
+        appliances: Vec::new(),
+    }
+}
+
+/// Fetches the topology from the member `peer` (our certificate is the credential).
+async fn fetch_topology(
+    config: &Config,
+    peer: &NodeId,
+    address: std::net::SocketAddr,
+) -> Result<Topology, DaemonError> {
+    let join_err = |message: String| DaemonError::Join { peer: peer.to_string(), message };
+    let tls = tls_setup(config, &empty_topology())?;
+    let client = RemoteStore::new(tls, vec![RemoteTarget { id: peer.clone(), address }])
+        .map_err(|e| join_err(e.to_string()))?;
+    match client.call(ClientCall::Admin(AdminCall::TopologyShow)).await {
+        Ok((_, ClientReply::Blob(bytes))) => Topology::decode(&bytes).map_err(|e| join_err(e.to_string())),
+        Ok((_, other)) => Err(join_err(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(join_err(e.to_string())),
+    }
 }
 
 /// A started daemon.
@@ -148,7 +181,10 @@ impl Daemon {
     /// Opens the store and starts the node and the metrics server.
     pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         let lock = crate::backup::lock_data_dir(&config.data_dir).map_err(DaemonError::Locked)?;
-        let topology = topology(config).await?;
+        let (topology, pending) = topology(config).await?;
+        if pending {
+            tracing::info!(appliance = %config.appliance, "not in the topology yet: waiting to be added");
+        }
         let tls = tls_setup(config, &topology)?;
         let store_dir = config.data_dir.join("store");
         let storage = FileStorage::new(&store_dir).map_err(|e| DaemonError::Store {
@@ -183,6 +219,8 @@ impl Daemon {
         node_config.upstream = upstream;
         node_config.sync_latency = Some(latency);
         node_config.crl_file = Some(config.data_dir.join("crl.pem"));
+        node_config.topology_file = Some(config.data_dir.join("topology.bin"));
+        node_config.pending = pending;
         let node = Arc::new(Node::start(store, node_config).await?);
         let (metrics, http) = match config.metrics {
             Some(addr) => {

@@ -42,6 +42,17 @@ impl Ctl {
         ]
     }
 
+    fn run_async(&self, args: &[&str]) -> std::process::Child {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(self.conn());
+        Command::new(env!("CARGO_BIN_EXE_replctl"))
+            .args(&all)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn replctl")
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend(self.conn());
@@ -346,5 +357,113 @@ async fn a_backup_under_load_restores_one_appliance_and_its_old_incarnation_is_r
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    demo.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_changes_by_two_phase_commit() {
+    let mut demo =
+        Demo::create(PathBuf::from(env!("CARGO_BIN_EXE_repld")), None, false, G3_LAYOUT).expect("files");
+    let dir = demo.dir().to_path_buf();
+    let d = dir.to_str().expect("path").to_string();
+    assert_eq!(code(&replctl(&["certs", "issue", "--dir", &d, "--admin", "ops"])), 0);
+    assert_eq!(code(&replctl(&["certs", "issue", "--dir", &d, "--client", "agent"])), 0);
+    // b2 is not in the enterprise yet: it joins through a1 and waits to be added.
+    let topology_file = dir.join("topology.toml");
+    let mut topology = repl_tools::config::read_topology(&topology_file).expect("topology");
+    let b2 = topology.appliances.pop().expect("b2");
+    std::fs::write(&topology_file, toml::to_string(&topology).expect("toml")).expect("write");
+    let a1_address = topology.appliances[0].address;
+    let config = std::fs::read_to_string(dir.join("b2.toml")).expect("config");
+    let config = config.replace("topology_file = \"topology.toml\"\n", "");
+    std::fs::write(
+        dir.join("b2.toml"),
+        format!("{config}\n[join]\nappliance = \"a1\"\naddress = \"{a1_address}\"\n"),
+    )
+    .expect("write");
+    for i in 0..3 {
+        demo.start(i).expect("start");
+    }
+    for i in 0..3 {
+        demo.wait_ready(i).await.expect("ready");
+    }
+    let writer = client_of(&dir, "agent", &demo, 0);
+    for i in 0..200u32 {
+        writer.put(Collection::Users, format!("u{i}").as_bytes(), b"v").await.expect("put");
+    }
+    demo.start(3).expect("start b2");
+    demo.wait_ready(3).await.expect("b2 ready");
+    let ctl = Ctl { dir: dir.clone() };
+
+    // Add b2: committed everywhere; b2 bootstraps every user by snapshot.
+    let address = b2.address.to_string();
+    let out = ctl.run(&["topology", "add-appliance", "--id", "b2", "--site", "b", "--address", &address]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(text(&out).contains("epoch 2"), "{}", text(&out));
+    let on_b2 = client_of(&dir, "agent", &demo, 3);
+    let start = Instant::now();
+    'users: loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "b2 did not bootstrap");
+        for i in 0..200u32 {
+            if !matches!(on_b2.get(Collection::Users, format!("u{i}").as_bytes()).await, Ok((v, _)) if !v.is_empty())
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue 'users;
+            }
+        }
+        break;
+    }
+    let out = ctl.run(&["status", "--json"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(status["appliances"].as_array().expect("list").iter().all(|a| a["epoch"] == 2), "{status}");
+
+    // Rename a site; the change reaches every appliance.
+    let out = ctl.run(&["topology", "rename-site", "--site", "a", "--name", "Head office"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let out = ctl.run(&["topology", "show", "--appliance", "b2"]);
+    assert!(text(&out).contains("Head office"), "{}", text(&out));
+
+    // Two concurrent changes: never both; the refused one says why.
+    let (x, y) = (
+        ctl.run_async(&["topology", "rename-site", "--site", "b", "--name", "X"]),
+        ctl.run_async(&["topology", "rename-site", "--site", "b", "--name", "Y"]),
+    );
+    let (x, y) = (x.wait_with_output().expect("x"), y.wait_with_output().expect("y"));
+    assert!(
+        !(code(&x) == 0 && code(&y) == 0),
+        "two concurrent changes both won:\n{}\n{}",
+        text(&x),
+        text(&y)
+    );
+    let refused = if code(&x) == 0 { &y } else { &x };
+    assert_eq!(code(refused), 1, "{}", text(refused));
+    assert!(text(refused).contains("refused"), "{}", text(refused));
+
+    // With an appliance down, a change is refused and names it.
+    demo.kill(1).expect("kill a2");
+    let out = ctl.run(&["topology", "remove-appliance", "b2"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(text(&out).contains("a2"), "{}", text(&out));
+    demo.start(1).expect("restart a2");
+    demo.wait_ready(1).await.expect("a2 ready");
+
+    // Remove b2: the others refuse it from then on.
+    let start = Instant::now();
+    loop {
+        let out = ctl.run(&["topology", "remove-appliance", "b2"]);
+        if code(&out) == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "remove refused: {}", text(&out));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let on_a1 = client_of(&dir, "agent", &demo, 0);
+    on_a1.put(Collection::Users, b"after-removal", b"v").await.expect("put");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !matches!(on_b2.get(Collection::Users, b"after-removal").await, Ok((v, _)) if !v.is_empty()),
+        "a removed appliance still receives writes"
+    );
     demo.stop_all().await;
 }

@@ -117,9 +117,9 @@ impl WireMessage for ClientRequest {
                 }
                 list("audit limit", *limit as usize, LIST_ITEMS_MAX)
             }
-            ClientCall::Admin(AdminCall::TopologyPrepare { topology, .. }) => {
-                list("topology", topology.len(), VALUE_BYTES_MAX)
-            }
+            ClientCall::Admin(
+                AdminCall::TopologyPrepare { topology, .. } | AdminCall::TopologyAbort { topology, .. },
+            ) => list("topology", topology.len(), VALUE_BYTES_MAX),
             ClientCall::Admin(AdminCall::Tree { buckets, .. }) => {
                 list("buckets", buckets.len(), LIST_ITEMS_MAX)
             }

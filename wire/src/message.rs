@@ -415,6 +415,14 @@ pub enum AdminCall {
     },
     /// Verify every origin's audit hash chain.
     AuditVerify,
+    /// Phase two of a refused change: forget what was prepared, if it is this change
+    /// (another change to the same epoch may have won there).
+    TopologyAbort {
+        /// The epoch that was prepared.
+        new_epoch: u64,
+        /// The refused proposal, as sent in the prepare.
+        topology: Vec<u8>,
+    },
     /// A chunk of an online backup: every version of `stream` in key order after
     /// `resume` (empty for the first chunk), with the stream's vector.
     BackupChunk {

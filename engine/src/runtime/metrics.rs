@@ -159,7 +159,7 @@ pub(super) fn status_page(shared: &Shared) -> String {
          {} connections refused</p><table border=\"1\"><tr><th>peer</th><th>connected</th>\
          <th>sessions</th><th>lag (entries / s) per stream</th><th>entries in/out</th><th>bytes in/out</th></tr>",
         shared.store.incarnation(),
-        shared.config.topology.epoch,
+        shared.topology().epoch,
         status.client_requests,
         status.client_errors,
         status.refused,

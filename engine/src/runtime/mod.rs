@@ -101,6 +101,11 @@ pub struct NodeConfig {
     pub sync_latency: Option<Arc<SyncLatency>>,
     /// Where an installed CRL is kept (so it applies again after a restart).
     pub crl_file: Option<std::path::PathBuf>,
+    /// Where a committed topology change is kept (so it applies after a restart).
+    pub topology_file: Option<std::path::PathBuf>,
+    /// Start even though this appliance is not in the topology: it waits to be added
+    /// by a topology change (it votes on it), then connects and bootstraps.
+    pub pending: bool,
 }
 
 impl NodeConfig {
@@ -117,6 +122,8 @@ impl NodeConfig {
             upstream: None,
             sync_latency: None,
             crl_file: None,
+            topology_file: None,
+            pending: false,
         }
     }
 }
@@ -248,11 +255,89 @@ struct Shared {
     endpoint: quinn::Endpoint,
     /// Live connections and the serial of the certificate their other end presented.
     connections: std::sync::Mutex<Vec<(u64, quinn::Connection)>>,
+    /// The topology in force and the membership that changes it.
+    topology: std::sync::RwLock<Arc<Topology>>,
+    membership: std::sync::Mutex<crate::membership::Membership>,
+    /// Peers with a dialer running.
+    dialing: std::sync::Mutex<BTreeSet<NodeId>>,
+    /// Tasks to stop at shutdown.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Requests being served, by idempotency key: a concurrent retry waits its turn.
     in_flight: std::sync::Mutex<BTreeMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
+    fn topology(&self) -> Arc<Topology> {
+        self.topology.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Starts dialers for in-scope peers that sort after this appliance and have none,
+    /// and keeps a state entry for every in-scope peer.
+    fn connect_peers(self: &Arc<Self>) {
+        let topology = self.topology();
+        let me = &self.config.me;
+        let in_scope = peers_in_scope(&topology, me);
+        {
+            let mut state = self.state();
+            state.peers.retain(|id, _| in_scope.contains_key(id));
+            for peer in in_scope.keys() {
+                let sends = topology.scope(me, peer).send;
+                state.peers.entry(peer.clone()).or_default().sends = sends;
+            }
+        }
+        for (peer, addr) in in_scope {
+            if *me < peer && lock(&self.dialing).insert(peer.clone()) {
+                let task = tokio::spawn(peer::dial(self.clone(), self.endpoint.clone(), peer, addr));
+                lock(&self.tasks).push(task);
+            }
+        }
+    }
+
+    /// Makes a committed topology current: kept on disk and in the replicated
+    /// topology record, the allowed appliances replaced, every peer connection closed
+    /// (sessions start again with the new scopes; removed appliances are refused from
+    /// now on), dialers started for new peers.
+    fn apply_topology(self: &Arc<Self>, topology: Topology) -> Result<(), String> {
+        let encoded = topology.encode();
+        if let Some(path) = &self.config.topology_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &encoded)
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| format!("cannot keep the topology in {}: {e}", path.display()))?;
+        }
+        let record = TopologyRecord { kind: TOPOLOGY_KIND.into(), id: TOPOLOGY_ID.into(), body: encoded };
+        tokio::task::block_in_place(|| self.store.put_record(&record)).map_err(|e| e.to_string())?;
+        self.tls().allowed().replace(topology.appliances.iter().map(|a| a.id.clone()));
+        tracing::info!(epoch = topology.epoch, appliances = topology.appliances.len(), "topology committed");
+        *self.topology.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(topology);
+        for (_, conn) in lock(&self.connections).iter() {
+            if repl_wire::transport::negotiated_alpn(conn) == ALPN_PEER {
+                conn.close(quinn::VarInt::from_u32(5), b"topology changed");
+            }
+        }
+        self.notify();
+        self.connect_peers();
+        Ok(())
+    }
+
+    /// After a handshake showed a newer epoch: adopts the newer topology if the
+    /// replicated record holds it.
+    fn adopt_recorded_topology(self: &Arc<Self>) {
+        let key =
+            TopologyRecord { kind: TOPOLOGY_KIND.into(), id: TOPOLOGY_ID.into(), body: Vec::new() }.key();
+        let recorded: Vec<TopologyRecord> = self.store.get_record(&key).unwrap_or_default();
+        let newest = recorded.iter().filter_map(|r| Topology::decode(&r.body).ok()).max_by_key(|t| t.epoch);
+        if let Some(t) = newest {
+            let adopted = lock(&self.membership).adopt(t.clone());
+            if adopted {
+                if let Err(e) = self.apply_topology(t) {
+                    self.error(format!("cannot adopt the newer topology: {e}"));
+                }
+            }
+        }
+    }
+
     fn tls(&self) -> TlsSetup {
         self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -376,7 +461,7 @@ impl Node {
     /// dials the in-scope peers whose id sorts after ours. Must run inside a
     /// multi-threaded tokio runtime (store calls block on fdatasync).
     pub async fn start(store: Store, config: NodeConfig) -> Result<Node, NodeError> {
-        if config.topology.appliance(&config.me).is_none() {
+        if config.topology.appliance(&config.me).is_none() && !config.pending {
             return Err(NodeError::NotInTopology(config.me));
         }
         if let Err(e) = tokio::task::block_in_place(|| claim_incarnation(&store, &config.me)) {
@@ -384,12 +469,13 @@ impl Node {
         }
         let endpoint = server_endpoint(config.listen, &config.tls, &[ALPN_PEER, ALPN_CLIENT])
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
-        let mut state = State::default();
-        for (peer, _) in peers_in_scope(&config.topology, &config.me) {
-            let scope = config.topology.scope(&config.me, &peer);
-            state.peers.insert(peer, PeerState { sends: scope.send, ..PeerState::default() });
-        }
         let tls = std::sync::RwLock::new(config.tls.clone());
+        let topology = std::sync::RwLock::new(Arc::new(config.topology.clone()));
+        let membership = std::sync::Mutex::new(if config.pending {
+            crate::membership::Membership::joining(config.topology.clone(), config.me.clone())
+        } else {
+            crate::membership::Membership::new(config.topology.clone())
+        });
         let shared = Arc::new(Shared {
             config,
             store,
@@ -398,17 +484,18 @@ impl Node {
             connections: std::sync::Mutex::default(),
             wake: watch::channel(0).0,
             progress: watch::channel(0).0,
-            state: std::sync::Mutex::new(state),
+            state: std::sync::Mutex::default(),
+            topology,
+            membership,
+            dialing: std::sync::Mutex::default(),
+            tasks: std::sync::Mutex::default(),
             in_flight: std::sync::Mutex::default(),
         });
-        let mut tasks = Vec::new();
-        for (peer, addr) in peers_in_scope(&shared.config.topology, &shared.config.me) {
-            if shared.config.me < peer {
-                tasks.push(tokio::spawn(peer::dial(shared.clone(), endpoint.clone(), peer, addr)));
-            }
-        }
-        tasks.push(tokio::spawn(peer::accept_loop(shared.clone(), endpoint.clone())));
-        tasks.push(tokio::spawn(housekeeping(shared.clone())));
+        shared.connect_peers();
+        let tasks = vec![
+            tokio::spawn(peer::accept_loop(shared.clone(), endpoint.clone())),
+            tokio::spawn(housekeeping(shared.clone())),
+        ];
         Ok(Node { shared, endpoint, tasks })
     }
 
@@ -473,10 +560,12 @@ impl Node {
             let _ = self.drained(drain).await;
         }
         self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
-        for t in &self.tasks {
+        let mut tasks = self.tasks;
+        tasks.append(&mut lock(&self.shared.tasks));
+        for t in &tasks {
             t.abort();
         }
-        for t in self.tasks {
+        for t in tasks {
             let _ = t.await;
         }
         self.endpoint.wait_idle().await;
@@ -487,6 +576,10 @@ impl Node {
 const INCARNATION_KIND: &str = "incarnation";
 /// The records naming incarnations an appliance retired (by a restore).
 const RETIRED_KIND: &str = "retired-incarnation";
+/// The record holding the committed topology (so an appliance that missed a commit
+/// adopts it from the replicated data).
+const TOPOLOGY_KIND: &str = "enterprise";
+const TOPOLOGY_ID: &str = "topology";
 
 fn retired_id(appliance: &NodeId, incarnation: Incarnation) -> String {
     format!("{appliance}/{:016x}", incarnation.0)
@@ -560,7 +653,7 @@ async fn housekeeping(shared: Arc<Shared>) {
 /// On an audit forwarder (not a holder itself): the meet of the holders'
 /// acknowledged audit vectors; `None` on a holder or while a holder has not answered.
 fn audit_release_point(shared: &Shared) -> Option<VersionVector> {
-    let topology = &shared.config.topology;
+    let topology = shared.topology();
     let me = &shared.config.me;
     let holders: Vec<&NodeId> = topology
         .appliances

@@ -21,6 +21,10 @@ pub(super) async fn dial(shared: Arc<Shared>, endpoint: quinn::Endpoint, peer: N
     let mut backoff_ms = BACKOFF_MIN_MS;
     let mut last_failure = String::new();
     loop {
+        if !super::peers_in_scope(&shared.topology(), &shared.config.me).contains_key(&peer) {
+            super::lock(&shared.dialing).remove(&peer);
+            return;
+        }
         let attempt = async {
             let conn = match connect(&endpoint, &shared.tls(), ALPN_PEER, addr, &peer).await {
                 Ok(conn) => conn,
@@ -102,11 +106,12 @@ async fn run_session(
     mut recv: quinn::RecvStream,
 ) {
     let config = &shared.config;
+    let topology = shared.topology();
     let setup = SyncSetup {
         me: config.me.clone(),
         peer: peer.clone(),
-        scope: config.topology.scope(&config.me, &peer),
-        epoch: config.topology.epoch,
+        scope: topology.scope(&config.me, &peer),
+        epoch: topology.epoch,
         session: random_u64(),
         peer_incarnation: None,
         config: config.sync,
@@ -135,7 +140,10 @@ async fn run_session(
                 }
                 SyncEvent::EpochDiffers { ours, theirs } => {
                     tracing::warn!(%peer, ours, theirs, "topology epochs differ");
-                    shared.error(format!("{peer}: topology epoch {theirs} differs from ours {ours}"))
+                    shared.error(format!("{peer}: topology epoch {theirs} differs from ours {ours}"));
+                    if theirs > ours {
+                        shared.adopt_recorded_topology();
+                    }
                 }
                 SyncEvent::PeerSession { incarnation } if super::is_retired(&store, &peer, incarnation) => {
                     let inc = format!("{:016x}", incarnation.0);

@@ -250,7 +250,7 @@ async fn confirm(shared: &Shared, writes: &[(StreamId, Dot)]) -> ClientReply {
     let PairMode::Sync { timeout_ms, on_timeout } = shared.config.serve.pair else {
         return ClientReply::Written { token };
     };
-    let topology = &shared.config.topology;
+    let topology = shared.topology();
     let me = &shared.config.me;
     let pair: Vec<_> = topology
         .appliances
@@ -366,7 +366,7 @@ async fn read(shared: &Arc<Shared>, call: ClientCall) -> ClientReply {
     }
 }
 
-fn admin(shared: &Shared, call: &AdminCall) -> ClientReply {
+fn admin(shared: &Arc<Shared>, call: &AdminCall) -> ClientReply {
     let store = &shared.store;
     match call {
         AdminCall::Status => {
@@ -374,7 +374,7 @@ fn admin(shared: &Shared, call: &AdminCall) -> ClientReply {
             ClientReply::Status {
                 appliance: shared.config.me.clone(),
                 incarnation: store.incarnation(),
-                topology_epoch: shared.config.topology.epoch,
+                topology_epoch: shared.topology().epoch,
                 streams: StreamId::ALL
                     .iter()
                     .map(|s| repl_wire::StreamStatus {
@@ -391,7 +391,43 @@ fn admin(shared: &Shared, call: &AdminCall) -> ClientReply {
                     .collect(),
             }
         }
-        AdminCall::TopologyShow => ClientReply::Blob(shared.config.topology.encode()),
+        AdminCall::TopologyShow => ClientReply::Blob(shared.topology().encode()),
+        AdminCall::TopologyPrepare { expected_epoch, topology } => {
+            let Ok(proposed) = postcard::from_bytes::<crate::topology::Topology>(topology) else {
+                return refuse(ErrorCode::BadRequest, "the proposed topology does not decode");
+            };
+            let vote = super::lock(&shared.membership).on_prepare(
+                now_ms(),
+                *expected_epoch,
+                proposed.epoch,
+                topology,
+            );
+            match vote {
+                repl_wire::PeerMessage::TopologyVote { accept: true, .. } => ClientReply::Done,
+                repl_wire::PeerMessage::TopologyVote { reason, .. } => refuse(
+                    ErrorCode::ContextMismatch,
+                    format!("{} refused the change: {reason}", shared.config.me),
+                ),
+                _ => refuse(ErrorCode::Internal, "no vote"),
+            }
+        }
+        AdminCall::TopologyCommit { new_epoch } => {
+            let committed = super::lock(&shared.membership).on_commit(*new_epoch).cloned();
+            match committed {
+                Some(t) => match shared.apply_topology(t) {
+                    Ok(()) => ClientReply::Done,
+                    Err(e) => refuse(ErrorCode::Unavailable, e),
+                },
+                None if shared.topology().epoch == *new_epoch => ClientReply::Done,
+                None => {
+                    refuse(ErrorCode::NotFound, format!("no change to epoch {new_epoch} is prepared here"))
+                }
+            }
+        }
+        AdminCall::TopologyAbort { topology, .. } => {
+            super::lock(&shared.membership).on_abort_of(topology);
+            ClientReply::Done
+        }
         AdminCall::Tree { stream, cutoff_ms, level, buckets } => {
             let (at, hashes) =
                 tokio::task::block_in_place(|| store.tree_hashes(*stream, *cutoff_ms, *level, buckets));

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use repl_engine::topology::{Appliance, Role};
 use repl_tools::backup;
 use repl_tools::config::Config;
 use repl_tools::ctl::{self, CtlError, Enterprise};
@@ -208,6 +209,44 @@ enum Certs {
 
 #[derive(Debug, Subcommand)]
 enum TopologyCmd {
+    /// Add an appliance (two-phase commit; every appliance, the new one included,
+    /// must be online: start the new one first with `[join]` in its repld.toml).
+    AddAppliance {
+        #[command(flatten)]
+        conn: Conn,
+        /// Its id.
+        #[arg(long)]
+        id: String,
+        /// Its site.
+        #[arg(long)]
+        site: String,
+        /// Where it listens.
+        #[arg(long)]
+        address: std::net::SocketAddr,
+        /// Its roles (audit, database, service), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+    },
+    /// Remove appliances (two-phase commit among the remaining ones, which must all
+    /// be online); they are refused from then on.
+    RemoveAppliance {
+        #[command(flatten)]
+        conn: Conn,
+        /// The appliances to remove.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Rename a site (its id stays).
+    RenameSite {
+        #[command(flatten)]
+        conn: Conn,
+        /// The site's id.
+        #[arg(long)]
+        site: String,
+        /// The new display name.
+        #[arg(long)]
+        name: String,
+    },
     /// The topology an appliance runs with.
     Show {
         #[command(flatten)]
@@ -318,6 +357,62 @@ async fn run(command: Command) -> Result<String, CtlError> {
             ))
         }
         Command::Status(conn) => ctl::status(&conn.load()?, conn.json).await,
+        Command::Topology(TopologyCmd::AddAppliance { conn, id, site, address, roles }) => {
+            let id = NodeId::new(id).map_err(|e| CtlError::Usage(format!("--id: {e}")))?;
+            let roles = roles
+                .iter()
+                .map(|r| match r.as_str() {
+                    "audit" => Ok(Role::Audit),
+                    "database" => Ok(Role::Database),
+                    "service" => Ok(Role::Service),
+                    other => Err(CtlError::Usage(format!(
+                        "--roles: unknown role {other:?} (audit, database, service)"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?;
+            ctl::change_topology(&conn.load()?, |t| {
+                if t.appliance(&id).is_some() {
+                    return Err(CtlError::Usage(format!("{id} is already in the topology")));
+                }
+                if t.site(&site).is_none() {
+                    return Err(CtlError::Usage(format!("--site: no site {site:?}")));
+                }
+                t.appliances.push(Appliance { id: id.clone(), name: id.to_string(), site, address, roles });
+                Ok(())
+            })
+            .await
+        }
+        Command::Topology(TopologyCmd::RemoveAppliance { conn, ids }) => {
+            let ids: Vec<NodeId> = ids
+                .into_iter()
+                .map(|i| NodeId::new(i).map_err(|e| CtlError::Usage(format!("{e}"))))
+                .collect::<Result<_, _>>()?;
+            ctl::change_topology(&conn.load()?, |t| {
+                for id in &ids {
+                    if t.appliance(id).is_none() {
+                        return Err(CtlError::Usage(format!("{id} is not in the topology")));
+                    }
+                }
+                t.appliances.retain(|a| !ids.contains(&a.id));
+                if t.bootstrap.as_ref().is_some_and(|b| ids.contains(b)) {
+                    t.bootstrap = t.appliances.first().map(|a| a.id.clone());
+                }
+                Ok(())
+            })
+            .await
+        }
+        Command::Topology(TopologyCmd::RenameSite { conn, site, name }) => {
+            ctl::change_topology(&conn.load()?, |t| {
+                let s = t
+                    .sites
+                    .iter_mut()
+                    .find(|s| s.id == site)
+                    .ok_or_else(|| CtlError::Usage(format!("--site: no site {site:?}")))?;
+                s.name = name;
+                Ok(())
+            })
+            .await
+        }
         Command::Topology(TopologyCmd::Show { conn, appliance }) => {
             let e = conn.load()?;
             let client = e.for_stream(node(&appliance)?.as_ref(), StreamId::Enterprise)?;
