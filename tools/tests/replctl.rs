@@ -209,6 +209,19 @@ async fn operating_a_running_enterprise() {
         "a revoked live connection kept working"
     );
 
+    // An appliance whose certificate is revoked is cut off from its peers: the
+    // replicas diverge, and verify fails naming the key.
+    assert_eq!(code(&replctl(&["certs", "issue", "--dir", &d, "--client", "agent2"])), 0);
+    let a2_pem = dir.join("a2.pem");
+    let out =
+        ctl.run(&["certs", "revoke", "--dir", &d, "--cert-file", a2_pem.to_str().expect("p"), "--push"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let agent2 = client_of(&dir, "agent2", &demo, 0);
+    agent2.put(Collection::Users, b"diverge", b"x").await.expect("put on a1");
+    let out = ctl.run(&["verify", "--stream", "enterprise"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(text(&out).contains("users/diverge"), "{}", text(&out));
+
     // An appliance down: status says which, exit 1.
     demo.kill(3).expect("kill b2");
     let out = ctl.run(&["status"]);
