@@ -132,6 +132,10 @@ struct File {
     tls: TlsFiles,
     #[serde(default)]
     serve: ServeFile,
+    /// Collections that keep concurrent writes as siblings instead of
+    /// last-writer-wins (the same list on every appliance).
+    #[serde(default)]
+    keep_siblings: Vec<String>,
 }
 
 /// Where the topology comes from.
@@ -170,6 +174,8 @@ pub struct Config {
     pub serve: ServeConfig,
     /// Sync tunables.
     pub sync: SyncConfig,
+    /// Collections that keep siblings.
+    pub keep_siblings: Vec<repl_wire::Collection>,
 }
 
 fn invalid(file: &Path, field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -278,7 +284,21 @@ impl Config {
         if pair != PairMode::Async && !f.roles.contains(&Role::Database) {
             return Err(invalid(path, "serve.pair_mode", "synchronous pair mode is for database appliances"));
         }
+        let mut keep_siblings = Vec::new();
+        for name in &f.keep_siblings {
+            match repl_wire::Collection::from_name(name) {
+                Some(c) if c.stream() == repl_wire::StreamId::Enterprise => keep_siblings.push(c),
+                _ => {
+                    return Err(invalid(
+                        path,
+                        "keep_siblings",
+                        format!("{name:?} is not an enterprise collection (users, user-policies, computer-policies, sso-enrollments, topology)"),
+                    ))
+                }
+            }
+        }
         let config = Config {
+            keep_siblings,
             file: path.to_path_buf(),
             appliance,
             site: f.site,

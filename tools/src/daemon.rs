@@ -192,7 +192,11 @@ impl Daemon {
             source: repl_engine::Error::Io { file: store_dir.display().to_string(), op: "create", source: e },
         })?;
         let latency = storage.sync_latency();
-        let store = tokio::task::block_in_place(|| Store::open(Arc::new(storage), StoreOptions::default()))
+        let mut options = StoreOptions::default();
+        for c in &config.keep_siblings {
+            options.policies.insert(*c, repl_engine::ConflictPolicy::KeepSiblings);
+        }
+        let store = tokio::task::block_in_place(|| Store::open(Arc::new(storage), options))
             .map_err(|source| DaemonError::Store { dir: store_dir.clone(), source })?;
         let recovery = store.recovery();
         tracing::info!(

@@ -126,6 +126,11 @@ async fn operating_a_running_enterprise() {
     let d = dir.to_str().expect("path").to_string();
     assert_eq!(code(&replctl(&["certs", "issue", "--dir", &d, "--admin", "ops"])), 0);
     assert_eq!(code(&replctl(&["certs", "issue", "--dir", &d, "--client", "victim"])), 0);
+    for id in demo.ids() {
+        let file = dir.join(format!("{id}.toml"));
+        let config = std::fs::read_to_string(&file).expect("config");
+        std::fs::write(&file, format!("keep_siblings = [\"user-policies\"]\n{config}")).expect("write");
+    }
     for i in 0..4 {
         demo.start(i).expect("start");
     }
@@ -179,6 +184,16 @@ async fn operating_a_running_enterprise() {
     let out = ctl.run(&["audit", "verify"]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert_eq!(code(&ctl.run(&["conflicts", "--collection", "users"])), 0);
+    // Concurrent writes to a sibling-keeping collection are listed as a sibling set.
+    agent.put(Collection::UserPolicies, b"p1", b"first").await.expect("put");
+    let (_, before) = agent.get(Collection::UserPolicies, b"p1").await.expect("get");
+    agent.put(Collection::UserPolicies, b"p1", b"second").await.expect("put");
+    agent.put_with_context(Collection::UserPolicies, b"p1", b"third", &before).await.expect("concurrent put");
+    let out = ctl.run(&["conflicts", "--collection", "user-policies", "--appliance", "a1", "--json"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let values = report["siblings"][0]["values"].as_array().expect("a sibling set");
+    assert_eq!(values.len(), 2, "{report}");
     let out = ctl.run(&["topology", "show"]);
     assert!(text(&out).contains("a1") && text(&out).contains("b2"), "{}", text(&out));
     let start = Instant::now();

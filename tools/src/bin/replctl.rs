@@ -491,7 +491,16 @@ async fn run(command: Command) -> Result<String, CtlError> {
                             "lost_value": r.value.as_ref().map(|v| String::from_utf8_lossy(v).into_owned())})
                         })
                         .collect();
-                    let out = json!({"appliance": who.as_str(), "total": total, "kept": rows});
+                    // Sibling sets: keys holding several concurrent values.
+                    let mut siblings = Vec::new();
+                    for key in client.scan_keys(c, b"", 10_000).await.map_err(connection)? {
+                        let (values, _) = client.get(c, &key).await.map_err(connection)?;
+                        if values.len() > 1 {
+                            siblings.push(json!({"key": String::from_utf8_lossy(&key),
+                                "values": values.iter().map(|v| String::from_utf8_lossy(&v.value).into_owned()).collect::<Vec<_>>()}));
+                        }
+                    }
+                    let out = json!({"appliance": who.as_str(), "total": total, "kept": rows, "siblings": siblings});
                     if conn.json {
                         serde_json::to_string_pretty(&out).map_err(connection)
                     } else {
@@ -501,6 +510,9 @@ async fn run(command: Command) -> Result<String, CtlError> {
                                 "{} lost {} to {} (lost value {})\n",
                                 r["key"], r["loser"], r["winner"], r["lost_value"]
                             ));
+                        }
+                        for sib in &siblings {
+                            text.push_str(&format!("{} has siblings {}\n", sib["key"], sib["values"]));
                         }
                         Ok(text)
                     }
