@@ -3,7 +3,17 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
+
+use repl_wire::transport::{
+    accept, client_endpoint, connect, recv_message, server_endpoint, AllowedPeers, CertificateAuthority,
+    Identity, TlsSetup, Validity,
+};
+use repl_wire::{
+    Collection, Dot, Entry, FrameReader, Hlc, Incarnation, NodeId, Op, PeerMessage, StreamId, VersionVector,
+    ALPN_PEER,
+};
 
 /// Whether criterion runs in `--test` mode (each benchmark once, scaled down for CI).
 pub fn quick() -> bool {
@@ -69,4 +79,80 @@ pub fn redb_insert(dir: &Path, records: u64, commit_every: u64) -> Result<(), Bo
         tx.commit().map_err(|e| Box::new(e.into()))?;
     }
     Ok(())
+}
+
+/// Entries per batch message.
+pub const BATCH: usize = 256;
+
+/// An `Entries` message of [`BATCH`] entries with `value_bytes`-byte values.
+pub fn batch(value_bytes: usize, first_seq: u64) -> PeerMessage {
+    let entries = (0..BATCH as u64)
+        .map(|i| Entry {
+            dot: Dot { origin: Incarnation(0xABCD), seq: first_seq + i },
+            hlc: Hlc { wall_ms: 1_700_000_000_000 + i, logical: 0 },
+            collection: Collection::Users,
+            key: format!("user-{:010}", first_seq + i).into_bytes(),
+            context: VersionVector::new(),
+            op: Op::Put { value: vec![(i % 251) as u8; value_bytes], expires_at_ms: None },
+        })
+        .collect();
+    PeerMessage::Entries { stream: StreamId::Enterprise, entries }
+}
+
+/// A QUIC connection (mutual TLS, AES-256-GCM) to a server on loopback that decodes
+/// every entry batch on each unidirectional stream and reports how many entries it got.
+pub struct Link {
+    /// The runtime both ends run on.
+    pub rt: tokio::runtime::Runtime,
+    /// The client's connection.
+    pub conn: quinn::Connection,
+    /// Entries received per finished stream.
+    pub done: tokio::sync::mpsc::UnboundedReceiver<usize>,
+    _server: quinn::Endpoint,
+}
+
+/// A server that decodes every entry batch on each uni stream and reports the count.
+pub fn link() -> Link {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let ca = CertificateAuthority::create("bench", Validity::days_from_now(2)).expect("ca");
+    let setup = |id: &str| {
+        let cert = ca
+            .issue(&Identity::Appliance(NodeId::new(id).expect("id")), Validity::days_from_now(1))
+            .expect("cert");
+        let allowed = AllowedPeers::new(["a", "b"].map(|x| NodeId::new(x).expect("id")));
+        TlsSetup::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem, &[], allowed).expect("setup")
+    };
+    let (server_setup, client_setup) = (setup("a"), setup("b"));
+    let (tx, done) = tokio::sync::mpsc::unbounded_channel();
+    let (conn, server) = rt.block_on(async move {
+        let server =
+            server_endpoint("127.0.0.1:0".parse::<SocketAddr>().expect("addr"), &server_setup, &[ALPN_PEER])
+                .expect("server");
+        let addr = server.local_addr().expect("addr");
+        let ep = server.clone();
+        tokio::spawn(async move {
+            let incoming = ep.accept().await.expect("incoming");
+            let (conn, _) = accept(incoming).await.expect("authorized");
+            while let Ok(mut recv) = conn.accept_uni().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut reader = FrameReader::new();
+                    let mut n = 0;
+                    while let Ok(Some(PeerMessage::Entries { entries, .. })) =
+                        recv_message::<PeerMessage>(&mut recv, &mut reader).await
+                    {
+                        n += entries.len();
+                    }
+                    let _ = tx.send(n);
+                });
+            }
+        });
+        let client = client_endpoint("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let conn = connect(&client, &client_setup, ALPN_PEER, addr, &NodeId::new("a").expect("id"))
+            .await
+            .expect("connect");
+        (conn, server)
+    });
+    Link { rt, conn, done, _server: server }
 }
