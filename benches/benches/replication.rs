@@ -200,15 +200,7 @@ fn replication(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    let (conn, frames) = (quic.conn.clone(), frames.clone());
-                    quic.rt.block_on(async move {
-                        let mut send = conn.open_uni().await.expect("stream");
-                        for f in frames.iter() {
-                            send.write_all(f).await.expect("write");
-                        }
-                        send.finish().expect("finish");
-                    });
-                    let got = quic.rt.block_on(quic.done.recv()).expect("server reported");
+                    let got = quic.transfer(&frames);
                     assert_eq!(got as u64, batches * BATCH as u64);
                     let d = start.elapsed();
                     results_ref.lock().expect("lock").entry((size, 0, "quic")).or_default().push(d);

@@ -42,15 +42,7 @@ fn quic_bulk(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    let (conn, frames) = (link.conn.clone(), frames.clone());
-                    link.rt.block_on(async move {
-                        let mut send = conn.open_uni().await.expect("stream");
-                        for f in frames.iter() {
-                            send.write_all(f).await.expect("write");
-                        }
-                        send.finish().expect("finish");
-                    });
-                    let got = link.rt.block_on(link.done.recv()).expect("server reported");
+                    let got = link.transfer(&frames);
                     assert_eq!(got as u64, batches * BATCH as u64);
                 }
                 start.elapsed()

@@ -156,3 +156,19 @@ pub fn link() -> Link {
     });
     Link { rt, conn, done, _server: server }
 }
+
+impl Link {
+    /// Sends `frames` on a new unidirectional stream and waits until the server has
+    /// decoded them all; returns the entries it counted.
+    pub fn transfer(&mut self, frames: &std::sync::Arc<Vec<Vec<u8>>>) -> usize {
+        let (conn, frames) = (self.conn.clone(), frames.clone());
+        self.rt.block_on(async move {
+            let mut send = conn.open_uni().await.expect("stream");
+            for f in frames.iter() {
+                send.write_all(f).await.expect("write");
+            }
+            send.finish().expect("finish");
+        });
+        self.rt.block_on(self.done.recv()).expect("server reported")
+    }
+}
