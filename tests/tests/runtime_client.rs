@@ -261,6 +261,10 @@ async fn admin_calls_need_an_admin_certificate_and_metrics_are_served() {
     })
     .await;
 
+    wait_until("per-second rates in the metrics", Duration::from_secs(10), || {
+        db1.metrics_text().contains("repl_entries_per_second{peer=\"db2\",direction=\"out\"}")
+    })
+    .await;
     let (addr, task) = serve_http(db1.clone(), "127.0.0.1:0".parse().expect("addr")).await.expect("http");
     let get = |path: &'static str| async move {
         let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -275,7 +279,7 @@ async fn admin_calls_need_an_admin_certificate_and_metrics_are_served() {
     assert!(metrics.contains("repl_lag_entries{peer=\"db2\",stream=\"enterprise\"} 0"), "{metrics}");
     assert!(metrics.contains("repl_client_requests_total"), "{metrics}");
     let page = get("/").await;
-    assert!(page.contains("<h1>db1</h1>") && page.contains("db2"), "{page}");
+    assert!(page.contains("<h1>db1</h1>") && page.contains("db2") && page.contains("entries/s"), "{page}");
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     assert!(
         serve_http(db1.clone(), "0.0.0.0:0".parse().expect("addr")).await.is_err(),

@@ -77,6 +77,15 @@ pub(super) fn render(shared: &Shared) -> String {
             line(&mut out, "repl_bytes_total", &labels, bytes);
         }
     }
+    help(&mut out, "repl_entries_per_second", "gauge", "entries per second in and out over the last second");
+    help(&mut out, "repl_bytes_per_second", "gauge", "UDP bytes per second in and out over the last second");
+    for (peer, r) in super::lock(&shared.rates).iter() {
+        for (dir, entries, bytes) in [("in", r[0], r[2]), ("out", r[1], r[3])] {
+            let labels = format!("peer=\"{peer}\",direction=\"{dir}\"");
+            line(&mut out, "repl_entries_per_second", &labels, entries);
+            line(&mut out, "repl_bytes_per_second", &labels, bytes);
+        }
+    }
     help(&mut out, "repl_stream_entries", "gauge", "entries of the stream held here (sum of the vector)");
     for s in StreamId::ALL {
         let held: u64 = store.vector(s).iter().map(|d| d.seq).sum();
@@ -157,14 +166,17 @@ pub(super) fn status_page(shared: &Shared) -> String {
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>repld {me}</title></head><body>\
          <h1>{me}</h1><p>incarnation {:?}, topology epoch {}, {} client requests ({} errors), \
          {} connections refused</p><table border=\"1\"><tr><th>peer</th><th>connected</th>\
-         <th>sessions</th><th>lag (entries / s) per stream</th><th>entries in/out</th><th>bytes in/out</th></tr>",
+         <th>sessions</th><th>lag (entries / s) per stream</th><th>entries in/out</th><th>bytes in/out</th>\
+         <th>entries/s in/out</th><th>bytes/s in/out</th></tr>",
         shared.store.incarnation(),
         shared.topology().epoch,
         status.client_requests,
         status.client_errors,
         status.refused,
     );
+    let rates = super::lock(&shared.rates).clone();
     for p in &status.peers {
+        let r = rates.get(&p.id).copied().unwrap_or_default();
         let lag: Vec<String> = p
             .lag
             .iter()
@@ -172,7 +184,8 @@ pub(super) fn status_page(shared: &Shared) -> String {
             .collect();
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{} / {}</td>\
+             <td>{:.0} / {:.0}</td><td>{:.0} / {:.0}</td></tr>",
             escape(p.id.as_str()),
             if p.connected { "yes" } else { "no" },
             p.sessions,
@@ -181,6 +194,10 @@ pub(super) fn status_page(shared: &Shared) -> String {
             p.entries_out,
             p.bytes_in,
             p.bytes_out,
+            r[0],
+            r[1],
+            r[2],
+            r[3],
         );
     }
     out.push_str("</table><h2>Latest errors</h2><ul>");

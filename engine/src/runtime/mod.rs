@@ -262,6 +262,9 @@ struct Shared {
     dialing: std::sync::Mutex<BTreeSet<NodeId>>,
     /// Tasks to stop at shutdown.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Per peer, over the last housekeeping interval: entries/s in and out, bytes/s
+    /// in and out.
+    rates: std::sync::Mutex<BTreeMap<NodeId, [f64; 4]>>,
     /// Requests being served, by idempotency key: a concurrent retry waits its turn.
     in_flight: std::sync::Mutex<BTreeMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -489,6 +492,7 @@ impl Node {
             membership,
             dialing: std::sync::Mutex::default(),
             tasks: std::sync::Mutex::default(),
+            rates: std::sync::Mutex::default(),
             in_flight: std::sync::Mutex::default(),
         });
         shared.connect_peers();
@@ -635,8 +639,24 @@ const HOUSEKEEPING_MS: u64 = 1_000;
 /// Periodic upkeep: drops expired sessions from memory and, on an appliance that
 /// forwards audit records to holders, releases those every holder acknowledged.
 async fn housekeeping(shared: Arc<Shared>) {
+    let mut previous: BTreeMap<NodeId, [u64; 4]> = BTreeMap::new();
     loop {
         tokio::time::sleep(Duration::from_millis(HOUSEKEEPING_MS)).await;
+        let counters: BTreeMap<NodeId, [u64; 4]> = shared
+            .status()
+            .peers
+            .into_iter()
+            .map(|p| (p.id, [p.entries_in, p.entries_out, p.bytes_in, p.bytes_out]))
+            .collect();
+        let per_second = 1000.0 / HOUSEKEEPING_MS as f64;
+        *lock(&shared.rates) = counters
+            .iter()
+            .map(|(id, now)| {
+                let before = previous.get(id).copied().unwrap_or(*now);
+                (id.clone(), std::array::from_fn(|i| now[i].saturating_sub(before[i]) as f64 * per_second))
+            })
+            .collect();
+        previous = counters;
         let release = audit_release_point(&shared);
         tokio::task::block_in_place(|| {
             shared.store.expire();
