@@ -21,7 +21,7 @@ mod error;
 pub mod membership;
 mod options;
 mod records;
-mod rng;
+pub mod rng;
 pub mod routing;
 #[cfg(feature = "runtime")]
 pub mod runtime;

@@ -12,14 +12,16 @@ pub(crate) fn random_u64() -> u64 {
 
 /// SplitMix64: fast, seedable, good enough for fault injection.
 #[derive(Debug, Clone)]
-pub(crate) struct SplitMix64(u64);
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
-    pub(crate) fn new(seed: u64) -> Self {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
         SplitMix64(seed)
     }
 
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -28,7 +30,7 @@ impl SplitMix64 {
     }
 
     /// A value in `0..n` (0 when `n` is 0).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         if n == 0 {
             0
         } else {
@@ -37,7 +39,7 @@ impl SplitMix64 {
     }
 
     /// True with probability `num / den`.
-    pub(crate) fn chance(&mut self, num: u64, den: u64) -> bool {
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
         self.below(den) < num
     }
 }

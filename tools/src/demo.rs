@@ -313,6 +313,25 @@ impl Demo {
         }
     }
 
+    /// Sends `signal` to appliance `index` (SIGSTOP and SIGCONT pause and resume it).
+    pub fn signal(&self, index: usize, signal: rustix::process::Signal) {
+        if let Some(child) = &self.members[index].child {
+            if let Some(pid) = i32::try_from(child.id()).ok().and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
+    }
+
+    /// The process id of appliance `index`, while it runs.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.members[index].child.as_ref().map(Child::id)
+    }
+
+    /// Whether appliance `index` runs (was started and not killed or stopped).
+    pub fn running(&self, index: usize) -> bool {
+        self.members[index].child.is_some()
+    }
+
     /// Kills appliance `index` with SIGKILL and reaps it.
     pub fn kill(&mut self, index: usize) -> Result<(), DemoError> {
         let m = &mut self.members[index];
@@ -397,7 +416,8 @@ impl Demo {
         self.checks.push((what.to_string(), ok, detail));
     }
 
-    fn holders(&self, stream: StreamId) -> Vec<NodeId> {
+    /// The appliances that hold `stream`.
+    pub fn holders(&self, stream: StreamId) -> Vec<NodeId> {
         self.topology
             .appliances
             .iter()
@@ -452,21 +472,21 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 
 /// What the workload had acknowledged.
 #[derive(Debug, Default)]
-struct Acked {
+pub(crate) struct Acked {
     /// Enterprise records: (collection, key) → value.
-    enterprise: BTreeMap<(Collection, Vec<u8>), Vec<u8>>,
+    pub(crate) enterprise: BTreeMap<(Collection, Vec<u8>), Vec<u8>>,
     /// Sessions by the site of the agent that created them.
-    sessions: BTreeMap<String, Vec<String>>,
+    pub(crate) sessions: BTreeMap<String, Vec<String>>,
     /// Audit events appended, by detail (unique).
-    audit: Vec<String>,
+    pub(crate) audit: Vec<String>,
     /// Operations acknowledged.
-    ops: u64,
+    pub(crate) ops: u64,
     /// Operations that failed after every retry.
-    failed: u64,
+    pub(crate) failed: u64,
 }
 
 /// One agent's share of a phase: `count` logical writes numbered from `first`.
-async fn agent_work(
+pub(crate) async fn agent_work(
     client: RemoteStore,
     site: String,
     phase: u32,
@@ -609,7 +629,7 @@ async fn verify_root(admin: &RemoteStore, stream: StreamId) -> Option<(VersionVe
 
 /// Waits until every group of `stream` holders has equal vectors and roots; returns
 /// the time it took, or what still differs.
-async fn converge(
+pub(crate) async fn converge(
     demo: &Demo,
     stream: StreamId,
     groups: &[Vec<NodeId>],
@@ -645,6 +665,24 @@ async fn converge(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How many of the acknowledged `records` appliance `id` does not hold (with the
+/// acknowledged value).
+pub(crate) async fn missing_on(
+    demo: &Demo,
+    id: &NodeId,
+    records: &BTreeMap<(Collection, Vec<u8>), Vec<u8>>,
+) -> Result<usize, DemoError> {
+    let reader = demo.client(Identity::Client("checker".into()), &[id])?;
+    let mut lost = 0;
+    for ((collection, key), value) in records {
+        match reader.get(*collection, key).await {
+            Ok((values, _)) if values.iter().any(|v| &v.value == value) => {}
+            _ => lost += 1,
+        }
+    }
+    Ok(lost)
 }
 
 /// Runs the demo; prints progress, checks and the summary.
@@ -821,14 +859,7 @@ async fn drive(demo: &mut Demo, args: &DemoArgs) -> Result<String, DemoError> {
         (a.enterprise.clone(), a.audit.clone())
     };
     for id in demo.holders(StreamId::Enterprise) {
-        let reader = demo.client(Identity::Client("checker".into()), &[&id])?;
-        let mut lost = 0;
-        for ((collection, key), value) in &enterprise {
-            match reader.get(*collection, key).await {
-                Ok((values, _)) if values.iter().any(|v| &v.value == value) => {}
-                _ => lost += 1,
-            }
-        }
+        let lost = missing_on(demo, &id, &enterprise).await?;
         demo.check(
             &format!("every acknowledged enterprise write is on {id}"),
             lost == 0,

@@ -8,6 +8,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod logging;
+pub mod soak;
 
 /// Parses the command line of a binary named `name` and builds its tokio runtime. On a
 /// bad argument prints clap's message and returns exit code 2 (0 for `--help` and
