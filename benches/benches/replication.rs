@@ -24,9 +24,30 @@ use repl_wire::{encode_frame, Collection, NodeId, StreamId};
 struct Pair {
     rt: tokio::runtime::Runtime,
     a: Node,
-    b: Node,
+    /// B, while it runs (the catch-up bench stops and restarts it).
+    b: Option<Node>,
+    b_config: NodeConfig,
     a_latency: Arc<repl_engine::SyncLatency>,
-    _dirs: [tempfile::TempDir; 2],
+    dirs: [tempfile::TempDir; 2],
+}
+
+impl Pair {
+    fn b(&self) -> &Node {
+        self.b.as_ref().expect("B runs")
+    }
+
+    /// Stops B (a clean stop; what it holds is durable).
+    fn stop_b(&mut self) {
+        if let Some(b) = self.b.take() {
+            self.rt.block_on(b.shutdown(Duration::ZERO));
+        }
+    }
+
+    /// Starts B again on its data and address.
+    fn start_b(&mut self) {
+        let store = Store::open_dir(self.dirs[1].path(), StoreOptions::default()).expect("reopen B");
+        self.b = Some(self.rt.block_on(Node::start(store, self.b_config.clone())).expect("restart B"));
+    }
 }
 
 fn free_port() -> std::net::SocketAddr {
@@ -36,7 +57,8 @@ fn free_port() -> std::net::SocketAddr {
 fn pair() -> Pair {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let ca = CertificateAuthority::create("bench", Validity::days_from_now(2)).expect("ca");
-    let ids = ["db1", "db2"].map(|i| NodeId::new(i).expect("id"));
+    // B (the one the catch-up bench restarts) has the smaller id: it dials at once when it starts.
+    let ids = ["db2", "db1"].map(|i| NodeId::new(i).expect("id"));
     let site = |id: &str, range: &str| Site {
         id: id.into(),
         name: id.into(),
@@ -67,6 +89,7 @@ fn pair() -> Pair {
     };
     let dirs = [tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir")];
     let mut nodes = Vec::new();
+    let mut configs = Vec::new();
     let mut latency = None;
     for (i, id) in ids.iter().enumerate() {
         let cert = ca.issue(&Identity::Appliance(id.clone()), Validity::days_from_now(1)).expect("cert");
@@ -79,6 +102,7 @@ fn pair() -> Pair {
         }
         let store = Store::open(Arc::new(storage), StoreOptions::default()).expect("store");
         let config = NodeConfig::new(id.clone(), topology.clone(), tls, topology.appliances[i].address);
+        configs.push(config.clone());
         nodes.push(rt.block_on(Node::start(store, config)).expect("node"));
     }
     let b = nodes.pop().expect("b");
@@ -88,12 +112,13 @@ fn pair() -> Pair {
         assert!(Instant::now() < deadline, "the pair did not connect");
         std::thread::sleep(Duration::from_millis(10));
     }
-    Pair { rt, a, b, a_latency: latency.expect("latency"), _dirs: dirs }
+    let b_config = configs.pop().expect("B's config");
+    Pair { rt, a, b: Some(b), b_config, a_latency: latency.expect("latency"), dirs }
 }
 
 /// A's entries B holds durably.
 fn held_on_b(p: &Pair) -> u64 {
-    p.b.store().vector(StreamId::Enterprise).get(p.a.store().incarnation())
+    p.b().store().vector(StreamId::Enterprise).get(p.a.store().incarnation())
 }
 
 /// `writers` threads write `records` durable puts of `size` bytes to `store` in total,
@@ -233,10 +258,52 @@ fn replication(c: &mut Criterion) {
         }
     }
     lag(&p);
-    p.rt.block_on(async move {
-        p.a.shutdown(Duration::ZERO).await;
-        p.b.shutdown(Duration::ZERO).await;
+    catch_up(c, p);
+}
+
+/// Catch-up: B stops, A takes `records` durable writes (8 writers), B starts again;
+/// timed from B's start until it holds them all.
+fn catch_up(c: &mut Criterion, mut p: Pair) {
+    let records: u64 = if quick() { 2_000 } else { 200_000 };
+    let size = 256usize;
+    let mut base = 50_000_000u64;
+    let mut runs = Vec::new();
+    let mut g = c.benchmark_group("catch_up");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(if quick() { 1 } else { 30 }));
+    g.throughput(Throughput::Bytes(records * size as u64));
+    g.bench_function(BenchmarkId::new("after_downtime", size), |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                p.stop_b();
+                write_all(p.a.store(), size, 8, records, base, &|| {});
+                base += records;
+                let target = p.a.store().vector(StreamId::Enterprise).get(p.a.store().incarnation());
+                let start = Instant::now();
+                p.start_b();
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while held_on_b(&p) < target {
+                    assert!(Instant::now() < deadline, "B did not catch up");
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                let d = start.elapsed();
+                runs.push(d);
+                total += d;
+            }
+            total
+        })
     });
+    g.finish();
+    let med = median(&mut runs);
+    println!(
+        "catch-up of {records} records of {size} B after downtime: median {:.2} s = {:.0} records/s, {:.1} MB/s of payload",
+        med.as_secs_f64(),
+        records as f64 / med.as_secs_f64(),
+        (records * size as u64) as f64 / med.as_secs_f64() / 1e6
+    );
+    p.stop_b();
+    p.rt.block_on(p.a.shutdown(Duration::ZERO));
 }
 
 /// Replication lag under a steady write rate: each write's time from the start of its
@@ -248,7 +315,7 @@ fn lag(p: &Pair) {
     let records: u64 = if quick() { 1_000 } else { 20_000 };
     let before = p.a_latency.counts();
     let origin = p.a.store().incarnation();
-    let first = p.b.store().vector(StreamId::Enterprise).get(origin) + 1;
+    let first = p.b().store().vector(StreamId::Enterprise).get(origin) + 1;
     let sent: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(records as usize)));
     let seen: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(records as usize)));
     std::thread::scope(|s| {
@@ -257,7 +324,7 @@ fn lag(p: &Pair) {
             let deadline = Instant::now() + Duration::from_secs(120);
             let mut next = first;
             while next < first + records && Instant::now() < deadline {
-                let held = p.b.store().vector(StreamId::Enterprise).get(origin);
+                let held = p.b().store().vector(StreamId::Enterprise).get(origin);
                 let now = Instant::now();
                 let mut seen = watcher_seen.lock().expect("lock");
                 while next <= held && next < first + records {
