@@ -685,6 +685,43 @@ pub(crate) async fn missing_on(
     Ok(lost)
 }
 
+/// The details of every audit record appliance `id` holds, read in pages of 10,000
+/// (the server's most per query), oldest first.
+pub(crate) async fn audit_details(
+    demo: &Demo,
+    id: &NodeId,
+) -> Result<std::collections::BTreeSet<String>, DemoError> {
+    const PAGE: u32 = 10_000;
+    let reader = demo.client(Identity::Client("checker".into()), &[id])?;
+    let mut details = std::collections::BTreeSet::new();
+    let mut from_ms = 0u64;
+    loop {
+        let call = ClientCall::AuditQuery {
+            from_ms: Some(from_ms),
+            until_ms: None,
+            user: None,
+            appliance: None,
+            limit: PAGE,
+        };
+        let page = match reader.call(call).await {
+            Ok((_, ClientReply::Audit(rows))) => rows,
+            Ok((_, other)) => {
+                return Err(DemoError::Appliance(id.to_string(), format!("unexpected answer {other:?}")))
+            }
+            Err(e) => return Err(DemoError::Appliance(id.to_string(), e.to_string())),
+        };
+        let last = page.last().map(|(_, e)| e.time_ms);
+        let full = page.len() as u32 == PAGE;
+        details.extend(page.into_iter().map(|(_, e)| e.detail));
+        match last {
+            // The next page starts at the last time seen (inclusive; the set drops the
+            // overlap); a page full of one millisecond moves past it.
+            Some(t) if full => from_ms = if t == from_ms { t + 1 } else { t },
+            _ => return Ok(details),
+        }
+    }
+}
+
 /// Runs the demo; prints progress, checks and the summary.
 pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let exe = std::env::current_exe().map_err(setup("own executable"))?;
@@ -867,15 +904,12 @@ async fn drive(demo: &mut Demo, args: &DemoArgs) -> Result<String, DemoError> {
         );
     }
     for id in demo.holders(StreamId::Audit) {
-        let reader = demo.client(Identity::Client("checker".into()), &[&id])?;
-        let found = reader.audit_query(None, 10_000).await.unwrap_or_default();
-        let details: std::collections::BTreeSet<&str> =
-            found.iter().map(|(_, e)| e.detail.as_str()).collect();
+        let details = audit_details(demo, &id).await?;
         let missing = audit.iter().filter(|d| !details.contains(d.as_str())).count();
         demo.check(
             &format!("every acknowledged audit record reached holder {id}"),
-            missing == 0 && found.len() == audit.len(),
-            format!("{} appended, {} held, {missing} missing", audit.len(), found.len()),
+            missing == 0 && details.len() == audit.len(),
+            format!("{} appended, {} held, {missing} missing", audit.len(), details.len()),
         );
     }
 

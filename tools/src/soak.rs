@@ -24,7 +24,7 @@ use repl_engine::topology::Role;
 use repl_wire::transport::Identity;
 use repl_wire::{Collection, NodeId, StreamId};
 
-use crate::demo::{agent_work, converge, missing_on, Acked, Demo, DemoError, G4_LAYOUT};
+use crate::demo::{agent_work, audit_details, converge, missing_on, Acked, Demo, DemoError, G4_LAYOUT};
 
 /// Arguments of `repl-soak`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -275,9 +275,7 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         }
     }
     for id in demo.holders(StreamId::Audit) {
-        let reader = demo.client(Identity::Client("checker".into()), &[&id])?;
-        let found = reader.audit_query(None, 60_000).await.unwrap_or_default();
-        let held: std::collections::BTreeSet<&str> = found.iter().map(|(_, e)| e.detail.as_str()).collect();
+        let held = audit_details(&demo, &id).await?;
         let missing = audit.iter().filter(|d| !held.contains(d.as_str())).count();
         if missing > 0 {
             violations.push(format!("audit holder {id} lacks {missing} of {} audit records", audit.len()));
