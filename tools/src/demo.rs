@@ -710,15 +710,16 @@ pub(crate) async fn audit_details(
             }
             Err(e) => return Err(DemoError::Appliance(id.to_string(), e.to_string())),
         };
-        let last = page.last().map(|(_, e)| e.time_ms);
-        let full = page.len() as u32 == PAGE;
+        let Some(last) = page.last().map(|(_, e)| e.time_ms) else { return Ok(details) };
+        let before = details.len();
         details.extend(page.into_iter().map(|(_, e)| e.detail));
-        match last {
-            // The next page starts at the last time seen (inclusive; the set drops the
-            // overlap); a page full of one millisecond moves past it.
-            Some(t) if full => from_ms = if t == from_ms { t + 1 } else { t },
-            _ => return Ok(details),
+        // A page is not known to be the last by its length (identical events are
+        // reported once, so a page can come back short): read on from the last time
+        // seen (inclusive; the set drops the overlap) until a page brings nothing new.
+        if details.len() == before {
+            return Ok(details);
         }
+        from_ms = if last > from_ms { last } else { last + 1 };
     }
 }
 
