@@ -418,6 +418,36 @@ impl Topology {
         v
     }
 
+    /// Whether `appliance` holds `stream`: in G3 every appliance holds the enterprise
+    /// data and its site's sessions, audit holders the audit records; in G4 the
+    /// database appliances hold everything.
+    pub fn holds(&self, appliance: &Appliance, stream: StreamId) -> bool {
+        match (self.generation, stream) {
+            (Generation::G4, _) => appliance.has(Role::Database),
+            (Generation::G3, StreamId::Audit) => appliance.has(Role::Audit),
+            (Generation::G3, _) => true,
+        }
+    }
+
+    /// The ids of the appliances that hold `stream`, in topology order.
+    pub fn holders(&self, stream: StreamId) -> Vec<NodeId> {
+        self.appliances.iter().filter(|a| self.holds(a, stream)).map(|a| a.id.clone()).collect()
+    }
+
+    /// Groups of appliances that must hold the same data of `stream`: in G3 the
+    /// sessions of each site (sites of one appliance left out); otherwise one group of
+    /// every holder.
+    pub fn replica_groups(&self, stream: StreamId) -> Vec<Vec<NodeId>> {
+        if stream != StreamId::Sessions || self.generation != Generation::G3 {
+            return vec![self.holders(stream)];
+        }
+        let mut by_site: std::collections::BTreeMap<&str, Vec<NodeId>> = std::collections::BTreeMap::new();
+        for a in &self.appliances {
+            by_site.entry(a.site.as_str()).or_default().push(a.id.clone());
+        }
+        by_site.into_values().filter(|g| g.len() > 1).collect()
+    }
+
     /// Which streams flow between `me` and `peer` (empty when either is unknown).
     ///
     /// G3: enterprise everywhere, sessions within a site, audit to audit holders.
@@ -607,5 +637,21 @@ pub(crate) mod tests {
         assert_eq!(t.scope(&id("s1"), &id("db2")), Scope { send: audit.clone(), receive: BTreeSet::new() });
         assert_eq!(t.scope(&id("db1"), &id("s1")), Scope { send: BTreeSet::new(), receive: audit });
         assert_eq!(t.scope(&id("s1"), &id("s2")), Scope::default());
+        let dbs = vec![id("db1"), id("db2")];
+        for stream in StreamId::ALL {
+            assert_eq!(t.holders(stream), dbs);
+            assert_eq!(t.replica_groups(stream), vec![dbs.clone()]);
+        }
+    }
+
+    #[test]
+    fn g3_holders_and_replica_groups() {
+        let t = g3();
+        let ids = |v: &[&str]| v.iter().map(|s| NodeId::new(*s).expect("id")).collect::<Vec<_>>();
+        assert_eq!(t.holders(StreamId::Enterprise), ids(&["a1", "a2", "b1", "b2"]));
+        assert_eq!(t.holders(StreamId::Audit), ids(&["a1", "b1"]));
+        assert_eq!(t.replica_groups(StreamId::Enterprise), vec![ids(&["a1", "a2", "b1", "b2"])]);
+        assert_eq!(t.replica_groups(StreamId::Sessions), vec![ids(&["a1", "a2"]), ids(&["b1", "b2"])]);
+        assert_eq!(t.replica_groups(StreamId::Audit), vec![ids(&["a1", "b1"])]);
     }
 }

@@ -118,11 +118,7 @@ fn late_joiner(t: &Topology) -> Option<usize> {
 const AUDIT_BACKLOG_MAX: u64 = 10_000;
 
 fn is_audit_holder(t: &Topology, i: usize) -> bool {
-    let a = &t.appliances[i];
-    match t.generation {
-        Generation::G3 => a.has(Role::Audit),
-        Generation::G4 => a.has(Role::Database),
-    }
+    t.holds(&t.appliances[i], StreamId::Audit)
 }
 
 struct Node {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use repl_engine::runtime::{RemoteStore, RemoteTarget};
-use repl_engine::topology::{Generation, Role, Topology};
+use repl_engine::topology::Topology;
 use repl_wire::transport::{
     certificate_serial, read_pem, AllowedPeers, CertificateAuthority, Identity, KeyFile, TlsSetup, Validity,
 };
@@ -163,6 +163,7 @@ impl Enterprise {
             return self.one(id);
         }
         let targets = self
+            .topology
             .holders(stream)
             .into_iter()
             .filter_map(|id| self.topology.appliance(&id).map(|a| RemoteTarget { id, address: a.address }))
@@ -170,33 +171,6 @@ impl Enterprise {
         Ok(RemoteStore::new(self.tls.clone(), targets)
             .map_err(|e| CtlError::Connection(e.to_string()))?
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10)))
-    }
-
-    /// The appliances that hold `stream`.
-    pub fn holders(&self, stream: StreamId) -> Vec<NodeId> {
-        let t = &self.topology;
-        t.appliances
-            .iter()
-            .filter(|a| match (t.generation, stream) {
-                (Generation::G4, _) => a.has(Role::Database),
-                (Generation::G3, StreamId::Audit) => a.has(Role::Audit),
-                (Generation::G3, _) => true,
-            })
-            .map(|a| a.id.clone())
-            .collect()
-    }
-
-    /// Groups of appliances that must hold the same `stream` (sessions: per site in G3).
-    pub fn groups(&self, stream: StreamId) -> Vec<Vec<NodeId>> {
-        let holders = self.holders(stream);
-        if stream == StreamId::Sessions && self.topology.generation == Generation::G3 {
-            let mut by_site: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
-            for a in &self.topology.appliances {
-                by_site.entry(a.site.as_str()).or_default().push(a.id.clone());
-            }
-            return by_site.into_values().filter(|g| g.len() > 1).collect();
-        }
-        vec![holders]
     }
 }
 
@@ -334,7 +308,7 @@ pub async fn verify(e: &Enterprise, streams: &[StreamId]) -> Result<String, CtlE
     let mut report = String::new();
     let mut failures = Vec::new();
     for &stream in streams {
-        for group in e.groups(stream) {
+        for group in e.topology.replica_groups(stream) {
             let clients: Vec<(NodeId, RemoteStore)> =
                 group.iter().map(|id| e.one(id).map(|c| (id.clone(), c))).collect::<Result<_, _>>()?;
             let cutoff = now_ms();
@@ -513,7 +487,7 @@ pub async fn change_topology(
 pub async fn audit_verify(e: &Enterprise) -> Result<String, CtlError> {
     let mut out = String::new();
     let mut broken = Vec::new();
-    for id in e.holders(StreamId::Audit) {
+    for id in e.topology.holders(StreamId::Audit) {
         match admin(&e.one(&id)?, AdminCall::AuditVerify).await {
             Ok(ClientReply::Count(n)) => out.push_str(&format!("{id}: {n} audit records, chains intact\n")),
             Ok(other) => broken.push(format!("{id}: unexpected answer {other:?}")),

@@ -418,16 +418,12 @@ impl Demo {
 
     /// The appliances that hold `stream`.
     pub fn holders(&self, stream: StreamId) -> Vec<NodeId> {
-        self.topology
-            .appliances
-            .iter()
-            .filter(|a| match (self.topology.generation, stream) {
-                (Generation::G4, _) => a.has(Role::Database),
-                (Generation::G3, StreamId::Audit) => a.has(Role::Audit),
-                (Generation::G3, _) => true,
-            })
-            .map(|a| a.id.clone())
-            .collect()
+        self.topology.holders(stream)
+    }
+
+    /// Groups of appliances that must hold the same data of `stream`.
+    pub fn replica_groups(&self, stream: StreamId) -> Vec<Vec<NodeId>> {
+        self.topology.replica_groups(stream)
     }
 }
 
@@ -620,22 +616,25 @@ async fn phase(
     tasks
 }
 
-async fn verify_root(admin: &RemoteStore, stream: StreamId) -> Option<(VersionVector, [u8; 32])> {
-    match admin.call(ClientCall::Admin(AdminCall::Verify { stream })).await {
-        Ok((_, ClientReply::Root { at, root })) => Some((at, root)),
+/// The hash-tree root of `stream` on one appliance, read together with its vector
+/// (sessions expired at `cutoff_ms` left out).
+async fn tree_root(
+    admin: &RemoteStore,
+    stream: StreamId,
+    cutoff_ms: u64,
+) -> Option<(VersionVector, [u8; 32])> {
+    let call = AdminCall::Tree { stream, cutoff_ms, level: 0, buckets: vec![0] };
+    match admin.call(ClientCall::Admin(call)).await {
+        Ok((_, ClientReply::Tree { at, hashes })) => Some((at, hashes.first()?.hash)),
         _ => None,
     }
 }
 
-/// Waits until every group of `stream` holders has equal vectors and roots; returns
-/// the time it took, or what still differs.
-pub(crate) async fn converge(
-    demo: &Demo,
-    stream: StreamId,
-    groups: &[Vec<NodeId>],
-    within: Duration,
-) -> Result<Duration, String> {
+/// Waits until every replica group of `stream` has equal vectors and hash-tree roots;
+/// returns the time it took, or what still differs.
+pub(crate) async fn converge(demo: &Demo, stream: StreamId, within: Duration) -> Result<Duration, String> {
     let start = Instant::now();
+    let groups = demo.replica_groups(stream);
     let admins: BTreeMap<NodeId, RemoteStore> = groups
         .iter()
         .flatten()
@@ -643,11 +642,12 @@ pub(crate) async fn converge(
         .collect();
     loop {
         let mut differing = Vec::new();
-        for group in groups {
+        let cutoff_ms = now_ms();
+        for group in &groups {
             let mut roots = Vec::new();
             for id in group {
                 let root = match admins.get(id) {
-                    Some(admin) => verify_root(admin, stream).await,
+                    Some(admin) => tree_root(admin, stream, cutoff_ms).await,
                     None => None,
                 };
                 roots.push((id, root));
@@ -799,8 +799,7 @@ async fn drive(demo: &mut Demo, args: &DemoArgs) -> Result<String, DemoError> {
     let _ = shown.await;
     let phase1_secs = t1.elapsed().as_secs_f64();
     let phase1_ops = acked.lock().unwrap_or_else(|p| p.into_inner()).ops;
-    let enterprise_groups = vec![demo.holders(StreamId::Enterprise)];
-    let lag1 = converge(demo, StreamId::Enterprise, &enterprise_groups, Duration::from_secs(60)).await;
+    let lag1 = converge(demo, StreamId::Enterprise, Duration::from_secs(60)).await;
     demo.check(
         "enterprise data converged after phase 1",
         lag1.is_ok(),
@@ -812,12 +811,7 @@ async fn drive(demo: &mut Demo, args: &DemoArgs) -> Result<String, DemoError> {
         let a = acked.lock().unwrap_or_else(|p| p.into_inner());
         a.sessions.get("a").cloned().unwrap_or_default()
     };
-    let session_groups: Vec<Vec<NodeId>> = if demo.g4 {
-        vec![demo.holders(StreamId::Sessions)]
-    } else {
-        vec![vec![ids[0].clone(), ids[1].clone()], vec![ids[2].clone(), ids[3].clone()]]
-    };
-    let sessions_synced = converge(demo, StreamId::Sessions, &session_groups, Duration::from_secs(60)).await;
+    let sessions_synced = converge(demo, StreamId::Sessions, Duration::from_secs(60)).await;
     demo.check(
         "sessions replicated within their site",
         sessions_synced.is_ok(),
@@ -872,7 +866,7 @@ async fn drive(demo: &mut Demo, args: &DemoArgs) -> Result<String, DemoError> {
     demo.start(victim)?;
     demo.wait_ready(victim).await?;
     let restarted = Instant::now();
-    let caught_up = converge(demo, StreamId::Enterprise, &enterprise_groups, Duration::from_secs(60)).await;
+    let caught_up = converge(demo, StreamId::Enterprise, Duration::from_secs(60)).await;
     demo.check(
         &format!("{victim_id} caught up after its restart"),
         caught_up.is_ok(),
@@ -881,14 +875,13 @@ async fn drive(demo: &mut Demo, args: &DemoArgs) -> Result<String, DemoError> {
             .map(|d| format!("{} ms after it was ready", d.as_millis()))
             .unwrap_or_else(|e| e.clone()),
     );
-    let sessions_synced = converge(demo, StreamId::Sessions, &session_groups, Duration::from_secs(60)).await;
+    let sessions_synced = converge(demo, StreamId::Sessions, Duration::from_secs(60)).await;
     demo.check(
         "sessions agree within each site",
         sessions_synced.is_ok(),
         sessions_synced.err().unwrap_or_default(),
     );
-    let audit_groups = vec![demo.holders(StreamId::Audit)];
-    let audit_synced = converge(demo, StreamId::Audit, &audit_groups, Duration::from_secs(60)).await;
+    let audit_synced = converge(demo, StreamId::Audit, Duration::from_secs(60)).await;
     demo.check("audit holders agree", audit_synced.is_ok(), audit_synced.err().unwrap_or_default());
 
     // Every acknowledged write is on every appliance that should hold it.

@@ -235,14 +235,10 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
 
     // Verify.
     let mut violations = Vec::new();
-    let enterprise_groups = vec![demo.holders(StreamId::Enterprise)];
-    if let Err(e) = converge(&demo, StreamId::Enterprise, &enterprise_groups, Duration::from_secs(120)).await
-    {
-        violations.push(e);
-    }
-    let audit_groups = vec![demo.holders(StreamId::Audit)];
-    if let Err(e) = converge(&demo, StreamId::Audit, &audit_groups, Duration::from_secs(120)).await {
-        violations.push(e);
+    for stream in StreamId::ALL {
+        if let Err(e) = converge(&demo, stream, Duration::from_secs(120)).await {
+            violations.push(e);
+        }
     }
     let (enterprise, sessions, audit, ops, failed) = {
         let a = acked.lock().unwrap_or_else(|p| p.into_inner());
@@ -256,12 +252,11 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         }
     }
     for (site, list) in &sessions {
-        let holders: Vec<NodeId> = (0..layout.len())
-            .filter(|&i| if args.g4 { layout[i].2.contains(&Role::Database) } else { site_of(i) == site })
-            .map(|i| ids[i].clone())
-            .collect();
-        for id in holders {
-            let reader = demo.client(Identity::Client("checker".into()), &[&id])?;
+        let holders = demo.holders(StreamId::Sessions);
+        let in_site =
+            |id: &&NodeId| args.g4 || (0..layout.len()).any(|i| &ids[i] == *id && site_of(i) == site);
+        for id in holders.iter().filter(in_site) {
+            let reader = demo.client(Identity::Client("checker".into()), &[id])?;
             let mut missing = 0;
             for s in list {
                 match reader.get(Collection::Sessions, s.as_bytes()).await {
