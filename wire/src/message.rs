@@ -358,6 +358,25 @@ pub enum ClientCall {
     Admin(AdminCall),
 }
 
+impl ClientCall {
+    /// The stream a call writes, or `None` for calls that only read (or administer).
+    pub fn write_stream(&self) -> Option<StreamId> {
+        match self {
+            ClientCall::Put { collection, .. } | ClientCall::Delete { collection, .. } => {
+                Some(collection.stream())
+            }
+            ClientCall::SessionCreate { .. }
+            | ClientCall::SessionTouch { .. }
+            | ClientCall::SessionEnd { .. } => Some(StreamId::Sessions),
+            ClientCall::AuditAppend(_) => Some(StreamId::Audit),
+            ClientCall::Get { .. }
+            | ClientCall::Scan { .. }
+            | ClientCall::AuditQuery { .. }
+            | ClientCall::Admin(_) => None,
+        }
+    }
+}
+
 /// Administrative calls.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -253,11 +253,7 @@ impl RemoteStore {
     }
 
     async fn write(&self, call: ClientCall) -> Result<Dot, ClientError> {
-        let stream = match &call {
-            ClientCall::Put { collection, .. } | ClientCall::Delete { collection, .. } => collection.stream(),
-            ClientCall::AuditAppend(_) => StreamId::Audit,
-            _ => StreamId::Sessions,
-        };
+        let stream = call.write_stream().unwrap_or(StreamId::Sessions);
         match self.call(call).await? {
             (_, ClientReply::Written { token }) => {
                 let mut inner = lock(&self.inner);

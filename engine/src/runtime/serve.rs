@@ -81,20 +81,6 @@ struct Answered {
     token: Dot,
 }
 
-/// Which stream a write call writes, or `None` for calls that do not write.
-fn write_stream(call: &ClientCall) -> Option<StreamId> {
-    match call {
-        ClientCall::Put { collection, .. } | ClientCall::Delete { collection, .. } => {
-            Some(collection.stream())
-        }
-        ClientCall::SessionCreate { .. }
-        | ClientCall::SessionTouch { .. }
-        | ClientCall::SessionEnd { .. } => Some(StreamId::Sessions),
-        ClientCall::AuditAppend(_) => Some(StreamId::Audit),
-        _ => None,
-    }
-}
-
 async fn handle(shared: &Arc<Shared>, identity: &Identity, request: ClientRequest) -> ClientReply {
     if let ClientCall::Admin(call) = &request.body {
         return match identity {
@@ -113,7 +99,7 @@ async fn handle(shared: &Arc<Shared>, identity: &Identity, request: ClientReques
             });
         }
     }
-    let Some(stream) = write_stream(&request.body) else { return read(shared, request.body).await };
+    let Some(stream) = request.body.write_stream() else { return read(shared, request.body).await };
     // One request per key at a time: a retry racing its original waits for it.
     let slot = {
         let mut in_flight = super::lock(&shared.in_flight);
