@@ -43,7 +43,8 @@ pub use options::{
 };
 pub use records::{ComputerPolicy, Record, Session, SsoEnrollment, TopologyRecord, User, UserPolicy};
 pub use storage::{
-    FileStorage, SimConfig, SimStorage, Storage, StorageFile, SyncLatency, SYNC_LATENCY_BOUNDS_US,
+    write_file_atomically, FileStorage, SimConfig, SimStorage, Storage, StorageFile, SyncLatency,
+    SYNC_LATENCY_BOUNDS_US,
 };
 pub use store::{Durability, PendingWrite, Read, Recovery, Store, Value, WriteBatch};
 pub use stream::{CompactionReport, ConflictRecord, StreamRecovery};

@@ -187,14 +187,11 @@ pub fn read(file: &Path) -> Result<BackupBody, BackupError> {
     decode(file, &bytes)
 }
 
-/// Writes a backup file durably (temporary file, fsync, rename).
+/// Writes a backup file durably and atomically.
 pub fn write(file: &Path, body: &BackupBody) -> Result<u64, BackupError> {
     let bytes = encode(body)?;
-    let tmp = file.with_extension("partial");
-    let io = |source| BackupError::Io { file: file.into(), source };
-    std::fs::write(&tmp, &bytes).map_err(io)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, file).map_err(io)?;
+    repl_engine::write_file_atomically(file, &bytes)
+        .map_err(|source| BackupError::Io { file: file.into(), source })?;
     Ok(bytes.len() as u64)
 }
 

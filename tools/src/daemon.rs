@@ -118,11 +118,11 @@ async fn topology(config: &Config) -> Result<(Topology, bool), DaemonError> {
                 }
             };
             std::fs::create_dir_all(&config.data_dir)
-                .and_then(|()| std::fs::write(&kept_path, t.encode()))
+                .and_then(|()| repl_engine::write_file_atomically(&kept_path, &t.encode()))
                 .map_err(|e| DaemonError::Join {
-                peer: peer.to_string(),
-                message: format!("cannot keep the topology in {}: {e}", kept_path.display()),
-            })?;
+                    peer: peer.to_string(),
+                    message: format!("cannot keep the topology in {}: {e}", kept_path.display()),
+                })?;
             (t, kept_path.clone())
         }
     };

@@ -32,7 +32,7 @@ pub use client::{ClientError, RemoteStore, RemoteTarget};
 pub use metrics::{serve_http, HttpError};
 
 use crate::records::{Record, TopologyRecord};
-use crate::storage::SyncLatency;
+use crate::storage::{write_file_atomically, SyncLatency};
 use crate::store::Store;
 use crate::sync::SyncConfig;
 use crate::topology::Topology;
@@ -303,10 +303,7 @@ impl Shared {
     fn apply_topology(self: &Arc<Self>, topology: Topology) -> Result<(), String> {
         let encoded = topology.encode();
         if let Some(path) = &self.config.topology_file {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &encoded)
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
+            write_file_atomically(path, &encoded)
                 .map_err(|e| format!("cannot keep the topology in {}: {e}", path.display()))?;
         }
         let record = TopologyRecord { kind: TOPOLOGY_KIND.into(), id: TOPOLOGY_ID.into(), body: encoded };
@@ -361,10 +358,7 @@ impl Shared {
         let tls = self.tls().with_crls(&[pem.to_string()]).map_err(|e| e.to_string())?;
         let server = tls.server_config(&[ALPN_PEER, ALPN_CLIENT]).map_err(|e| e.to_string())?;
         if let Some(path) = &self.config.crl_file {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, pem)
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
+            write_file_atomically(path, pem.as_bytes())
                 .map_err(|e| format!("cannot keep the CRL in {}: {e}", path.display()))?;
         }
         self.endpoint.set_server_config(Some(server));

@@ -15,6 +15,24 @@ pub struct FileStorage {
     latency: Arc<SyncLatency>,
 }
 
+/// Replaces the file at `path` with `bytes` so that a crash leaves either the old
+/// file or the new one: writes `<path>.tmp`, syncs it, renames it over `path`, and
+/// syncs the directory. For small files kept beside the store (a topology, a CRL, a
+/// backup).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut file = File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 /// Upper bounds, in microseconds, of the buckets of [`SyncLatency`] (the last bucket
 /// is unbounded).
 pub const SYNC_LATENCY_BOUNDS_US: [u64; 12] =
@@ -144,5 +162,22 @@ impl StorageFile for RealFile {
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_atomic_write_replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("topology.bin");
+        write_file_atomically(&path, b"first").expect("write");
+        write_file_atomically(&path, b"second").expect("replace");
+        assert_eq!(fs::read(&path).expect("read"), b"second");
+        let names: Vec<_> =
+            fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("topology.bin")]);
     }
 }

@@ -11,7 +11,7 @@ mod sim;
 use std::io;
 use std::sync::Arc;
 
-pub use file::{FileStorage, SyncLatency, SYNC_LATENCY_BOUNDS_US};
+pub use file::{write_file_atomically, FileStorage, SyncLatency, SYNC_LATENCY_BOUNDS_US};
 pub use sim::{SimConfig, SimStorage};
 
 /// A flat directory of files.
