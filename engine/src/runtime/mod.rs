@@ -324,8 +324,7 @@ impl Shared {
     /// After a handshake showed a newer epoch: adopts the newer topology if the
     /// replicated record holds it.
     fn adopt_recorded_topology(self: &Arc<Self>) {
-        let key =
-            TopologyRecord { kind: TOPOLOGY_KIND.into(), id: TOPOLOGY_ID.into(), body: Vec::new() }.key();
+        let key = record_key(TOPOLOGY_KIND, TOPOLOGY_ID);
         let recorded: Vec<TopologyRecord> = self.store.get_record(&key).unwrap_or_default();
         let newest = recorded.iter().filter_map(|r| Topology::decode(&r.body).ok()).max_by_key(|t| t.epoch);
         if let Some(t) = newest {
@@ -393,6 +392,8 @@ impl Shared {
 
     fn status(&self) -> NodeStatus {
         let now = now_ms();
+        let ours: BTreeMap<StreamId, VersionVector> =
+            StreamId::ALL.iter().map(|s| (*s, self.store.vector(*s))).collect();
         let state = self.state();
         let mut peers = Vec::new();
         for (id, p) in &state.peers {
@@ -400,11 +401,10 @@ impl Shared {
                 .sends
                 .iter()
                 .map(|stream| {
-                    let ours = self.store.vector(*stream);
                     let acked = p.acked.get(stream).cloned().unwrap_or_default();
                     StreamLag {
                         stream: *stream,
-                        entries: lag_entries(&ours, &acked),
+                        entries: lag_entries(&ours[stream], &acked),
                         behind_ms: p.behind_since_ms.get(stream).map_or(0, |t| now.saturating_sub(*t)),
                     }
                 })
@@ -441,8 +441,6 @@ fn lag_entries(ours: &VersionVector, acked: &VersionVector) -> u64 {
 #[derive(Debug)]
 pub struct Node {
     shared: Arc<Shared>,
-    endpoint: quinn::Endpoint,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 fn now_ms() -> u64 {
@@ -490,11 +488,11 @@ impl Node {
             in_flight: std::sync::Mutex::default(),
         });
         shared.connect_peers();
-        let tasks = vec![
-            tokio::spawn(peer::accept_loop(shared.clone(), endpoint.clone())),
+        lock(&shared.tasks).extend([
+            tokio::spawn(peer::accept_loop(shared.clone(), endpoint)),
             tokio::spawn(housekeeping(shared.clone())),
-        ];
-        Ok(Node { shared, endpoint, tasks })
+        ]);
+        Ok(Node { shared })
     }
 
     /// The store this node serves.
@@ -509,7 +507,7 @@ impl Node {
 
     /// Where the node accepts peers and clients.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.endpoint.local_addr().ok()
+        self.shared.endpoint.local_addr().ok()
     }
 
     /// Announces new durable local writes to every session.
@@ -552,21 +550,21 @@ impl Node {
     /// `drain` to acknowledge what this node holds, then closes every connection and
     /// waits for the sessions to end. Everything acknowledged is already durable.
     pub async fn shutdown(self, drain: Duration) {
-        self.endpoint.set_server_config(None);
+        let endpoint = self.shared.endpoint.clone();
+        endpoint.set_server_config(None);
         let connected = !self.shared.status().connected.is_empty();
         if connected && !drain.is_zero() {
             let _ = self.drained(drain).await;
         }
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
-        let mut tasks = self.tasks;
-        tasks.append(&mut lock(&self.shared.tasks));
+        endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+        let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
         for t in &tasks {
             t.abort();
         }
         for t in tasks {
             let _ = t.await;
         }
-        self.endpoint.wait_idle().await;
+        endpoint.wait_idle().await;
     }
 }
 
@@ -579,6 +577,11 @@ const RETIRED_KIND: &str = "retired-incarnation";
 const TOPOLOGY_KIND: &str = "enterprise";
 const TOPOLOGY_ID: &str = "topology";
 
+/// The key of the topology record of `kind` and `id`.
+fn record_key(kind: &str, id: &str) -> Vec<u8> {
+    TopologyRecord { kind: kind.into(), id: id.into(), body: Vec::new() }.key()
+}
+
 fn retired_id(appliance: &NodeId, incarnation: Incarnation) -> String {
     format!("{appliance}/{:016x}", incarnation.0)
 }
@@ -588,7 +591,7 @@ fn retired_id(appliance: &NodeId, incarnation: Incarnation) -> String {
 /// (a record every peer learns), and peers refuse its sessions from then on.
 fn claim_incarnation(store: &Store, me: &NodeId) -> crate::Result<()> {
     let ours = store.incarnation();
-    let key = TopologyRecord { kind: INCARNATION_KIND.into(), id: me.to_string(), body: Vec::new() }.key();
+    let key = record_key(INCARNATION_KIND, me.as_str());
     let held: Vec<TopologyRecord> = store.get_record(&key)?;
     let previous: Vec<Incarnation> = held
         .iter()
@@ -618,12 +621,7 @@ fn claim_incarnation(store: &Store, me: &NodeId) -> crate::Result<()> {
 
 /// Whether `incarnation` of `appliance` was retired by a restore.
 fn is_retired(store: &Store, appliance: &NodeId, incarnation: Incarnation) -> bool {
-    let key = TopologyRecord {
-        kind: RETIRED_KIND.into(),
-        id: retired_id(appliance, incarnation),
-        body: Vec::new(),
-    }
-    .key();
+    let key = record_key(RETIRED_KIND, &retired_id(appliance, incarnation));
     store.get(Collection::Topology, &key).is_ok_and(|r| r.value().is_some())
 }
 
