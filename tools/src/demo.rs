@@ -233,11 +233,6 @@ impl Demo {
         &self.dir
     }
 
-    /// The enterprise CA.
-    pub fn ca(&self) -> &CertificateAuthority {
-        &self.ca
-    }
-
     /// The appliances' ids, in layout order.
     pub fn ids(&self) -> Vec<NodeId> {
         self.members.iter().map(|m| m.id.clone()).collect()
@@ -327,11 +322,6 @@ impl Demo {
         self.members[index].child.as_ref().map(Child::id)
     }
 
-    /// Whether appliance `index` runs (was started and not killed or stopped).
-    pub fn running(&self, index: usize) -> bool {
-        self.members[index].child.is_some()
-    }
-
     /// Kills appliance `index` with SIGKILL and reaps it.
     pub fn kill(&mut self, index: usize) -> Result<(), DemoError> {
         let m = &mut self.members[index];
@@ -346,19 +336,23 @@ impl Demo {
     /// Stops appliance `index` with SIGTERM and waits for it to exit (up to 20 s,
     /// then SIGKILL); true if it exited cleanly.
     pub async fn stop(&mut self, index: usize) -> bool {
-        let Some(mut child) = self.members[index].child.take() else { return false };
-        if let Some(pid) = i32::try_from(child.id()).ok().and_then(rustix::process::Pid::from_raw) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
+        self.signal(index, rustix::process::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(20);
+        matches!(self.reap(index, deadline).await, Some(Some(status)) if status.success())
+    }
+
+    /// Waits until appliance `index` exits, or kills it at `deadline`: `None` if it was
+    /// not running, `Some(None)` if it had to be killed, else its exit status.
+    async fn reap(&mut self, index: usize, deadline: Instant) -> Option<Option<std::process::ExitStatus>> {
+        let mut child = self.members[index].child.take()?;
         loop {
             match child.try_wait() {
-                Ok(Some(status)) => return status.success(),
+                Ok(Some(status)) => return Some(Some(status)),
                 Ok(None) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return false;
+                    return Some(None);
                 }
             }
         }
@@ -366,35 +360,17 @@ impl Demo {
 
     /// Stops every running appliance with SIGTERM (graceful) and checks the exits.
     pub async fn stop_all(&mut self) {
-        for m in &mut self.members {
-            if let Some(child) = &m.child {
-                if let Ok(pid) = i32::try_from(child.id()) {
-                    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-                    }
-                }
-            }
+        for i in 0..self.members.len() {
+            self.signal(i, rustix::process::Signal::TERM);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut exits = Vec::new();
-        for m in &mut self.members {
-            let Some(mut child) = m.child.take() else { continue };
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => {
-                        exits.push((m.id.to_string(), status.success(), format!("{status}")));
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(50)).await
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        exits.push((m.id.to_string(), false, "did not stop within 20 s of SIGTERM".into()));
-                        break;
-                    }
-                }
+        for i in 0..self.members.len() {
+            let id = self.members[i].id.to_string();
+            match self.reap(i, deadline).await {
+                Some(Some(status)) => exits.push((id, status.success(), format!("{status}"))),
+                Some(None) => exits.push((id, false, "did not stop within 20 s of SIGTERM".into())),
+                None => {}
             }
         }
         let clean = exits.iter().all(|(_, ok, _)| *ok);
