@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{now_ms, PairMode, PairTimeout, Shared};
 use crate::audit::AuditQuery;
 use crate::error::Error;
-use crate::store::{Durability, WriteBatch};
+use crate::store::{PendingWrite, WriteBatch};
 use crate::topology::Role;
 
 /// Serves one client connection until it closes.
@@ -141,35 +141,57 @@ async fn idempotent_write(
         }
         return confirm(shared, &[(stream, answered.token)]).await;
     }
-    let written = tokio::task::block_in_place(|| write(shared, call));
-    let token = match written {
-        Ok(token) => token,
+    let pending = match tokio::task::block_in_place(|| submit(shared, call)) {
+        Ok(pending) => pending,
         Err(reply) => return reply,
     };
-    // Remember the answer (after the write is durable: a crash in between can only
-    // make a retry write again, never answer for a write that is not there).
+    let Some(&token) = pending.dots().first() else {
+        return refuse(ErrorCode::Internal, "the write produced no entry");
+    };
+    // The answer is remembered only once the write is durable, so a crash can only
+    // make a retry write again, never answer for a write that is not there. A write
+    // in the sessions stream shares the log with the answer, which is queued behind
+    // it: one group commit makes both durable. Any other write is waited for first.
+    let pending = if stream == StreamId::Sessions {
+        Some(pending)
+    } else {
+        if let Err(e) = tokio::task::block_in_place(|| pending.wait()) {
+            return store_error(&e);
+        }
+        None
+    };
     let record = postcard::to_allocvec(&Answered { stream: stream.code(), token }).unwrap_or_default();
     let expires = now_ms() + shared.config.serve.request_ttl_ms;
+    // Outer error: the write itself failed (never acknowledged); inner: only its
+    // answer could not be remembered (the write is durable; a retry may write again).
     let remembered = tokio::task::block_in_place(|| {
-        store.write(
-            std::mem::take(WriteBatch::new().put_expiring(Collection::Requests, &key, &record, expires)),
-            Durability::Durable,
-        )
+        let mut answer = WriteBatch::new();
+        answer.put_expiring(Collection::Requests, &key, &record, expires);
+        let answer = store.submit(answer);
+        if let Some(pending) = pending {
+            pending.wait()?;
+        }
+        Ok::<_, Error>(answer.and_then(|a| a.wait()))
     });
     shared.notify();
-    match remembered.as_deref() {
+    match remembered {
+        Err(e) => store_error(&e),
         // In synchronous pair mode the pair must hold the answer too, so that a retry
         // there after a failover finds it.
-        Ok([remembered, ..]) => confirm(shared, &[(stream, token), (StreamId::Sessions, *remembered)]).await,
-        _ => {
-            shared.error("could not remember a request's answer".to_string());
+        Ok(Ok(dots)) => match dots.first() {
+            Some(answer) => confirm(shared, &[(stream, token), (StreamId::Sessions, *answer)]).await,
+            None => confirm(shared, &[(stream, token)]).await,
+        },
+        Ok(Err(e)) => {
+            shared.error(format!("could not remember a request's answer: {e}"));
             confirm(shared, &[(stream, token)]).await
         }
     }
 }
 
-/// The write of a call; its dot is the causal token.
-fn write(shared: &Shared, call: ClientCall) -> Result<Dot, ClientReply> {
+/// The batch of a write call, submitted (not yet durable); its first dot is the
+/// causal token.
+fn submit(shared: &Shared, call: ClientCall) -> Result<PendingWrite, ClientReply> {
     let store = &shared.store;
     let mut batch = WriteBatch::new();
     match call {
@@ -208,9 +230,7 @@ fn write(shared: &Shared, call: ClientCall) -> Result<Dot, ClientReply> {
         }
         _ => return Err(refuse(ErrorCode::BadRequest, "not a write")),
     }
-    let dots = store.write(batch, Durability::Durable).map_err(|e| store_error(&e))?;
-    shared.notify();
-    dots.first().copied().ok_or_else(|| refuse(ErrorCode::Internal, "the write produced no entry"))
+    store.submit(batch).map_err(|e| store_error(&e))
 }
 
 /// Waits until this appliance holds `dot` in `stream`, up to `wait_ms`.
