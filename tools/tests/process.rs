@@ -215,3 +215,76 @@ async fn an_appliance_joins_through_a_member_and_keeps_the_topology() {
     demo.stop_all().await;
     assert!(demo.all_passed(), "an appliance did not stop cleanly");
 }
+
+/// Three appliances of one site, so every stream flows between all three.
+const ONE_SITE: &[(&str, &str, &[Role])] =
+    &[("a1", "a", &[Role::Audit]), ("a2", "a", &[]), ("a3", "a", &[Role::Audit])];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_appliances_catch_up_and_send_again_after_they_resume() {
+    // While one appliance is stopped (SIGSTOP), the others keep taking 2 KiB writes:
+    // their streams to it fill its flow-control windows, and each relays the other's
+    // entries, which it appears to lack. When it resumes it owes them its own backlog
+    // and relays at once: both sides of every session must keep reading while they
+    // write, or two full windows wait on each other forever.
+    let mut demo = Demo::create(repld(), None, false, ONE_SITE).expect("files");
+    for i in 0..3 {
+        demo.start(i).expect("start");
+    }
+    for i in 0..3 {
+        demo.wait_ready(i).await.expect("ready");
+    }
+    let ids = demo.ids();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..6usize {
+        // Each writer fails over to the next appliance while its own is paused.
+        let targets = [&ids[w % 3], &ids[(w + 1) % 3]];
+        let client = demo.client(Identity::Client(format!("w{w}")), &targets).expect("client");
+        let (stop, written) = (stop.clone(), written.clone());
+        writers.push(tokio::spawn(async move {
+            let mut keys = Vec::new();
+            let value = vec![b'x'; 2048];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("w{w}-{}", keys.len());
+                client.put(Collection::Users, key.as_bytes(), &value).await.expect("put");
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                keys.push(key);
+            }
+            keys
+        }));
+    }
+    let wait_written = async |n: u64| {
+        wait_for("writes", Duration::from_secs(120), async || {
+            written.load(std::sync::atomic::Ordering::Relaxed) >= n
+        })
+        .await
+    };
+    wait_written(500).await;
+    for paused in [1, 0, 2] {
+        demo.signal(paused, rustix::process::Signal::STOP);
+        // Paused until far more than a stream's flow-control window (1.25 MB) was
+        // written past it, then resumed under the same load.
+        wait_written(written.load(std::sync::atomic::Ordering::Relaxed) + 1_000).await;
+        demo.signal(paused, rustix::process::Signal::CONT);
+        wait_written(written.load(std::sync::atomic::Ordering::Relaxed) + 300).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut keys = Vec::new();
+    for w in writers {
+        keys.extend(w.await.expect("writer"));
+    }
+    let lag =
+        repl_tools::demo::converge(&demo, repl_wire::StreamId::Enterprise, Duration::from_secs(60)).await;
+    assert!(lag.is_ok(), "{lag:?}");
+    for (i, id) in ids.iter().enumerate() {
+        let reader = demo.client(Identity::Client("check".into()), &[id]).expect("client");
+        for key in &keys {
+            let (values, _) = reader.get(Collection::Users, key.as_bytes()).await.expect("get");
+            assert!(!values.is_empty(), "{id} lacks {key}\n{}", demo.log(i));
+        }
+    }
+    demo.stop_all().await;
+    assert!(demo.all_passed(), "an appliance did not stop cleanly");
+}

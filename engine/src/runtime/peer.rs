@@ -1,6 +1,7 @@
 //! Peer connections: dialing with backoff, accepting (peers and clients), and the
 //! session loop that drives one sync machine over one ordered QUIC stream.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,7 +103,7 @@ async fn run_session(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
     peer: NodeId,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let config = &shared.config;
@@ -122,12 +123,16 @@ async fn run_session(
     let mut reader = FrameReader::new();
     let mut established = false;
     let (mut entries_in, mut entries_out, mut bytes_base) = (0u64, 0u64, (0u64, 0u64));
+    // Sending never blocks reading: a writer task drains a small queue into the QUIC
+    // stream while this loop keeps reading. (When both sides wrote inline, two peers
+    // with full flow-control windows each waited for the other to read, forever: seen
+    // after a SIGSTOPped appliance resumed.) Messages wait in `outbox` while the
+    // writer is behind.
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<PeerMessage>(OUT_QUEUE);
+    let _writer = AbortOnDrop(tokio::spawn(write_messages(send, out_rx)));
+    let mut outbox: VecDeque<PeerMessage> = VecDeque::new();
     loop {
-        while let Some(m) = machine.poll_transmit() {
-            if send_message(&mut send, &m).await.is_err() {
-                return closed(shared, &peer, established);
-            }
-        }
+        outbox.extend(std::iter::from_fn(|| machine.poll_transmit()));
         while let Some(event) = machine.poll_event() {
             match event {
                 SyncEvent::PeerError(e) => {
@@ -206,6 +211,13 @@ async fn run_session(
         let sleep =
             deadline.map_or(Duration::from_secs(3600), |t| Duration::from_millis(t.saturating_sub(now_ms())));
         tokio::select! {
+            permit = out_tx.reserve(), if !outbox.is_empty() => {
+                let (Ok(permit), Some(m)) = (permit, outbox.pop_front()) else {
+                    return closed(shared, &peer, established);
+                };
+                permit.send(m);
+            }
+            () = out_tx.closed() => return closed(shared, &peer, established),
             message = recv_message::<PeerMessage>(&mut recv, &mut reader) => {
                 let message = match message {
                     Ok(Some(message)) => message,
@@ -227,7 +239,9 @@ async fn run_session(
                     shared.notify();
                 }
             }
-            () = tokio::time::sleep(sleep) => {
+            // Timers wait while messages are still queued here: what is not yet
+            // written is not lost, and resending it would only grow the queue.
+            () = tokio::time::sleep(sleep), if outbox.is_empty() => {
                 tokio::task::block_in_place(|| machine.handle_timeout(now_ms(), &store));
             }
             changed = woken.changed() => {
@@ -241,6 +255,27 @@ async fn run_session(
                 });
             }
         }
+    }
+}
+
+/// Messages queued for the writer task beyond the one it is writing.
+const OUT_QUEUE: usize = 64;
+
+/// Writes queued messages until the queue closes or the stream fails.
+async fn write_messages(mut send: quinn::SendStream, mut queue: tokio::sync::mpsc::Receiver<PeerMessage>) {
+    while let Some(m) = queue.recv().await {
+        if send_message(&mut send, &m).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Aborts a task when the session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
