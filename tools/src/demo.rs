@@ -82,7 +82,10 @@ struct Member {
     id: NodeId,
     site: String,
     roles: Vec<Role>,
+    /// Its address in the topology (what peers and agents dial).
     address: SocketAddr,
+    /// Where it listens: its address, unless a relay sits in between.
+    listen: SocketAddr,
     metrics: SocketAddr,
     config: PathBuf,
     log: PathBuf,
@@ -150,11 +153,13 @@ impl Demo {
         let ca = CertificateAuthority::create("demo", Validity::days_from_now(2)).map_err(setup("CA"))?;
         let mut members = Vec::new();
         for (id, site, roles) in layout {
+            let address = free_udp()?;
             members.push(Member {
                 id: NodeId::new(*id).map_err(setup("id"))?,
                 site: site.to_string(),
                 roles: roles.to_vec(),
-                address: free_udp()?,
+                address,
+                listen: address,
                 metrics: free_tcp()?,
                 config: dir.join(format!("{id}.toml")),
                 log: dir.join(format!("{id}.log")),
@@ -220,12 +225,23 @@ impl Demo {
                 id = m.id,
                 site = m.site,
                 roles = roles.join(", "),
-                listen = m.address,
+                listen = m.listen,
                 metrics = m.metrics,
             );
             std::fs::write(&m.config, config).map_err(setup("write config"))?;
         }
         Ok(())
+    }
+
+    /// Moves every appliance to a new listening port, so that a relay can take its
+    /// topology address (before any appliance starts); returns (topology address,
+    /// listening address) per appliance, in layout order.
+    pub fn interpose(&mut self) -> Result<Vec<(SocketAddr, SocketAddr)>, DemoError> {
+        for m in &mut self.members {
+            m.listen = free_udp()?;
+        }
+        self.write_files()?;
+        Ok(self.members.iter().map(|m| (m.address, m.listen)).collect())
     }
 
     /// The directory of the enterprise's files.
@@ -292,20 +308,28 @@ impl Demo {
     /// Waits until the appliance answers on its metrics port (it is ready then).
     pub async fn wait_ready(&mut self, index: usize) -> Result<(), DemoError> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let m = &mut self.members[index];
-            if http_get(m.metrics, "/metrics").await.is_ok() {
-                return Ok(());
-            }
-            if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
-                let log = std::fs::read_to_string(&m.log).unwrap_or_default();
-                return Err(DemoError::Appliance(m.id.to_string(), format!("exited with {status}:\n{log}")));
-            }
+        while !self.ready(index).await? {
             if Instant::now() > deadline {
-                return Err(DemoError::Appliance(m.id.to_string(), "not ready within 30 s".into()));
+                let id = self.members[index].id.to_string();
+                return Err(DemoError::Appliance(id, "not ready within 30 s".into()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
+    }
+
+    /// Whether appliance `index` answers on its metrics port yet; an error if its
+    /// process exited.
+    pub async fn ready(&mut self, index: usize) -> Result<bool, DemoError> {
+        let m = &mut self.members[index];
+        if http_get(m.metrics, "/metrics").await.is_ok() {
+            return Ok(true);
+        }
+        if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+            return Err(DemoError::Appliance(m.id.to_string(), format!("exited with {status}:\n{log}")));
+        }
+        Ok(false)
     }
 
     /// Sends `signal` to appliance `index` (SIGSTOP and SIGCONT pause and resume it).

@@ -8,6 +8,8 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod logging;
+pub mod plot;
+pub mod relay;
 pub mod soak;
 
 /// Parses the command line of a binary named `name` and builds its tokio runtime. On a

@@ -24,7 +24,10 @@ use repl_engine::topology::Role;
 use repl_wire::transport::Identity;
 use repl_wire::{Collection, NodeId, StreamId};
 
-use crate::demo::{agent_work, audit_details, converge, missing_on, Acked, Demo, DemoError, G4_LAYOUT};
+use crate::demo::{
+    agent_work, audit_details, converge, http_get, missing_on, Acked, Demo, DemoError, G4_LAYOUT,
+};
+use crate::relay::{Lossy, Relay};
 
 /// Arguments of `repl-soak`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -67,6 +70,166 @@ fn proc_stat(pid: u32) -> (u64, u64) {
     (rss_kib, fds)
 }
 
+/// A fault of one appliance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL, restarted when the fault ends.
+    Kill,
+    /// SIGSTOP, SIGCONT when it ends.
+    Pause,
+    /// Cut from every other appliance by the relays (its agents still reach it).
+    Isolate,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::Isolate => "isolate",
+        }
+    }
+}
+
+/// The network while a lossy period lasts: every packet between appliances.
+const LOSSY: Lossy = Lossy { drop_pct: 5, duplicate_pct: 2, delay_max_ms: 20 };
+
+/// The largest replication lag any running appliance reports, in milliseconds.
+async fn max_lag_ms(demo: &Demo, running: impl Iterator<Item = usize>) -> u64 {
+    let mut worst = 0.0f64;
+    for i in running {
+        let Ok(text) = http_get(demo.metrics(i), "/metrics").await else { continue };
+        for line in text.lines().filter(|l| l.starts_with("repl_lag_seconds{")) {
+            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                worst = worst.max(v);
+            }
+        }
+    }
+    (worst * 1000.0) as u64
+}
+
+/// What the chart shows.
+#[derive(Default)]
+struct Series {
+    /// (seconds, operations acknowledged so far, largest lag in ms).
+    samples: Vec<(f64, u64, u64)>,
+    /// Appliance faults: (from, to, kind).
+    faults: Vec<(f64, f64, Fault)>,
+    /// Lossy network periods.
+    lossy: Vec<(f64, f64)>,
+}
+
+impl Fault {
+    fn colour(self) -> crate::plot::Rgb {
+        match self {
+            Fault::Kill => [255, 190, 190],
+            Fault::Pause => [255, 235, 170],
+            Fault::Isolate => [190, 215, 255],
+        }
+    }
+}
+
+const LOSSY_COLOUR: crate::plot::Rgb = [215, 215, 215];
+
+/// Throughput and lag over time, faults shaded, as a PNG.
+fn draw(series: &Series, duration_s: f64, path: &std::path::Path) -> std::io::Result<()> {
+    use crate::plot::{chart, Band, Panel};
+    let ops: Vec<(f64, f64)> = series
+        .samples
+        .windows(2)
+        .map(|w| (w[1].0, (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0).max(0.001)))
+        .collect();
+    let lag: Vec<(f64, f64)> = series.samples.iter().map(|s| (s.0, s.2 as f64)).collect();
+    let mut bands: Vec<Band> = series
+        .lossy
+        .iter()
+        .map(|&(from_s, to_s)| Band { from_s, to_s, colour: LOSSY_COLOUR, strip: true })
+        .collect();
+    bands.extend(series.faults.iter().map(|&(from_s, to_s, f)| Band {
+        from_s,
+        to_s,
+        colour: f.colour(),
+        strip: false,
+    }));
+    chart(
+        path,
+        duration_s,
+        &[
+            Panel { title: "OPERATIONS/S", points: &ops, colour: [20, 60, 200] },
+            Panel { title: "LAG MS", points: &lag, colour: [200, 30, 30] },
+        ],
+        &bands,
+        &[
+            ("KILL", Fault::Kill.colour()),
+            ("PAUSE", Fault::Pause.colour()),
+            ("ISOLATE", Fault::Isolate.colour()),
+            ("LOSSY", LOSSY_COLOUR),
+        ],
+    )
+}
+
+/// Memory and open files of one appliance since it last started, after warm-up:
+/// a violation if open files grew by more than 10% (and 2), or memory by more than
+/// 10% plus [`RSS_BUDGET_PER_OP`] for each operation acknowledged meanwhile (the data
+/// set grows with every write: the keydir, indexes and remembered answers).
+fn flatness(id: &str, run: &[(f64, u64, u64)], ops_at: impl Fn(f64) -> u64) -> (String, Option<String>) {
+    let after: Vec<&(f64, u64, u64)> = run.iter().collect();
+    let (Some(first), Some(last)) = (after.first(), after.last()) else {
+        return (format!("{id}: no sample after warm-up"), None);
+    };
+    if last.0 - first.0 < 10.0 {
+        return (format!("{id}: under 10 s after warm-up since its last start"), None);
+    }
+    let ops = ops_at(last.0).saturating_sub(ops_at(first.0));
+    let grown_kib = last.1.saturating_sub(first.1);
+    let allowed_kib = first.1 / 10 + ops * RSS_BUDGET_PER_OP / 1024;
+    let line = format!(
+        "{id}: RSS {} -> {} MiB over {:.0} s ({} B per operation acknowledged meanwhile, budget {} B), open files {} -> {}",
+        first.1 / 1024,
+        last.1 / 1024,
+        last.0 - first.0,
+        (grown_kib * 1024).checked_div(ops).unwrap_or(0),
+        RSS_BUDGET_PER_OP,
+        first.2,
+        last.2
+    );
+    let mut problems = Vec::new();
+    if grown_kib > allowed_kib {
+        problems.push(format!("{id}: memory grew {grown_kib} KiB, allowed {allowed_kib} KiB"));
+    }
+    if last.2 > first.2 + (first.2 / 10).max(2) {
+        problems.push(format!("{id}: open files grew from {} to {}", first.2, last.2));
+    }
+    (line, (!problems.is_empty()).then(|| problems.join("; ")))
+}
+
+/// Memory an appliance may gain per acknowledged operation (of all appliances) and
+/// still count as flat. Each operation adds data every holder keeps in memory: a
+/// keydir entry (about 200 bytes per key in the store bench), the remembered answer
+/// of the request (an expiring record), audit index entries on holders, the hash
+/// tree's share. Measured in 40 s runs: 1.3 to 2.0 KB per operation. A leak per
+/// packet, per connection or per fault grows far faster than the operations do.
+const RSS_BUDGET_PER_OP: u64 = 4096;
+
+/// How long a killed appliance may take to answer after its restart.
+const RESTART_READY_MAX: Duration = Duration::from_secs(60);
+
+/// Seconds after a restarted appliance answers before its resources are counted.
+const RESTART_WARM_S: f64 = 5.0;
+
+/// Ends `fault` of appliance `i`.
+async fn heal(demo: &mut Demo, relay: &Relay, i: usize, fault: Fault) -> Result<(), DemoError> {
+    match fault {
+        Fault::Kill => {
+            demo.start(i)?;
+            demo.wait_ready(i).await?;
+        }
+        Fault::Pause => demo.signal(i, rustix::process::Signal::CONT),
+        Fault::Isolate => relay.rejoin(i),
+    }
+    Ok(())
+}
+
 /// Runs the soak; returns the report, or the violations.
 pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
     let seed = args.seed.unwrap_or_else(|| {
@@ -77,6 +240,11 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         .with_file_name("repld");
     let layout = if args.g4 { G4_LAYOUT } else { SOAK_G3 };
     let mut demo = Demo::create(exe, args.dir.clone(), args.g4, layout)?;
+    // Every appliance behind a relay, for partitions and a lossy network.
+    let addresses = demo.interpose()?;
+    let relay = Relay::start(&addresses, seed ^ 0x5eed)
+        .await
+        .map_err(|e| DemoError::Setup(format!("relays: {e}")))?;
     println!(
         "repl-soak: {} appliances ({}), {} s under faults, seed {seed}; files in {}",
         layout.len(),
@@ -135,62 +303,115 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
     }
 
     let mut rng = SplitMix64::new(seed);
-    let mut csv = String::from("t_s,acked_ops,failed_ops,faults");
+    let mut csv = String::from("t_s,acked_ops,failed_ops,faults,lossy,lag_ms,packets_dropped");
     for id in &ids {
         let _ = write!(csv, ",{id}_rss_kib,{id}_fds");
     }
     csv.push('\n');
     let start = Instant::now();
+    let secs_since = |t: Instant| t.duration_since(start).as_secs_f64();
     let deadline = start + Duration::from_secs(args.duration);
-    let mut down: Vec<(usize, Instant, &'static str)> = Vec::new();
+    let mut down: Vec<(usize, Instant, Fault)> = Vec::new();
+    // Killed appliances started again, not answering yet: (index, restarted at).
+    let mut starting: Vec<(usize, Instant)> = Vec::new();
     let mut next_fault = start + Duration::from_secs(2);
+    let mut lossy_until: Option<Instant> = None;
+    let mut next_lossy = start + Duration::from_millis(8_000 + rng.below(8_000));
     let mut faults = 0u64;
     let mut events = Vec::new();
+    let mut plot = Series::default();
+    // Per appliance: (seconds, RSS KiB, open files) since it last started.
+    let mut runs: Vec<Vec<(f64, u64, u64)>> = vec![Vec::new(); ids.len()];
     let mut last_sample = start;
+    // Resources count from here on, per appliance: after the run's warm-up (a fifth
+    // of it, at least 10 s), or a while after a restart.
+    let warm_s = (args.duration as f64 / 5.0).max(10.0);
+    let mut warm_after = vec![warm_s; ids.len()];
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = Instant::now();
         // Heal faults whose time is up.
+        // (A killed appliance is started again without waiting for it: the schedule
+        // and the samples go on while it recovers; it is back once it answers.)
         let mut healed = Vec::new();
-        for (i, until, kind) in &down {
+        for (i, until, fault) in &down {
             if now >= *until {
-                match *kind {
-                    "kill" => {
-                        demo.start(*i)?;
-                        demo.wait_ready(*i).await?;
-                    }
-                    _ => demo.signal(*i, rustix::process::Signal::CONT),
+                if *fault == Fault::Kill {
+                    demo.start(*i)?;
+                    runs[*i].clear();
+                    starting.push((*i, now));
+                } else {
+                    heal(&mut demo, &relay, *i, *fault).await?;
+                    events.push(format!("{:>6.1}s {} back", secs_since(now), ids[*i]));
                 }
-                events.push(format!("{:>6.1}s {} back", now.duration_since(start).as_secs_f64(), ids[*i]));
                 healed.push(*i);
             }
         }
         down.retain(|(i, _, _)| !healed.contains(i));
+        let mut ready = Vec::new();
+        for (i, since) in &starting {
+            if demo.ready(*i).await? {
+                events.push(format!(
+                    "{:>6.1}s {} back (ready {:.1} s after its restart)",
+                    secs_since(now),
+                    ids[*i],
+                    now.duration_since(*since).as_secs_f64()
+                ));
+                ready.push(*i);
+                // Its recovery rebuilt the keydir: counted from a while after that.
+                warm_after[*i] = secs_since(now) + RESTART_WARM_S;
+            } else if now.duration_since(*since) > RESTART_READY_MAX {
+                return Err(DemoError::Appliance(
+                    ids[*i].to_string(),
+                    "not ready within 60 s of its restart".into(),
+                ));
+            }
+        }
+        starting.retain(|(i, _)| !ready.contains(i));
         // A new fault, on a site with nothing down.
         if now >= next_fault {
             let candidates: Vec<usize> = faultable
                 .iter()
                 .copied()
                 .filter(|&i| !down.iter().any(|(d, _, _)| site_of(*d) == site_of(i)))
+                .filter(|&i| !starting.iter().any(|(d, _)| site_of(*d) == site_of(i)))
                 .collect();
             if !candidates.is_empty() {
                 let i = candidates[rng.below(candidates.len() as u64) as usize];
                 let length = Duration::from_millis(1_000 + rng.below(3_000));
-                let kind = if rng.below(2) == 0 { "kill" } else { "pause" };
-                match kind {
-                    "kill" => demo.kill(i)?,
-                    _ => demo.signal(i, rustix::process::Signal::STOP),
+                let fault = [Fault::Kill, Fault::Pause, Fault::Isolate][rng.below(3) as usize];
+                match fault {
+                    Fault::Kill => demo.kill(i)?,
+                    Fault::Pause => demo.signal(i, rustix::process::Signal::STOP),
+                    Fault::Isolate => relay.isolate(i),
                 }
                 faults += 1;
-                events.push(format!(
-                    "{:>6.1}s {} {kind} for {:?}",
-                    now.duration_since(start).as_secs_f64(),
-                    ids[i],
-                    length
-                ));
-                down.push((i, now + length, kind));
+                events.push(format!("{:>6.1}s {} {} for {length:?}", secs_since(now), ids[i], fault.name()));
+                plot.faults.push((secs_since(now), secs_since(now + length), fault));
+                down.push((i, now + length, fault));
             }
             next_fault = now + Duration::from_millis(2_000 + rng.below(4_000));
+        }
+        // Now and then a lossy network for everyone: loss, duplicates, reordering.
+        if lossy_until.is_some_and(|t| now >= t) {
+            relay.set_lossy(None);
+            lossy_until = None;
+            events.push(format!("{:>6.1}s network clean again", secs_since(now)));
+        }
+        if lossy_until.is_none() && now >= next_lossy {
+            let length = Duration::from_millis(2_000 + rng.below(4_000));
+            relay.set_lossy(Some(LOSSY));
+            lossy_until = Some(now + length);
+            next_lossy = now + length + Duration::from_millis(8_000 + rng.below(12_000));
+            faults += 1;
+            events.push(format!(
+                "{:>6.1}s network lossy for {length:?} ({}% loss, {}% duplicates, 0-{} ms delay)",
+                secs_since(now),
+                LOSSY.drop_pct,
+                LOSSY.duplicate_pct,
+                LOSSY.delay_max_ms
+            ));
+            plot.lossy.push((secs_since(now), secs_since(now + length)));
         }
         if now.duration_since(last_sample) >= Duration::from_secs(1) {
             last_sample = now;
@@ -198,16 +419,34 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
                 let a = acked.lock().unwrap_or_else(|p| p.into_inner());
                 (a.ops, a.failed)
             };
-            let _ =
-                write!(csv, "{:.1},{ops},{failed},{}", now.duration_since(start).as_secs_f64(), down.len());
-            for i in 0..ids.len() {
+            // Stopped, killed or not answering yet: no lag to ask for, no resources to count.
+            let paused: Vec<usize> = down
+                .iter()
+                .filter(|(_, _, f)| *f != Fault::Isolate)
+                .map(|(i, _, _)| *i)
+                .chain(starting.iter().map(|(i, _)| *i))
+                .collect();
+            let lag_ms = max_lag_ms(&demo, (0..ids.len()).filter(|i| !paused.contains(i))).await;
+            let t = secs_since(now);
+            plot.samples.push((t, ops, lag_ms));
+            let _ = write!(
+                csv,
+                "{t:.1},{ops},{failed},{},{},{lag_ms},{}",
+                down.len(),
+                u8::from(lossy_until.is_some()),
+                relay.stats().dropped
+            );
+            for (i, run) in runs.iter_mut().enumerate() {
                 let (rss, fds) = demo.pid(i).map_or((0, 0), proc_stat);
                 let _ = write!(csv, ",{rss},{fds}");
+                if rss > 0 && !paused.contains(&i) && t >= warm_after[i] {
+                    run.push((t, rss, fds));
+                }
             }
             csv.push('\n');
             if now.duration_since(start).as_secs() % 10 == 0 {
                 println!(
-                    "  {:>4} s: {ops} operations acknowledged, {failed} failed, {faults} faults, {} down",
+                    "  {:>4} s: {ops} operations acknowledged, {failed} failed, {faults} faults, {} down, lag {lag_ms} ms",
                     now.duration_since(start).as_secs(),
                     down.len()
                 );
@@ -219,22 +458,32 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         let _ = w.await;
     }
     // Heal everything.
-    for (i, _, kind) in down.drain(..) {
-        match kind {
-            "kill" => {
-                demo.start(i)?;
-                demo.wait_ready(i).await?;
-            }
-            _ => demo.signal(i, rustix::process::Signal::CONT),
-        }
+    for (i, _, fault) in down.drain(..) {
+        heal(&mut demo, &relay, i, fault).await?;
     }
+    for (i, _) in starting.drain(..) {
+        demo.wait_ready(i).await?;
+    }
+    relay.heal();
     let csv_path = demo.dir().join("soak.csv");
     let kept = args.dir.is_some();
     std::fs::write(&csv_path, &csv)
         .map_err(|e| DemoError::Setup(format!("write {}: {e}", csv_path.display())))?;
 
+    let png_path = demo.dir().join("soak.png");
+    draw(&plot, args.duration as f64, &png_path)
+        .map_err(|e| DemoError::Setup(format!("write {}: {e}", png_path.display())))?;
+
     // Verify.
     let mut violations = Vec::new();
+    // Memory and open files flat after warm-up (a fifth of the run, at least 10 s).
+    let ops_at = |t: f64| plot.samples.iter().take_while(|s| s.0 <= t).last().map_or(0, |s| s.1);
+    let mut resources = Vec::new();
+    for (i, run) in runs.iter().enumerate() {
+        let (line, problem) = flatness(ids[i].as_str(), run, ops_at);
+        resources.push(line);
+        violations.extend(problem);
+    }
     for stream in StreamId::ALL {
         if let Err(e) = converge(&demo, stream, Duration::from_secs(120)).await {
             violations.push(e);
@@ -290,6 +539,21 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         sessions.values().map(Vec::len).sum::<usize>(),
         audit.len(),
         if kept { format!("in {}", csv_path.display()) } else { "not kept (give --dir DIR to keep it)".to_string() }
+    );
+    let relayed = relay.stats();
+    let _ = writeln!(
+        report,
+        "relays: {} packets dropped (partitions and loss), {} duplicated, {} delayed",
+        relayed.dropped, relayed.duplicated, relayed.delayed
+    );
+    report.push_str("memory and open files after warm-up:\n");
+    for line in &resources {
+        let _ = writeln!(report, "  {line}");
+    }
+    let _ = writeln!(
+        report,
+        "chart (throughput, lag, faults shaded) {}",
+        if kept { format!("in {}", png_path.display()) } else { "not kept".to_string() }
     );
     for e in &events {
         let _ = writeln!(report, "  {e}");

@@ -219,7 +219,7 @@ struct PeerState {
     sessions: u64,
     sends: BTreeSet<StreamId>,
     acked: BTreeMap<StreamId, VersionVector>,
-    behind_since_ms: BTreeMap<StreamId, u64>,
+    behind: BTreeMap<StreamId, Behind>,
     entries_in: u64,
     entries_out: u64,
     bytes_in: u64,
@@ -405,7 +405,7 @@ impl Shared {
                     StreamLag {
                         stream: *stream,
                         entries: lag_entries(&ours[stream], &acked),
-                        behind_ms: p.behind_since_ms.get(stream).map_or(0, |t| now.saturating_sub(*t)),
+                        behind_ms: p.behind.get(stream).map_or(0, |b| now.saturating_sub(b.since_ms)),
                     }
                 })
                 .collect();
@@ -433,6 +433,50 @@ impl Shared {
 }
 
 /// Entries `ours` holds beyond `acked`.
+/// How long a peer has lagged on a stream. Under a steady stream of writes the peer's
+/// acknowledged vector is rarely equal to ours at the instant it is looked at, so
+/// "since when is it not equal" grows without bound; instead this keeps marks of our
+/// vector over time. Once the peer acknowledged a mark, everything written before the
+/// mark's time has reached it, so the oldest entry it still lacks is younger than the
+/// newest acknowledged mark: `since_ms` is that mark's time, an upper bound on the lag
+/// that is at most [`LAG_MARK_INTERVAL_MS`] too high while marks keep up.
+#[derive(Debug)]
+struct Behind {
+    since_ms: u64,
+    /// Our vector at successive times, oldest first, none acknowledged yet.
+    marks: std::collections::VecDeque<(u64, VersionVector)>,
+}
+
+/// How often a lagging peer's lag is marked.
+const LAG_MARK_INTERVAL_MS: u64 = 20;
+/// The most marks kept per peer and stream (past that the resolution coarsens).
+const LAG_MARKS_MAX: usize = 256;
+
+impl PeerState {
+    /// Updates the lag of `stream` from our vector and what the peer acknowledged.
+    fn track_lag(&mut self, stream: StreamId, now_ms: u64, ours: &VersionVector, acked: &VersionVector) {
+        if lag_entries(ours, acked) == 0 {
+            self.behind.remove(&stream);
+            return;
+        }
+        let b = self
+            .behind
+            .entry(stream)
+            .or_insert_with(|| Behind { since_ms: now_ms, marks: Default::default() });
+        while let Some((at, mark)) = b.marks.front() {
+            if !acked.descends(mark) {
+                break;
+            }
+            b.since_ms = b.since_ms.max(*at);
+            b.marks.pop_front();
+        }
+        let due = b.marks.back().is_none_or(|(at, _)| now_ms >= at + LAG_MARK_INTERVAL_MS);
+        if due && b.marks.len() < LAG_MARKS_MAX {
+            b.marks.push_back((now_ms, ours.clone()));
+        }
+    }
+}
+
 fn lag_entries(ours: &VersionVector, acked: &VersionVector) -> u64 {
     ours.iter().map(|d| d.seq.saturating_sub(acked.get(d.origin))).sum()
 }
@@ -704,4 +748,44 @@ pub fn peers_in_scope(topology: &Topology, me: &NodeId) -> BTreeMap<NodeId, Sock
         })
         .map(|a| (a.id.clone(), a.address))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use repl_wire::Dot;
+
+    fn vector(seq: u64) -> VersionVector {
+        VersionVector::from_dot(Dot { origin: Incarnation(7), seq })
+    }
+
+    fn lag_ms(p: &PeerState, now: u64) -> u64 {
+        p.behind.get(&StreamId::Enterprise).map_or(0, |b| now.saturating_sub(b.since_ms))
+    }
+
+    #[test]
+    fn lag_stays_at_the_acknowledgement_delay_under_steady_writes() {
+        // One write per millisecond; the peer acknowledges each 5 ms after it was
+        // written, so it is never fully caught up when looked at.
+        let mut p = PeerState::default();
+        let mut worst = 0;
+        for now in 10..5_000u64 {
+            p.track_lag(StreamId::Enterprise, now, &vector(now), &vector(now - 5));
+            worst = worst.max(lag_ms(&p, now));
+        }
+        assert!(worst >= 5, "a lag of 5 ms was reported as {worst} ms");
+        assert!(worst <= 5 + LAG_MARK_INTERVAL_MS, "a steady 5 ms lag grew to {worst} ms");
+    }
+
+    #[test]
+    fn lag_grows_while_nothing_is_acknowledged_and_ends_when_caught_up() {
+        let mut p = PeerState::default();
+        for now in 0..3_000u64 {
+            p.track_lag(StreamId::Enterprise, now, &vector(now + 1), &vector(0));
+        }
+        assert!(lag_ms(&p, 3_000) >= 2_999);
+        assert!(p.behind[&StreamId::Enterprise].marks.len() <= LAG_MARKS_MAX);
+        p.track_lag(StreamId::Enterprise, 3_001, &vector(3_001), &vector(3_001));
+        assert_eq!(lag_ms(&p, 3_002), 0);
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use repl_wire::transport::{accept, connect, negotiated_alpn, recv_message, send_message, Identity};
 use repl_wire::{FrameReader, NodeId, PeerMessage, StreamId, VersionVector, ALPN_PEER};
 
-use super::{lag_entries, now_ms, serve, Shared};
+use super::{now_ms, serve, Shared};
 use crate::rng::random_u64;
 use crate::sync::{PeerSync, SyncEvent, SyncSetup};
 
@@ -195,11 +195,7 @@ async fn run_session(
                     moved = true;
                 }
                 if p.sends.contains(&stream) {
-                    if lag_entries(&store.vector(stream), acked) == 0 {
-                        p.behind_since_ms.remove(&stream);
-                    } else {
-                        p.behind_since_ms.entry(stream).or_insert(now);
-                    }
+                    p.track_lag(stream, now, &store.vector(stream), acked);
                 }
             }
             moved
