@@ -124,6 +124,16 @@ struct State {
     audit_released: VersionVector,
     /// The anti-entropy hash tree, built at its first use and kept current after.
     tree: Option<HashTree>,
+    /// No version held expires before this (a lower bound: lowered by every merge of
+    /// an expiring version, raised by an expiry sweep). The sweep runs every second on
+    /// every stream; without this it walked every key of a stream that holds nothing
+    /// expiring, under the state lock (a third of all CPU with a million users).
+    next_expiry_ms: Option<u64>,
+}
+
+/// The earliest expiry of any version in `keydir`.
+fn earliest_expiry(keydir: &BTreeMap<KeyId, Vec<Version>>) -> Option<u64> {
+    keydir.values().flatten().filter_map(|v| v.expires_at_ms).min()
 }
 
 /// What recovery found and did for one stream.
@@ -385,6 +395,7 @@ impl StreamStore {
                     }
                 }
                 st.keydir = img.keydir.into_iter().map(|(c, k, v)| ((c, k.into_boxed_slice()), v)).collect();
+                st.next_expiry_ms = earliest_expiry(&st.keydir);
                 st.vector = img.vector;
                 st.origin_index = img
                     .origin_index
@@ -577,6 +588,9 @@ impl StreamStore {
     ) -> Result<()> {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
+        if let Some(t) = incoming.expires_at_ms {
+            st.next_expiry_ms = Some(st.next_expiry_ms.map_or(t, |n| n.min(t)));
+        }
         // The hash tree, once built, follows every change of a key's versions.
         let tracked = st.tree.is_some();
         let digest = |versions: &[Version]| {
@@ -1703,7 +1717,12 @@ impl StreamStore {
     /// Removes expired versions from the keydir (sessions vanish without tombstones).
     pub(crate) fn expire(&self, now_ms: u64) -> usize {
         let mut st = lock(&self.state);
-        retain_versions(&mut st, |_, v| !v.is_expired(now_ms))
+        if st.next_expiry_ms.is_none_or(|t| t > now_ms) {
+            return 0;
+        }
+        let dropped = retain_versions(&mut st, |_, v| !v.is_expired(now_ms));
+        st.next_expiry_ms = earliest_expiry(&st.keydir);
+        dropped
     }
 
     /// Drops tombstones every replica has seen: covered by every acked vector, with

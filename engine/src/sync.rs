@@ -142,8 +142,12 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            window_entries: 4096,
-            batch_entries: 256,
+            // A receiver applies each `Entries` message with one durable commit, so the
+            // batch size bounds catch-up: at 256 entries an fdatasync per 256 entries
+            // measured 31,776 entries/s (1M entries of 256 B); the window keeps
+            // several batches in flight.
+            window_entries: 16_384,
+            batch_entries: 1024,
             retransmit_ms: 200,
             relay_delay_ms: 1_000,
             snapshot_chunk_entries: 1024,

@@ -163,6 +163,45 @@ fn sessions_expire_without_tombstones() {
 }
 
 #[test]
+fn sessions_from_a_hint_checkpoint_and_from_peers_still_expire() {
+    // The sweep skips a stream until its earliest expiry is due; that bound must come
+    // back from a hint checkpoint, and follow remote entries and later, earlier expiries.
+    let disk = SimStorage::new(SimConfig::default());
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let store = Store::open(Arc::new(disk.clone()), options(&clock, 16 * 1024)).expect("open");
+    let session = |id: &str, expires_ms: u64| Session {
+        id: id.into(),
+        user_id: "u1".into(),
+        computer: "pc-17".into(),
+        appliance: "a1".into(),
+        created_ms: 1_000_000,
+        expires_ms,
+    };
+    store.put_record(&session("late", 1_009_000)).expect("put");
+    store.put_record(&session("early", 1_002_000)).expect("put");
+    store.checkpoint().expect("hint");
+    drop(store);
+    let store = Store::open(Arc::new(disk.crash()), options(&clock, 16 * 1024)).expect("reopen");
+    assert_eq!(store.expire(), 0, "nothing is due yet");
+    clock.advance(2_500);
+    assert_eq!(store.expire(), 1, "the early session expires after a reopen from the hint");
+    let remote = Entry {
+        dot: Dot { origin: Incarnation(99), seq: 1 },
+        hlc: Hlc { wall_ms: 1_002_500, logical: 0 },
+        collection: Collection::Sessions,
+        key: b"remote".to_vec(),
+        context: VersionVector::new(),
+        op: Op::Put { value: b"x".to_vec(), expires_at_ms: Some(1_004_000) },
+    };
+    store.apply_remote(StreamId::Sessions, vec![remote]).expect("apply").wait().expect("durable");
+    clock.advance(2_000);
+    assert_eq!(store.expire(), 1, "a remote session expires before the late local one");
+    clock.advance(10_000);
+    assert_eq!(store.expire(), 1);
+    assert!(store.scan_keys(Collection::Sessions, b"", 10).is_empty());
+}
+
+#[test]
 fn typed_records_round_trip() {
     let (_disk, store, _clock) = sim_store(7);
     let user = User {
