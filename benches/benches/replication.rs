@@ -1,166 +1,87 @@
-//! Pair replication through the real node runtime: two database appliances of a G4
-//! enterprise on loopback QUIC (mutual TLS, AES-256-GCM), real stores on real files.
-//! Timed: from the first durable `put` on A until every record is durably applied on
-//! B, for 256 B and 2 KiB records and one and eight writers. In the same run, the two
-//! ceilings: the same writes on a local store alone (no replication), and a bulk
-//! transfer of the same payload through the same QUIC transport with no storage.
-//! Printed after the group: each result as records/s, MB/s of payload, and its ratio
-//! to both ceilings; then replication lag p50/p99 under a steady 10,000 writes/s,
-//! next to A's fdatasync p99.
+//! Replication through the real node runtime: appliances on loopback QUIC (mutual TLS,
+//! AES-256-GCM), real stores on real files, every write a durable commit.
+//!
+//! - `pair_replication`: a G4 database pair; from the first durable `put` on A until
+//!   every record is durably applied on B, 256 B and 2 KiB records, one writer (one
+//!   write at a time) and eight writers (each keeping up to 128 writes in flight). In
+//!   the same group, the two ceilings: the same writes on a local store alone, and a
+//!   bulk transfer of the same payload through the same QUIC transport with no storage.
+//!   Then replication lag p50/p99 under a steady 10,000 writes/s, split into A's
+//!   durable commit and the trip to B's durable apply, next to A's fdatasync p99.
+//! - `catch_up`: B stops, A takes 1,000,000 writes, B starts again; until B holds them.
+//! - `bootstrap`: a new, empty appliance joins by snapshot of 200,000 keys (A's log
+//!   compacted).
+//! - `mesh`: a G3 enterprise of 6 appliances over 2 sites; writes spread over all of
+//!   them until every appliance holds every write; bytes and CPU per replica next to
+//!   the pair's for the same writes.
+//! - `audit_forwarding`: a G4 service appliance appends audit records until both
+//!   database appliances hold them, next to the service appliance's local append rate.
+//!
+//! After each group the results are printed as records/s, MB/s of payload and ratios
+//! to their ceilings. `cargo bench -p repl-benches --bench replication -- --test` runs
+//! every part once on small data.
 #![allow(missing_docs)] // criterion_group! and criterion_main! generate undocumented public items
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use repl_benches::{batch, key, link, quick, BATCH};
-use repl_engine::runtime::{Node, NodeConfig};
-use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
-use repl_engine::{Durability, FileStorage, Store, StoreOptions, WriteBatch};
-use repl_wire::transport::{AllowedPeers, CertificateAuthority, Identity, TlsSetup, Validity};
-use repl_wire::{encode_frame, Collection, NodeId, StreamId};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use repl_benches::cluster::{process_cpu_seconds, Cluster, G3_MESH, G4_PAIR, G4_PAIR_AND_SERVICE};
+use repl_benches::{batch, key, link, quick, wanted, BATCH};
+use repl_engine::runtime::PairMode;
+use repl_engine::topology::Generation;
+use repl_engine::{AuditEvent, Store, StoreOptions, WriteBatch};
+use repl_wire::{encode_frame, Collection, StreamId};
 
-struct Pair {
-    rt: tokio::runtime::Runtime,
-    a: Node,
-    /// B, while it runs (the catch-up bench stops and restarts it).
-    b: Option<Node>,
-    b_config: NodeConfig,
-    a_latency: Arc<repl_engine::SyncLatency>,
-    dirs: [tempfile::TempDir; 2],
-}
+/// Writes each of the eight pipelined writers keeps in flight.
+const IN_FLIGHT: usize = 128;
 
-impl Pair {
-    fn b(&self) -> &Node {
-        self.b.as_ref().expect("B runs")
-    }
+/// What one writer thread writes: record `i` as a batch.
+type Make<'a> = &'a (dyn Fn(u64) -> WriteBatch + Sync);
 
-    /// Stops B (a clean stop; what it holds is durable).
-    fn stop_b(&mut self) {
-        if let Some(b) = self.b.take() {
-            self.rt.block_on(b.shutdown(Duration::ZERO));
-        }
-    }
-
-    /// Starts B again on its data and address.
-    fn start_b(&mut self) {
-        let store = Store::open_dir(self.dirs[1].path(), StoreOptions::default()).expect("reopen B");
-        self.b = Some(self.rt.block_on(Node::start(store, self.b_config.clone())).expect("restart B"));
-    }
-}
-
-fn free_port() -> std::net::SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port")
-}
-
-fn pair() -> Pair {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-    let ca = CertificateAuthority::create("bench", Validity::days_from_now(2)).expect("ca");
-    // B (the one the catch-up bench restarts) has the smaller id: it dials at once when it starts.
-    let ids = ["db2", "db1"].map(|i| NodeId::new(i).expect("id"));
-    let site = |id: &str, range: &str| Site {
-        id: id.into(),
-        name: id.into(),
-        kind: SiteKind::Active,
-        ranges: vec![range.parse().expect("range")],
-        primary_failover: None,
-        secondary_failover: None,
-        external: None,
-    };
-    let topology = Topology {
-        enterprise: "bench".into(),
-        generation: Generation::G4,
-        epoch: 1,
-        external: ExternalServers::default(),
-        bootstrap: None,
-        sites: vec![site("a", "10.1.0.0/16"), site("b", "10.2.0.0/16")],
-        appliances: ids
-            .iter()
-            .zip(["a", "b"])
-            .map(|(id, s)| Appliance {
-                id: id.clone(),
-                name: id.to_string(),
-                site: s.into(),
-                address: free_port(),
-                roles: [Role::Database].into_iter().collect(),
-            })
-            .collect(),
-    };
-    let dirs = [tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir")];
-    let mut nodes = Vec::new();
-    let mut configs = Vec::new();
-    let mut latency = None;
-    for (i, id) in ids.iter().enumerate() {
-        let cert = ca.issue(&Identity::Appliance(id.clone()), Validity::days_from_now(1)).expect("cert");
-        let allowed = AllowedPeers::new(ids.clone());
-        let tls =
-            TlsSetup::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem, &[], allowed).expect("tls");
-        let storage = FileStorage::new(dirs[i].path()).expect("storage");
-        if i == 0 {
-            latency = Some(storage.sync_latency());
-        }
-        let store = Store::open(Arc::new(storage), StoreOptions::default()).expect("store");
-        let config = NodeConfig::new(id.clone(), topology.clone(), tls, topology.appliances[i].address);
-        configs.push(config.clone());
-        nodes.push(rt.block_on(Node::start(store, config)).expect("node"));
-    }
-    let b = nodes.pop().expect("b");
-    let a = nodes.pop().expect("a");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.status().connected.is_empty() || b.status().connected.is_empty() {
-        assert!(Instant::now() < deadline, "the pair did not connect");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let b_config = configs.pop().expect("B's config");
-    Pair { rt, a, b: Some(b), b_config, a_latency: latency.expect("latency"), dirs }
-}
-
-/// A's entries B holds durably.
-fn held_on_b(p: &Pair) -> u64 {
-    p.b().store().vector(StreamId::Enterprise).get(p.a.store().incarnation())
-}
-
-/// `writers` threads write `records` durable puts of `size` bytes to `store` in total,
-/// calling `after_write` after each (the node's notify when replicating).
+/// `writers` threads write records `base..base + records` to `store`, record `i` made
+/// by `make`; one writer waits for each write before the next, several writers each
+/// keep up to [`IN_FLIGHT`] in flight. `after_write` runs after each durable write
+/// (the node's notify when replicating).
 fn write_all(
     store: &Store,
-    size: usize,
     writers: u64,
     records: u64,
     base: u64,
+    make: Make<'_>,
     after_write: &(dyn Fn() + Sync),
 ) {
+    let in_flight = if writers == 1 { 1 } else { IN_FLIGHT };
     std::thread::scope(|s| {
         for w in 0..writers {
             s.spawn(move || {
-                let value = vec![(w as u8).wrapping_mul(31); size];
+                let mut pending = VecDeque::with_capacity(in_flight);
                 let mut i = w;
                 while i < records {
-                    let mut batch = WriteBatch::new();
-                    batch.put(Collection::Users, &key(base + i), &value);
-                    store.write(batch, Durability::Durable).expect("durable put");
-                    after_write();
+                    pending.push_back(store.submit(make(base + i)).expect("submit"));
+                    if pending.len() == in_flight {
+                        pending.pop_front().expect("non-empty").wait().expect("durable");
+                        after_write();
+                    }
                     i += writers;
+                }
+                for p in pending {
+                    p.wait().expect("durable");
+                    after_write();
                 }
             });
         }
     });
 }
 
-/// Time from the first put on A until B holds all `records`.
-fn replicate(p: &Pair, size: usize, writers: u64, records: u64, base: u64) -> Duration {
-    let _guard = p.rt.enter();
-    let start = Instant::now();
-    let target = held_on_b(p) + records;
-    let notify = || p.a.notify();
-    write_all(p.a.store(), size, writers, records, base, &notify);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while held_on_b(p) < target {
-        assert!(Instant::now() < deadline, "B did not receive every record");
-        std::thread::sleep(Duration::from_micros(200));
+/// A user record of `size` bytes.
+fn user(size: usize) -> impl Fn(u64) -> WriteBatch + Sync {
+    move |i| {
+        let mut b = WriteBatch::new();
+        b.put(Collection::Users, &key(i), &vec![(i as u8).wrapping_mul(31); size]);
+        b
     }
-    start.elapsed()
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -168,14 +89,90 @@ fn median(v: &mut [Duration]) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// Runs `once` for each of criterion's iterations, keeping every duration.
+fn timed(runs: &mut Vec<Duration>, iters: u64, mut once: impl FnMut() -> Duration) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let d = once();
+        runs.push(d);
+        total += d;
+    }
+    total
+}
+
+/// A group whose every iteration is a long run: ten samples of one iteration each.
+fn long_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    seconds: u64,
+    throughput: Throughput,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10);
+    g.sampling_mode(SamplingMode::Flat);
+    g.measurement_time(Duration::from_secs(if quick() { 1 } else { seconds }));
+    g.throughput(throughput);
+    g
+}
+
+/// Prints the median of `runs` of `records` records of `size` bytes each.
+fn print_rate(what: &str, records: u64, size: usize, runs: &mut [Duration]) {
+    let med = median(runs);
+    println!(
+        "{what}: median {:.2} s = {:.0} records/s, {:.1} MB/s of payload",
+        med.as_secs_f64(),
+        rate(records, med),
+        rate(records * size as u64, med) / 1e6
+    );
+}
+
+fn rate(count: u64, d: Duration) -> f64 {
+    count as f64 / d.as_secs_f64().max(1e-9)
+}
+
 fn replication(c: &mut Criterion) {
-    let p = pair();
+    if wanted("pair_replication") || wanted("lag") || wanted("catch_up") {
+        let mut p = Cluster::start(Generation::G4, G4_PAIR, PairMode::Async);
+        if wanted("pair_replication") {
+            pair(c, &p);
+        }
+        if wanted("lag") {
+            lag(&p);
+        }
+        if wanted("catch_up") {
+            catch_up(c, &mut p);
+        }
+        p.shutdown();
+    }
+    if wanted("bootstrap") {
+        bootstrap(c);
+    }
+    if wanted("mesh") {
+        mesh(c);
+    }
+    if wanted("audit_forwarding") {
+        audit_forwarding(c);
+    }
+}
+
+/// Time from the first put on A until B holds all `records`.
+fn replicate(p: &Cluster, size: usize, writers: u64, records: u64, base: u64) -> Duration {
+    let _guard = p.rt.enter();
+    let start = Instant::now();
+    let target = p.held(1, StreamId::Enterprise, 0) + records;
+    let notify = || p.node(0).notify();
+    write_all(p.node(0).store(), writers, records, base, &user(size), &notify);
+    p.wait_held(1, StreamId::Enterprise, 0, target, Duration::from_secs(120));
+    start.elapsed()
+}
+
+fn pair(c: &mut Criterion, p: &Cluster) {
     let local_dir = tempfile::tempdir().expect("dir");
     let local = Store::open_dir(local_dir.path(), StoreOptions::default()).expect("local store");
     let mut quic = link();
     let records: u64 = if quick() { 512 } else { 20_000 };
     let mut results: BTreeMap<(usize, u64, &str), Vec<Duration>> = BTreeMap::new();
-    let results_ref = Arc::new(Mutex::new(&mut results));
+    let shared = Arc::new(Mutex::new(&mut results));
     let mut base = 0u64;
     let mut g = c.benchmark_group("pair_replication");
     g.sample_size(10);
@@ -185,33 +182,22 @@ fn replication(c: &mut Criterion) {
         for writers in [1u64, 8] {
             g.bench_function(BenchmarkId::new(format!("replicated_{writers}_writers"), size), |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let d = replicate(&p, size, writers, records, base);
+                    let mut guard = shared.lock().expect("lock");
+                    timed(guard.entry((size, writers, "pair")).or_default(), iters, || {
                         base += records;
-                        results_ref.lock().expect("lock").entry((size, writers, "pair")).or_default().push(d);
-                        total += d;
-                    }
-                    total
+                        replicate(p, size, writers, records, base)
+                    })
                 })
             });
             g.bench_function(BenchmarkId::new(format!("local_store_{writers}_writers"), size), |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        write_all(&local, size, writers, records, base, &|| {});
+                    let mut guard = shared.lock().expect("lock");
+                    timed(guard.entry((size, writers, "local")).or_default(), iters, || {
                         base += records;
-                        let d = start.elapsed();
-                        results_ref
-                            .lock()
-                            .expect("lock")
-                            .entry((size, writers, "local"))
-                            .or_default()
-                            .push(d);
-                        total += d;
-                    }
-                    total
+                        let start = Instant::now();
+                        write_all(&local, writers, records, base, &user(size), &|| {});
+                        start.elapsed()
+                    })
                 })
             });
         }
@@ -222,141 +208,102 @@ fn replication(c: &mut Criterion) {
         );
         g.bench_function(BenchmarkId::new("quic_ceiling", size), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
+                let mut guard = shared.lock().expect("lock");
+                timed(guard.entry((size, 0, "quic")).or_default(), iters, || {
                     let start = Instant::now();
                     let got = quic.transfer(&frames);
                     assert_eq!(got as u64, batches * BATCH as u64);
-                    let d = start.elapsed();
-                    results_ref.lock().expect("lock").entry((size, 0, "quic")).or_default().push(d);
-                    total += d;
-                }
-                total
+                    start.elapsed()
+                })
             })
         });
     }
     g.finish();
-    drop(results_ref);
+    drop(shared);
 
     println!("\npair replication ({records} records per run; medians of the runs above)");
+    let mut med = |k: (usize, u64, &'static str)| {
+        median(results.get_mut(&k).map(Vec::as_mut_slice).unwrap_or_default())
+    };
     for size in [256usize, 2048] {
-        let quic_med = median(results.get_mut(&(size, 0, "quic")).map(Vec::as_mut_slice).unwrap_or_default());
-        let quic_rate = (records.div_ceil(BATCH as u64) * BATCH as u64) as f64 / quic_med.as_secs_f64();
+        let quic_rate = rate(records.div_ceil(BATCH as u64) * BATCH as u64, med((size, 0, "quic")));
         for writers in [1u64, 8] {
-            let pair_med =
-                median(results.get_mut(&(size, writers, "pair")).map(Vec::as_mut_slice).unwrap_or_default());
-            let local_med =
-                median(results.get_mut(&(size, writers, "local")).map(Vec::as_mut_slice).unwrap_or_default());
-            let rate = records as f64 / pair_med.as_secs_f64();
-            let local_rate = records as f64 / local_med.as_secs_f64();
+            let pair_rate = rate(records, med((size, writers, "pair")));
+            let local_rate = rate(records, med((size, writers, "local")));
             println!(
-                "  {size:>4} B x{writers}: {rate:>9.0} records/s {:>7.1} MB/s | local store {local_rate:>9.0}/s (ratio {:.2}) | QUIC ceiling {quic_rate:>9.0}/s (ratio {:.3})",
-                rate * size as f64 / 1e6,
-                rate / local_rate,
-                rate / quic_rate,
+                "  {size:>4} B x{writers}: {pair_rate:>9.0} records/s {:>7.1} MB/s | local store {local_rate:>9.0}/s (ratio {:.2}) | QUIC ceiling {quic_rate:>9.0}/s (ratio {:.3})",
+                pair_rate * size as f64 / 1e6,
+                pair_rate / local_rate,
+                pair_rate / quic_rate,
             );
         }
     }
-    lag(&p);
-    catch_up(c, p);
 }
 
-/// Catch-up: B stops, A takes `records` durable writes (8 writers), B starts again;
-/// timed from B's start until it holds them all.
-fn catch_up(c: &mut Criterion, mut p: Pair) {
-    let records: u64 = if quick() { 2_000 } else { 200_000 };
-    let size = 256usize;
-    let mut base = 50_000_000u64;
-    let mut runs = Vec::new();
-    let mut g = c.benchmark_group("catch_up");
-    g.sample_size(10);
-    g.measurement_time(Duration::from_secs(if quick() { 1 } else { 30 }));
-    g.throughput(Throughput::Bytes(records * size as u64));
-    g.bench_function(BenchmarkId::new("after_downtime", size), |bench| {
-        bench.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                p.stop_b();
-                write_all(p.a.store(), size, 8, records, base, &|| {});
-                base += records;
-                let target = p.a.store().vector(StreamId::Enterprise).get(p.a.store().incarnation());
-                let start = Instant::now();
-                p.start_b();
-                let deadline = Instant::now() + Duration::from_secs(300);
-                while held_on_b(&p) < target {
-                    assert!(Instant::now() < deadline, "B did not catch up");
-                    std::thread::sleep(Duration::from_micros(500));
-                }
-                let d = start.elapsed();
-                runs.push(d);
-                total += d;
-            }
-            total
-        })
-    });
-    g.finish();
-    let med = median(&mut runs);
-    println!(
-        "catch-up of {records} records of {size} B after downtime: median {:.2} s = {:.0} records/s, {:.1} MB/s of payload",
-        med.as_secs_f64(),
-        records as f64 / med.as_secs_f64(),
-        (records * size as u64) as f64 / med.as_secs_f64() / 1e6
-    );
-    p.stop_b();
-    p.rt.block_on(p.a.shutdown(Duration::ZERO));
-}
-
-/// Replication lag under a steady write rate: each write's time from the start of its
-/// durable put on A to its durable apply on B (seen by polling B's vector), p50/p99,
-/// next to A's fdatasync p99 over the same writes.
-fn lag(p: &Pair) {
+/// Replication lag under a steady write rate, open loop: a pacer submits a durable
+/// put on A every 100 us without waiting for it; a waiter thread records when each
+/// is durable on A (and wakes the node), a watcher when B holds it durably. Printed
+/// as p50/p99 of the time to A's durable commit and of the time to B's durable
+/// apply, both from the submit, next to A's fdatasync p99 over the same writes.
+fn lag(p: &Cluster) {
     let _guard = p.rt.enter();
-    let rate = 10_000u64;
+    let rate_per_s = 10_000u64;
     let records: u64 = if quick() { 1_000 } else { 20_000 };
-    let before = p.a_latency.counts();
-    let origin = p.a.store().incarnation();
-    let first = p.b().store().vector(StreamId::Enterprise).get(origin) + 1;
-    let sent: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(records as usize)));
-    let seen: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(records as usize)));
+    let before = p.sync_latency(0).counts();
+    let first = p.held(1, StreamId::Enterprise, 0) + 1;
+    let a = p.node(0).store();
+    let mut sent = Vec::with_capacity(records as usize);
+    let mut durable = Vec::with_capacity(records as usize);
+    let mut seen = Vec::with_capacity(records as usize);
     std::thread::scope(|s| {
-        let watcher_seen = seen.clone();
-        s.spawn(move || {
+        let (tx, rx) = std::sync::mpsc::channel::<repl_engine::PendingWrite>();
+        let waiter = s.spawn(move || {
+            let mut at = Vec::with_capacity(records as usize);
+            for w in rx {
+                w.wait().expect("durable on A");
+                at.push(Instant::now());
+                p.node(0).notify();
+            }
+            at
+        });
+        let watcher = s.spawn(move || {
+            let mut at = Vec::with_capacity(records as usize);
             let deadline = Instant::now() + Duration::from_secs(120);
             let mut next = first;
             while next < first + records && Instant::now() < deadline {
-                let held = p.b().store().vector(StreamId::Enterprise).get(origin);
+                let held = p.held(1, StreamId::Enterprise, 0);
                 let now = Instant::now();
-                let mut seen = watcher_seen.lock().expect("lock");
                 while next <= held && next < first + records {
-                    seen.push(now);
+                    at.push(now);
                     next += 1;
                 }
-                drop(seen);
                 std::thread::sleep(Duration::from_micros(50));
             }
+            at
         });
+        let make = user(256);
         let start = Instant::now();
-        let value = vec![7u8; 256];
         for i in 0..records {
-            let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+            let due = start + Duration::from_nanos(i * 1_000_000_000 / rate_per_s);
             while Instant::now() < due {
                 std::hint::spin_loop();
             }
-            sent.lock().expect("lock").push(Instant::now());
-            let mut batch = WriteBatch::new();
-            batch.put(Collection::Users, &key(10_000_000 + i), &value);
-            p.a.store().write(batch, Durability::Durable).expect("put");
-            p.a.notify();
+            sent.push(Instant::now());
+            tx.send(a.submit(make(10_000_000 + i)).expect("submit")).expect("waiter runs");
         }
+        drop(tx);
+        durable = waiter.join().expect("waiter");
+        seen = watcher.join().expect("watcher");
     });
-    let sent = sent.lock().expect("lock");
-    let seen = seen.lock().expect("lock");
-    let mut lags: Vec<Duration> =
-        sent.iter().zip(seen.iter()).map(|(s, r)| r.saturating_duration_since(*s)).collect();
-    lags.sort();
-    let pct =
-        |q: f64| lags.get(((lags.len() as f64 * q) as usize).min(lags.len().saturating_sub(1))).copied();
-    let after = p.a_latency.counts();
+    let percentiles = |done: &[Instant]| {
+        let mut lags: Vec<Duration> =
+            sent.iter().zip(done).map(|(s, r)| r.saturating_duration_since(*s)).collect();
+        lags.sort();
+        let at =
+            |q: f64| lags.get(((lags.len() as f64 * q) as usize).min(lags.len().saturating_sub(1))).copied();
+        (at(0.50).unwrap_or_default().as_secs_f64() * 1e3, at(0.99).unwrap_or_default().as_secs_f64() * 1e3)
+    };
+    let after = p.sync_latency(0).counts();
     let deltas: Vec<u64> = after.iter().zip(before.iter()).map(|(a, b)| a - b).collect();
     let total: u64 = deltas.iter().sum();
     let mut cumulative = 0;
@@ -370,12 +317,253 @@ fn lag(p: &Pair) {
             break;
         }
     }
+    let (d50, d99) = percentiles(&durable);
+    let (b50, b99) = percentiles(&seen);
     println!(
-        "replication lag at {rate} writes/s (256 B, {} of {records} writes seen on B): p50 {:.2} ms, p99 {:.2} ms; A's fdatasync p99 {fsync_p99} ({total} fdatasyncs)",
+        "replication lag at {rate_per_s} writes/s open loop (256 B, {} of {records} seen on B): durable on A p50 {d50:.2} ms, p99 {d99:.2} ms; durable on B p50 {b50:.2} ms, p99 {b99:.2} ms; A's fdatasync p99 {fsync_p99} ({total} fdatasyncs)",
         seen.len(),
-        pct(0.50).unwrap_or_default().as_secs_f64() * 1e3,
-        pct(0.99).unwrap_or_default().as_secs_f64() * 1e3,
     );
+}
+
+/// Catch-up: B stops, A takes `records` durable writes (8 writers), B starts again;
+/// timed from B's start until it holds them all.
+fn catch_up(c: &mut Criterion, p: &mut Cluster) {
+    let records: u64 = if quick() { 2_000 } else { 1_000_000 };
+    let size = 256usize;
+    let mut base = 50_000_000u64;
+    let mut runs = Vec::new();
+    let mut g = long_group(c, "catch_up", 60, Throughput::Bytes(records * size as u64));
+    g.bench_function(BenchmarkId::new("after_downtime", size), |bench| {
+        bench.iter_custom(|iters| {
+            timed(&mut runs, iters, || {
+                p.stop(1);
+                write_all(p.node(0).store(), 8, records, base, &user(size), &|| {});
+                base += records;
+                let target =
+                    p.node(0).store().vector(StreamId::Enterprise).get(p.node(0).store().incarnation());
+                let start = Instant::now();
+                p.restart(1);
+                p.wait_held(1, StreamId::Enterprise, 0, target, Duration::from_secs(600));
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+    print_rate(
+        &format!("catch-up of {records} records of {size} B after downtime"),
+        records,
+        size,
+        &mut runs,
+    );
+}
+
+/// Bootstrap: A holds `records` keys and has compacted its log, so a new appliance
+/// (an empty store) can only join by snapshot; timed from its start until it holds
+/// A's vector.
+fn bootstrap(c: &mut Criterion) {
+    let records: u64 = if quick() { 5_000 } else { 200_000 };
+    let size = 256usize;
+    // No log kept beyond the active segment: the newcomer cannot be served from it.
+    let options =
+        StoreOptions { log_retained_bytes_max: 0, segment_bytes: 1 << 20, ..StoreOptions::default() };
+    let mut p = Cluster::start_with(Generation::G4, G4_PAIR, PairMode::Async, options);
+    p.stop(1);
+    write_all(p.node(0).store(), 8, records, 0, &user(size), &|| {});
+    let a = p.node(0).store();
+    let report = a.compact(StreamId::Enterprise, &a.vector(StreamId::Enterprise)).expect("compact A");
+    assert!(
+        a.log_floors(StreamId::Enterprise).get(&a.incarnation()).copied().unwrap_or(1) > 1,
+        "A's log still covers the first entries after {report:?}"
+    );
+    let target = p.node(0).store().vector(StreamId::Enterprise).get(p.node(0).store().incarnation());
+    let mut runs = Vec::new();
+    let mut g = long_group(c, "bootstrap", 60, Throughput::Bytes(records * size as u64));
+    g.bench_function(BenchmarkId::new("by_snapshot", records), |bench| {
+        bench.iter_custom(|iters| {
+            timed(&mut runs, iters, || {
+                p.stop(1);
+                let start = Instant::now();
+                p.restart_empty(1);
+                p.wait_held(1, StreamId::Enterprise, 0, target, Duration::from_secs(600));
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+    print_rate(&format!("bootstrap by snapshot of {records} keys of {size} B"), records, size, &mut runs);
+    p.shutdown();
+}
+
+/// Work of one enterprise for `records` writes spread over all its appliances.
+struct Work {
+    elapsed: Duration,
+    /// Peer bytes sent plus received, summed over appliances.
+    bytes: u64,
+    /// Entries each appliance received from peers, summed over appliances.
+    received: u64,
+    cpu_s: f64,
+}
+
+/// Writes `records` 256 B records spread over every appliance of `e` (a pipelined
+/// writer per appliance) and waits until every appliance holds every write.
+fn spread(e: &Cluster, records: u64, base: u64) -> Work {
+    let _guard = e.rt.enter();
+    let n = e.len();
+    let per = records / n as u64;
+    let before: Vec<Vec<u64>> =
+        (0..n).map(|i| (0..n).map(|o| e.held(i, StreamId::Enterprise, o)).collect()).collect();
+    let bytes_before: u64 = (0..n).map(|i| e.peer_bytes(i)).map(|(o, i)| o + i).sum();
+    let cpu_before = process_cpu_seconds();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..n {
+            s.spawn(move || {
+                let notify = || e.node(i).notify();
+                let make = user(256);
+                let first = base + i as u64 * per;
+                let mut pending = VecDeque::with_capacity(IN_FLIGHT);
+                for j in 0..per {
+                    pending.push_back(e.node(i).store().submit(make(first + j)).expect("submit"));
+                    if pending.len() == IN_FLIGHT {
+                        pending.pop_front().expect("non-empty").wait().expect("durable");
+                        notify();
+                    }
+                }
+                for w in pending {
+                    w.wait().expect("durable");
+                    notify();
+                }
+            });
+        }
+    });
+    for i in 0..n {
+        for (o, own) in before.iter().enumerate() {
+            e.wait_held(i, StreamId::Enterprise, o, own[o] + per, Duration::from_secs(300));
+        }
+    }
+    let elapsed = start.elapsed();
+    let cpu_s = process_cpu_seconds() - cpu_before;
+    // Let the last acknowledgements land in the byte counters.
+    std::thread::sleep(Duration::from_millis(300));
+    let bytes = (0..n).map(|i| e.peer_bytes(i)).map(|(o, i)| o + i).sum::<u64>() - bytes_before;
+    let received = (0..n)
+        .map(|i| {
+            (0..n).filter(|&o| o != i).map(|o| e.held(i, StreamId::Enterprise, o) - before[i][o]).sum::<u64>()
+        })
+        .sum();
+    Work { elapsed, bytes, received, cpu_s }
+}
+
+/// The G3 mesh next to the G4 pair: `records` writes spread over all appliances.
+fn mesh(c: &mut Criterion) {
+    let records: u64 = if quick() { 3_000 } else { 100_000 };
+    let mut results: BTreeMap<&str, Vec<Work>> = BTreeMap::new();
+    let mut g = long_group(c, "mesh", 20, Throughput::Bytes(records * 256));
+    for (name, generation, layout) in
+        [("g3_6_appliances_2_sites", Generation::G3, G3_MESH), ("g4_pair", Generation::G4, G4_PAIR)]
+    {
+        let e = Cluster::start(generation, layout, PairMode::Async);
+        let mut base = 0;
+        let works = results.entry(name).or_default();
+        g.bench_function(BenchmarkId::new(name, records), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let w = spread(&e, records, base);
+                    base += records;
+                    total += w.elapsed;
+                    works.push(w);
+                }
+                total
+            })
+        });
+        e.shutdown();
+    }
+    g.finish();
+    println!("\nwrites spread over every appliance until all hold all ({records} x 256 B; medians)");
+    let mut per_entry = BTreeMap::new();
+    for (name, works) in &mut results {
+        works.sort_by_key(|w| w.elapsed);
+        let Some(w) = works.get(works.len() / 2) else { continue };
+        let replicas = if *name == "g4_pair" { 2.0 } else { 6.0 };
+        let bytes_per_entry = w.bytes as f64 / w.received.max(1) as f64;
+        let cpu_us_per_entry = w.cpu_s * 1e6 / w.received.max(1) as f64;
+        per_entry.insert(*name, (bytes_per_entry, cpu_us_per_entry));
+        println!(
+            "  {name}: {:.2} s ({:.0} writes/s); per replica {:.1} MB on the wire, {:.2} CPU s; per entry received {bytes_per_entry:.0} B on the wire (sent and received), {cpu_us_per_entry:.1} CPU us",
+            w.elapsed.as_secs_f64(),
+            rate(records, w.elapsed),
+            w.bytes as f64 / replicas / 1e6,
+            w.cpu_s / replicas,
+        );
+    }
+    if let (Some(m), Some(p)) = (per_entry.get("g3_6_appliances_2_sites"), per_entry.get("g4_pair")) {
+        println!(
+            "  mesh / pair, per entry each replica receives: {:.2}x bytes, {:.2}x CPU (1.0: every write crosses the network once per replica, no flooding)",
+            m.0 / p.0,
+            m.1 / p.1
+        );
+    }
+}
+
+/// An audit event of about 256 bytes.
+fn audit(i: u64) -> WriteBatch {
+    let mut b = WriteBatch::new();
+    b.audit(AuditEvent {
+        time_ms: 1_700_000_000_000 + i,
+        user: format!("user-{:06}", i % 100_000),
+        appliance: "svc1".into(),
+        action: "login".into(),
+        detail: format!("{:0>200}", i),
+    });
+    b
+}
+
+/// Audit forwarding: the service appliance appends audit records (8 pipelined
+/// writers) until both database appliances hold them durably.
+fn audit_forwarding(c: &mut Criterion) {
+    let records: u64 = if quick() { 2_000 } else { 100_000 };
+    let e = Cluster::start(Generation::G4, G4_PAIR_AND_SERVICE, PairMode::Async);
+    let local_dir = tempfile::tempdir().expect("dir");
+    let local = Store::open_dir(local_dir.path(), StoreOptions::default()).expect("local store");
+    let (mut forwarded, mut alone) = (Vec::new(), Vec::new());
+    let mut base = 0;
+    let mut g = long_group(c, "audit_forwarding", 20, Throughput::Elements(records));
+    g.bench_function(BenchmarkId::new("service_to_both_databases", records), |b| {
+        b.iter_custom(|iters| {
+            timed(&mut forwarded, iters, || {
+                let _guard = e.rt.enter();
+                let start = Instant::now();
+                let target = e.held(2, StreamId::Audit, 2) + records;
+                let notify = || e.node(2).notify();
+                write_all(e.node(2).store(), 8, records, base, &audit, &notify);
+                base += records;
+                for db in [0, 1] {
+                    e.wait_held(db, StreamId::Audit, 2, target, Duration::from_secs(300));
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function(BenchmarkId::new("local_append_alone", records), |b| {
+        b.iter_custom(|iters| {
+            timed(&mut alone, iters, || {
+                let start = Instant::now();
+                write_all(&local, 8, records, base, &audit, &|| {});
+                base += records;
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+    let (f, l) = (median(&mut forwarded), median(&mut alone));
+    println!(
+        "audit forwarding of {records} records: {:.0} records/s on both database appliances, local append alone {:.0}/s (ratio {:.2})",
+        rate(records, f),
+        rate(records, l),
+        rate(records, f) / rate(records, l)
+    );
+    e.shutdown();
 }
 
 criterion_group!(benches, replication);

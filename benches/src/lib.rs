@@ -1,6 +1,8 @@
 //! Shared helpers for repl's criterion benchmarks: workloads, baselines and the
 //! measurement of memory per key.
 
+pub mod cluster;
+
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -18,6 +20,15 @@ use repl_wire::{
 /// Whether criterion runs in `--test` mode (each benchmark once, scaled down for CI).
 pub fn quick() -> bool {
     std::env::args().any(|a| a == "--test")
+}
+
+/// Whether the part `name` of a bench runs: criterion's filter argument (after `--`,
+/// not a flag) selects parts by substring, alternatives separated by `|`; none
+/// selects all. Lets `cargo bench --bench replication -- 'catch_up|mesh'` skip the
+/// set-up of the other parts.
+pub fn wanted(name: &str) -> bool {
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    filters.is_empty() || filters.iter().flat_map(|f| f.split('|')).any(|f| name.contains(f))
 }
 
 /// A 256-byte value that differs per index.
