@@ -53,6 +53,19 @@ fn write_all(
     after_write: &(dyn Fn() + Sync),
 ) {
     let in_flight = if writers == 1 { 1 } else { IN_FLIGHT };
+    write_pipelined(store, writers, in_flight, records, base, make, after_write);
+}
+
+/// [`write_all`] with each writer keeping up to `in_flight` writes in flight.
+fn write_pipelined(
+    store: &Store,
+    writers: u64,
+    in_flight: usize,
+    records: u64,
+    base: u64,
+    make: Make<'_>,
+    after_write: &(dyn Fn() + Sync),
+) {
     std::thread::scope(|s| {
         for w in 0..writers {
             s.spawn(move || {
@@ -419,20 +432,8 @@ fn spread(e: &Cluster, records: u64, base: u64) -> Work {
         for i in 0..n {
             s.spawn(move || {
                 let notify = || e.node(i).notify();
-                let make = user(256);
                 let first = base + i as u64 * per;
-                let mut pending = VecDeque::with_capacity(IN_FLIGHT);
-                for j in 0..per {
-                    pending.push_back(e.node(i).store().submit(make(first + j)).expect("submit"));
-                    if pending.len() == IN_FLIGHT {
-                        pending.pop_front().expect("non-empty").wait().expect("durable");
-                        notify();
-                    }
-                }
-                for w in pending {
-                    w.wait().expect("durable");
-                    notify();
-                }
+                write_pipelined(e.node(i).store(), 1, IN_FLIGHT, per, first, &user(256), &notify);
             });
         }
     });
@@ -443,8 +444,8 @@ fn spread(e: &Cluster, records: u64, base: u64) -> Work {
     }
     let elapsed = start.elapsed();
     let cpu_s = process_cpu_seconds() - cpu_before;
-    // Let the last acknowledgements land in the byte counters.
-    std::thread::sleep(Duration::from_millis(300));
+    // The last acknowledgements land in the byte counters with the acked vectors.
+    e.wait_acknowledged(Duration::from_secs(30));
     let bytes = (0..n).map(|i| e.peer_bytes(i)).map(|(o, i)| o + i).sum::<u64>() - bytes_before;
     let received = (0..n)
         .map(|i| {

@@ -395,7 +395,9 @@ impl StreamStore {
                     }
                 }
                 st.keydir = img.keydir.into_iter().map(|(c, k, v)| ((c, k.into_boxed_slice()), v)).collect();
-                st.next_expiry_ms = earliest_expiry(&st.keydir);
+                // Unknown until the first sweep, which walks the keydir once and sets
+                // it (no extra pass over the keydir while opening).
+                st.next_expiry_ms = Some(0);
                 st.vector = img.vector;
                 st.origin_index = img
                     .origin_index

@@ -89,6 +89,14 @@ impl Fault {
             Fault::Isolate => "isolate",
         }
     }
+
+    fn colour(self) -> crate::plot::Rgb {
+        match self {
+            Fault::Kill => [255, 190, 190],
+            Fault::Pause => [255, 235, 170],
+            Fault::Isolate => [190, 215, 255],
+        }
+    }
 }
 
 /// The network while a lossy period lasts: every packet between appliances.
@@ -117,16 +125,6 @@ struct Series {
     faults: Vec<(f64, f64, Fault)>,
     /// Lossy network periods.
     lossy: Vec<(f64, f64)>,
-}
-
-impl Fault {
-    fn colour(self) -> crate::plot::Rgb {
-        match self {
-            Fault::Kill => [255, 190, 190],
-            Fault::Pause => [255, 235, 170],
-            Fault::Isolate => [190, 215, 255],
-        }
-    }
 }
 
 const LOSSY_COLOUR: crate::plot::Rgb = [215, 215, 215];
@@ -173,8 +171,7 @@ fn draw(series: &Series, duration_s: f64, path: &std::path::Path) -> std::io::Re
 /// 10% plus [`RSS_BUDGET_PER_OP`] for each operation acknowledged meanwhile (the data
 /// set grows with every write: the keydir, indexes and remembered answers).
 fn flatness(id: &str, run: &[(f64, u64, u64)], ops_at: impl Fn(f64) -> u64) -> (String, Option<String>) {
-    let after: Vec<&(f64, u64, u64)> = run.iter().collect();
-    let (Some(first), Some(last)) = (after.first(), after.last()) else {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
         return (format!("{id}: no sample after warm-up"), None);
     };
     if last.0 - first.0 < 10.0 {
