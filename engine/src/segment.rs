@@ -118,13 +118,24 @@ impl SegmentHeader {
 /// Builds one frame from already-encoded entries; returns the frame bytes and, for
 /// each entry, its offset and length (header included) relative to the frame start.
 pub(crate) fn build_frame(entries: &[&[u8]]) -> (Vec<u8>, Vec<(u32, u32)>) {
+    let mut out = Vec::new();
+    let mut spans = Vec::new();
+    build_frame_into(entries, &mut out, &mut spans);
+    (out, spans)
+}
+
+/// [`build_frame`] into buffers the caller keeps: the commit path reuses one pair
+/// per stream, so a group's frame does not fault in fresh pages every time.
+pub(crate) fn build_frame_into(entries: &[&[u8]], out: &mut Vec<u8>, spans: &mut Vec<(u32, u32)>) {
     let payload_len: usize = FRAME_COUNT_BYTES as usize
         + entries.iter().map(|e| ENTRY_HEADER_BYTES as usize + e.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(FRAME_HEADER_BYTES as usize + payload_len);
+    out.clear();
+    spans.clear();
+    out.reserve(FRAME_HEADER_BYTES as usize + payload_len);
+    spans.reserve(entries.len());
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    let mut spans = Vec::with_capacity(entries.len());
     for e in entries {
         let start = out.len();
         let len = (e.len() as u32).to_le_bytes();
@@ -135,7 +146,6 @@ pub(crate) fn build_frame(entries: &[&[u8]]) -> (Vec<u8>, Vec<(u32, u32)>) {
     }
     let c = crc(FRAME_CRC_SEED, &[&out[0..4], &out[8..]]);
     out[4..8].copy_from_slice(&c.to_le_bytes());
-    (out, spans)
 }
 
 /// Bytes a frame of these entry sizes takes.

@@ -19,14 +19,60 @@ use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
 use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
 use crate::segment::{
-    self, build_frame, frame_bytes, SegmentHeader, SegmentKind, FRAME_BYTES_MAX, FRAME_COUNT_BYTES,
-    FRAME_HEADER_BYTES, HEADER_BYTES,
+    self, build_frame, build_frame_into, frame_bytes, SegmentHeader, SegmentKind, FRAME_BYTES_MAX,
+    FRAME_COUNT_BYTES, FRAME_HEADER_BYTES, HEADER_BYTES,
 };
 use crate::storage::{is_out_of_space, Storage, StorageFile};
 use crate::tree::{key_digest, leaf_of, HashTree};
 use crate::versions::{context_of, merge, Loc, Merge, Version};
 
 pub(crate) type KeyId = (Collection, Box<[u8]>);
+
+/// A key as `(collection, bytes)`, owned or borrowed: the keydir and the overlay are
+/// searched with a borrowed key (`&(c, key) as &dyn KeyView`), so a lookup does not
+/// allocate a copy of the key first.
+pub(crate) trait KeyView {
+    fn view(&self) -> (Collection, &[u8]);
+}
+
+impl KeyView for KeyId {
+    fn view(&self) -> (Collection, &[u8]) {
+        (self.0, &self.1)
+    }
+}
+
+impl KeyView for (Collection, &[u8]) {
+    fn view(&self) -> (Collection, &[u8]) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyView + 'a> for KeyId {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
+// The same order as `KeyId`'s own (collection, then bytes), as `Borrow` requires.
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.view() == other.view()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl PartialOrd for dyn KeyView + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn KeyView + '_ {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.view().cmp(&other.view())
+    }
+}
 
 /// A write waiting to be turned into an entry.
 #[derive(Debug, Clone)]
@@ -167,8 +213,9 @@ pub(crate) struct StreamStore {
     options: Arc<StoreOptions>,
     incarnation: Incarnation,
     state: Mutex<State>,
-    /// Held while writing and syncing a group, checkpointing or compacting.
-    io: Mutex<()>,
+    /// Held while writing and syncing a group, checkpointing or compacting; holds the
+    /// commit path's reusable frame buffers.
+    io: Mutex<FrameScratch>,
     /// Whether a group-commit leader is active; waiters sleep on `leader_changed`.
     leader: Mutex<bool>,
     leader_changed: Condvar,
@@ -191,6 +238,25 @@ struct Staging {
     staged: Vec<(u32, u32)>,
     /// The leaf buckets the snapshot covers (`None`: every bucket).
     buckets: Option<Vec<u32>>,
+}
+
+/// The buffers a group commit builds its frame in, kept between groups.
+#[derive(Debug, Default)]
+struct FrameScratch {
+    frame: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+}
+
+impl FrameScratch {
+    /// Kept up to this capacity; a larger one (after a big batch) is given back.
+    const KEPT_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+    fn trim(&mut self) {
+        if self.frame.capacity() > Self::KEPT_BYTES_MAX {
+            self.frame = Vec::new();
+            self.spans = Vec::new();
+        }
+    }
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -275,7 +341,7 @@ impl StreamStore {
             options,
             incarnation,
             state: Mutex::new(State::default()),
-            io: Mutex::new(()),
+            io: Mutex::new(FrameScratch::default()),
             leader: Mutex::new(false),
             leader_changed: Condvar::new(),
             poisoned,
@@ -517,7 +583,7 @@ impl StreamStore {
                     let loc = Loc::Disk { file: *n, offset: e.offset, len: e.len };
                     let index_at =
                         first_of_origin(&mut seen, e.entry.dot.origin).then_some(frame.offset as u32);
-                    self.apply_durable(&mut st, &e.entry, loc, index_at)?;
+                    self.apply_durable(&mut st, &e.entry, loc, index_at, None)?;
                     report.entries_replayed += 1;
                 }
             }
@@ -567,7 +633,14 @@ impl StreamStore {
     /// and recovery replay, so both build the same state. `index_at` is the frame's
     /// offset when this is the first entry of its origin in the frame: the per-origin
     /// index keeps one point per frame, not per entry.
-    fn apply_durable(&self, st: &mut State, entry: &Entry, loc: Loc, index_at: Option<u32>) -> Result<()> {
+    fn apply_durable(
+        &self,
+        st: &mut State,
+        entry: &Entry,
+        loc: Loc,
+        index_at: Option<u32>,
+        owned: Option<KeyId>,
+    ) -> Result<()> {
         let Loc::Disk { file, .. } = loc else { unreachable!("durable entries have a disk location") };
         let meta = st.files.get_mut(&file).expect("a durable entry's segment is open");
         meta.vector.advance(entry.dot);
@@ -575,18 +648,21 @@ impl StreamStore {
             st.origin_index.entry(entry.dot.origin).or_default().insert(entry.dot.seq, (file, frame_offset));
         }
         st.vector.advance(entry.dot);
-        self.merge_durable(st, entry, loc, None)
+        self.merge_durable(st, entry, loc, None, owned)
     }
 
     /// Merges a durable entry's version into the keydir (keeping the hash tree, the
     /// conflict records and the audit indexes current). `covered`, for entries that
-    /// arrive out of order (a snapshot), applies the obsolete-version rule.
+    /// arrive out of order (a snapshot), applies the obsolete-version rule. `owned` is
+    /// the entry's key when the caller already holds a copy to give (the commit path
+    /// takes it from the overlay), so a new key is not allocated twice.
     fn merge_durable(
         &self,
         st: &mut State,
         entry: &Entry,
         loc: Loc,
         covered: Option<&VersionVector>,
+        owned: Option<KeyId>,
     ) -> Result<()> {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
@@ -603,7 +679,7 @@ impl StreamStore {
             }
         };
         let (outcome, winner, old_digest, new_digest) =
-            match st.keydir.entry((entry.collection, entry.key.as_slice().into())) {
+            match st.keydir.entry(owned.unwrap_or_else(|| (entry.collection, entry.key.as_slice().into()))) {
                 btree_map::Entry::Occupied(mut held) => {
                     let old = digest(held.get());
                     let outcome = merge(policy, held.get_mut(), incoming, covered);
@@ -901,12 +977,14 @@ impl StreamStore {
     }
 
     fn lead(&self, ticket: u64) -> Result<()> {
-        let _io = lock(&self.io);
+        let mut scratch = lock(&self.io);
         while self.durable_ticket.load(Ordering::Acquire) < ticket {
             if self.poisoned.load(Ordering::Acquire) {
                 return Err(Error::Poisoned);
             }
-            self.commit_one_group()?;
+            let committed = self.commit_one_group(&mut scratch);
+            scratch.trim();
+            committed?;
             self.leader_changed.notify_all();
         }
         Ok(())
@@ -925,7 +1003,7 @@ impl StreamStore {
     }
 
     /// Writes one frame to one segment and syncs it. Called with the `io` lock held.
-    fn commit_one_group(&self) -> Result<()> {
+    fn commit_one_group(&self, scratch: &mut FrameScratch) -> Result<()> {
         let (file_no, meta_file, meta_name, offset, group, needs_dir_sync) = {
             let mut st = lock(&self.state);
             let Some(mut active) = st.active else { return Ok(()) };
@@ -965,9 +1043,10 @@ impl StreamStore {
         };
 
         let refs: Vec<&[u8]> = group.iter().flat_map(|q| q.entries.iter().map(|(_, b)| &b[..])).collect();
-        let (frame, spans) = build_frame(&refs);
+        build_frame_into(&refs, &mut scratch.frame, &mut scratch.spans);
+        let (frame, spans) = (&scratch.frame, &scratch.spans);
         let io = || -> std::io::Result<()> {
-            meta_file.write_all_at(&frame, offset)?;
+            meta_file.write_all_at(frame, offset)?;
             if self.options.syncs(SyncPoint::LogAppend) {
                 meta_file.sync_data()?;
             }
@@ -997,14 +1076,15 @@ impl StreamStore {
                 let &(rel, len) = span.next().expect("one span per entry");
                 let loc = Loc::Disk { file: file_no, offset: offset as u32 + rel, len };
                 let index_at = first_of_origin(&mut seen, entry.dot.origin).then_some(offset as u32);
-                self.apply_durable(&mut st, entry, loc, index_at)?;
-                if let btree_map::Entry::Occupied(o) =
-                    st.overlay.entry((entry.collection, entry.key.as_slice().into()))
-                {
-                    if o.get().1 == q.ticket {
-                        o.remove();
-                    }
-                }
+                // The overlay entry goes when its last queued write commits; its key
+                // then moves into the keydir.
+                let view = (entry.collection, entry.key.as_slice());
+                let view = &view as &dyn KeyView;
+                let owned = match st.overlay.get(view) {
+                    Some((_, t)) if *t == q.ticket => st.overlay.remove_entry(view).map(|(k, _)| k),
+                    _ => None,
+                };
+                self.apply_durable(&mut st, entry, loc, index_at, owned)?;
             }
             last_ticket = q.ticket;
         }
@@ -1038,7 +1118,7 @@ impl Staged {
         if self.keys.len() <= Self::LINEAR_MAX {
             self.keys.iter().rposition(|(id, _)| id.0 == c && *id.1 == *key)
         } else {
-            self.index.get(&(c, key.into())).copied()
+            self.index.get(&(c, key) as &dyn KeyView).copied()
         }
     }
 
@@ -1060,8 +1140,9 @@ fn current_versions<'a>(st: &'a State, staged: &'a Staged, c: Collection, key: &
     if let Some(i) = staged.find(c, key) {
         return &staged.keys[i].1;
     }
-    let id: KeyId = (c, key.into());
-    st.overlay.get(&id).map(|(v, _)| v).or_else(|| st.keydir.get(&id)).map_or(&[], |v| v.as_slice())
+    let id = (c, key);
+    let id = &id as &dyn KeyView;
+    st.overlay.get(id).map(|(v, _)| v).or_else(|| st.keydir.get(id)).map_or(&[], |v| v.as_slice())
 }
 
 /// Whether `origin` appears for the first time in the current frame (and notes it).
@@ -1654,7 +1735,7 @@ impl StreamStore {
                 let loc = Loc::Disk { file: s.number, offset, len };
                 let entry = read_loc(&st.files, &loc)?;
                 held_there.insert(((entry.collection, entry.key.as_slice().into()), entry.dot));
-                self.merge_durable(&mut st, &entry, loc, Some(&before))?;
+                self.merge_durable(&mut st, &entry, loc, Some(&before), None)?;
             }
             // Audit records are never superseded: their absence at the sender means
             // only that it forwarded and dropped them (a non-holder), so none go.
