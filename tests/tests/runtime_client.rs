@@ -100,14 +100,30 @@ async fn remote_store_is_idempotent_causal_and_fails_over() {
     let again = client.call_with_key(key, call()).await.expect("retry");
     assert!(matches!(first, ClientReply::Written { .. }), "{first:?}");
     assert_eq!(first, again, "a retry must return the first answer");
-    assert_eq!(seqs(&db1, StreamId::Enterprise), before + 1, "a retry wrote again");
+    assert_eq!(
+        seqs(&db1, StreamId::Enterprise),
+        before + 2,
+        "the write and its answer, once (a retry wrote again)"
+    );
+    // The answer was written in the write's own batch: the entry right after it.
+    let ClientReply::Written { token } = first else { unreachable!("checked above") };
+    let answer = db1.store().get(Collection::WriteAnswers, &key).expect("answer");
+    assert_eq!(answer.values.len(), 1, "one answer record");
+    assert_eq!(answer.values[0].dot, Dot { origin: token.origin, seq: token.seq + 1 });
+    // Clients cannot touch answers.
+    let tamper =
+        ClientCall::Delete { collection: Collection::WriteAnswers, key: key.to_vec(), context: None };
+    match client.call_with_key([8; 16], tamper).await {
+        Ok(ClientReply::Error(e)) if e.code == ErrorCode::BadRequest => {}
+        other => panic!("a client deleted an answer record: {other:?}"),
+    }
 
     // The retry at the other database appliance (a failover after a lost reply) gets
     // the same answer once the request record and the write reached it, and writes
     // nothing there.
-    wait_until("bob and the request record on db2", Duration::from_secs(30), || {
+    wait_until("bob and the answer on db2", Duration::from_secs(30), || {
         db2.store().get(Collection::Users, b"bob").is_ok_and(|r| r.value().is_some())
-            && db2.store().get(Collection::Requests, &key).is_ok_and(|r| r.value().is_some())
+            && db2.store().get(Collection::WriteAnswers, &key).is_ok_and(|r| r.values.len() == 1)
     })
     .await;
     let only_db2 = RemoteStore::new(

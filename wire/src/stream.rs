@@ -70,11 +70,16 @@ pub enum Collection {
     /// Client requests already answered, by idempotency key: a retry (also one sent
     /// to another appliance after a failover) gets the first answer. Expiring records.
     Requests,
+    /// The answers of client writes in the enterprise stream, by idempotency key,
+    /// written in the same atomic batch as the write they answer (one durable commit
+    /// for both): the write is the entry just before the answer, from the same origin.
+    /// Expiring records with an empty value.
+    WriteAnswers,
 }
 
 impl Collection {
     /// Every collection, in a fixed order.
-    pub const ALL: [Collection; 8] = [
+    pub const ALL: [Collection; 9] = [
         Collection::Users,
         Collection::UserPolicies,
         Collection::ComputerPolicies,
@@ -83,6 +88,7 @@ impl Collection {
         Collection::Sessions,
         Collection::Audit,
         Collection::Requests,
+        Collection::WriteAnswers,
     ];
 
     /// The stream this collection replicates in.
@@ -105,6 +111,7 @@ impl Collection {
             Collection::Sessions => "sessions",
             Collection::Audit => "audit",
             Collection::Requests => "requests",
+            Collection::WriteAnswers => "write-answers",
         }
     }
 

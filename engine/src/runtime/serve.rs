@@ -125,9 +125,9 @@ async fn idempotent_write(
     call: ClientCall,
 ) -> ClientReply {
     let store = &shared.store;
-    let known = tokio::task::block_in_place(|| store.get(Collection::Requests, &key));
+    let known = tokio::task::block_in_place(|| earlier_answer(store, &key));
     let answered = match known {
-        Ok(read) => read.value().and_then(|v| postcard::from_bytes::<Answered>(v).ok()),
+        Ok(answered) => answered,
         Err(e) => return store_error(&e),
     };
     if let Some(answered) = answered {
@@ -141,7 +141,23 @@ async fn idempotent_write(
         }
         return confirm(shared, &[(stream, answered.token)]).await;
     }
-    let pending = match tokio::task::block_in_place(|| submit(shared, call)) {
+    let expires = now_ms() + shared.config.serve.request_ttl_ms;
+    if stream == StreamId::Enterprise {
+        // The answer goes into the write's own batch: one durable commit makes both
+        // durable, atomically, so an answer never exists without its write.
+        let pending = match tokio::task::block_in_place(|| submit(shared, call, Some((&key, expires)))) {
+            Ok(pending) => pending,
+            Err(reply) => return reply,
+        };
+        let written = tokio::task::block_in_place(|| pending.wait());
+        shared.notify();
+        return match written.as_deref() {
+            Ok([token, answer]) => confirm(shared, &[(stream, *token), (stream, *answer)]).await,
+            Ok(_) => refuse(ErrorCode::Internal, "the write and its answer did not make two entries"),
+            Err(e) => store_error(e),
+        };
+    }
+    let pending = match tokio::task::block_in_place(|| submit(shared, call, None)) {
         Ok(pending) => pending,
         Err(reply) => return reply,
     };
@@ -151,7 +167,7 @@ async fn idempotent_write(
     // The answer is remembered only once the write is durable, so a crash can only
     // make a retry write again, never answer for a write that is not there. A write
     // in the sessions stream shares the log with the answer, which is queued behind
-    // it: one group commit makes both durable. Any other write is waited for first.
+    // it: one group commit makes both durable. An audit append is waited for first.
     let pending = if stream == StreamId::Sessions {
         Some(pending)
     } else {
@@ -161,7 +177,6 @@ async fn idempotent_write(
         None
     };
     let record = postcard::to_allocvec(&Answered { stream: stream.code(), token }).unwrap_or_default();
-    let expires = now_ms() + shared.config.serve.request_ttl_ms;
     // Outer error: the write itself failed (never acknowledged); inner: only its
     // answer could not be remembered (the write is durable; a retry may write again).
     let remembered = tokio::task::block_in_place(|| {
@@ -189,14 +204,38 @@ async fn idempotent_write(
     }
 }
 
+/// The answer given to an earlier attempt of the request `key`, if this appliance
+/// holds one: a `requests` record, or a `write-answers` record whose write is the
+/// entry just before it.
+fn earlier_answer(store: &crate::Store, key: &[u8; 16]) -> Result<Option<Answered>, Error> {
+    let read = store.get(Collection::WriteAnswers, key)?;
+    if let [answer] = read.values.as_slice() {
+        if let Some(seq) = answer.dot.seq.checked_sub(1).filter(|s| *s > 0) {
+            let token = Dot { origin: answer.dot.origin, seq };
+            return Ok(Some(Answered { stream: StreamId::Enterprise.code(), token }));
+        }
+    }
+    let read = store.get(Collection::Requests, key)?;
+    Ok(read.value().and_then(|v| postcard::from_bytes::<Answered>(v).ok()))
+}
+
 /// The batch of a write call, submitted (not yet durable); its first dot is the
 /// causal token.
-fn submit(shared: &Shared, call: ClientCall) -> Result<PendingWrite, ClientReply> {
+/// `answer`, for a write in the enterprise stream, is the request's idempotency key and
+/// its expiry: the answer record is added to the batch right after the write.
+fn submit(
+    shared: &Shared,
+    call: ClientCall,
+    answer: Option<(&[u8; 16], u64)>,
+) -> Result<PendingWrite, ClientReply> {
     let store = &shared.store;
     let mut batch = WriteBatch::new();
     match call {
         ClientCall::Put { collection, key, value, context, cas } => {
-            if matches!(collection, Collection::Audit | Collection::Requests | Collection::Sessions) {
+            if matches!(
+                collection,
+                Collection::Audit | Collection::Requests | Collection::WriteAnswers | Collection::Sessions
+            ) {
                 return Err(refuse(
                     ErrorCode::BadRequest,
                     format!("{collection} is written through its own calls, not put"),
@@ -210,6 +249,12 @@ fn submit(shared: &Shared, call: ClientCall) -> Result<PendingWrite, ClientReply
             };
         }
         ClientCall::Delete { collection, key, context } => {
+            if matches!(collection, Collection::Audit | Collection::Requests | Collection::WriteAnswers) {
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    format!("{collection} records are not deleted by clients"),
+                ));
+            }
             batch.delete(collection, &key, context.as_ref());
         }
         ClientCall::SessionCreate { id, record, expires_at_ms } => {
@@ -229,6 +274,9 @@ fn submit(shared: &Shared, call: ClientCall) -> Result<PendingWrite, ClientReply
             batch.audit(event);
         }
         _ => return Err(refuse(ErrorCode::BadRequest, "not a write")),
+    }
+    if let Some((key, expires)) = answer {
+        batch.put_expiring(Collection::WriteAnswers, key, &[], expires);
     }
     store.submit(batch).map_err(|e| store_error(&e))
 }
