@@ -219,6 +219,12 @@ fn earlier_answer(store: &crate::Store, key: &[u8; 16]) -> Result<Option<Answere
     Ok(read.value().and_then(|v| postcard::from_bytes::<Answered>(v).ok()))
 }
 
+/// Collections the engine writes itself (audit through its own call, the answers of
+/// requests): a client never puts or deletes their records.
+fn engine_kept(collection: Collection) -> bool {
+    matches!(collection, Collection::Audit | Collection::Requests | Collection::WriteAnswers)
+}
+
 /// The batch of a write call, submitted (not yet durable); its first dot is the
 /// causal token.
 /// `answer`, for a write in the enterprise stream, is the request's idempotency key and
@@ -232,10 +238,7 @@ fn submit(
     let mut batch = WriteBatch::new();
     match call {
         ClientCall::Put { collection, key, value, context, cas } => {
-            if matches!(
-                collection,
-                Collection::Audit | Collection::Requests | Collection::WriteAnswers | Collection::Sessions
-            ) {
+            if engine_kept(collection) || collection == Collection::Sessions {
                 return Err(refuse(
                     ErrorCode::BadRequest,
                     format!("{collection} is written through its own calls, not put"),
@@ -249,7 +252,7 @@ fn submit(
             };
         }
         ClientCall::Delete { collection, key, context } => {
-            if matches!(collection, Collection::Audit | Collection::Requests | Collection::WriteAnswers) {
+            if engine_kept(collection) {
                 return Err(refuse(
                     ErrorCode::BadRequest,
                     format!("{collection} records are not deleted by clients"),
