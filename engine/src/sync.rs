@@ -54,6 +54,9 @@ pub trait Replica {
     fn entries_since(&self, stream: StreamId, from: &VersionVector, max: usize) -> Result<Vec<Entry>, Error>;
     /// Applies entries from a peer durably (duplicates skipped, gaps refused).
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error>;
+    /// Applies entries from a peer like [`Replica::apply`] but returns before they are
+    /// durable; they join the next group commit, which the driver starts.
+    fn queue_apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error>;
     /// The vector and the hash-tree hashes of `buckets` at `level`.
     fn tree_hashes(
         &self,
@@ -94,6 +97,11 @@ impl Replica for Store {
     }
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error> {
         self.apply_remote(stream, entries)?.wait().map(|_| ())
+    }
+    fn queue_apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error> {
+        // Dropping the pending write leaves it queued: the next commit of the stream
+        // makes it durable.
+        self.apply_remote(stream, entries).map(drop)
     }
     fn tree_hashes(
         &self,
@@ -297,6 +305,10 @@ pub struct PeerSync {
     events: VecDeque<SyncEvent>,
     stats: SyncStats,
     repairs: BTreeMap<StreamId, Repair>,
+    /// Whether received entries are queued rather than applied durably in place.
+    queued_apply: bool,
+    /// Whether entries were queued since the driver last asked.
+    queued: bool,
 }
 
 impl PeerSync {
@@ -329,9 +341,27 @@ impl PeerSync {
             events: VecDeque::new(),
             stats: SyncStats::default(),
             repairs: BTreeMap::new(),
+            queued_apply: false,
+            queued: false,
         };
         m.queue_hello(replica);
         m
+    }
+
+    /// Queues received entries instead of waiting for each message's fdatasync before
+    /// reading the next ([`Replica::queue_apply`]): messages that arrive while one
+    /// group syncs share the next. The driver then commits whenever
+    /// [`PeerSync::take_queued`] says entries were queued, and calls
+    /// [`PeerSync::handle_local_durable`] once they are durable; only then are they
+    /// acknowledged to the peer. Off by default (each message applied durably).
+    pub fn set_queued_apply(&mut self, on: bool) {
+        self.queued_apply = on;
+    }
+
+    /// Whether received entries were queued since the last call: the driver must
+    /// commit them (nothing else may).
+    pub fn take_queued(&mut self) -> bool {
+        std::mem::take(&mut self.queued)
     }
 
     /// The peer this machine talks to.
@@ -643,8 +673,35 @@ impl PeerSync {
             self.push(PeerMessage::Error(ProtocolError { code: ErrorCode::NotAuthorized, message }));
             return;
         }
-        match replica.apply(stream, entries) {
-            Ok(()) => self.tell(now_ms, stream, replica.vector(stream)),
+        if self.queued_apply {
+            // What the message carries, per origin: if all of it is durable already (a
+            // retransmission), it is acknowledged now; else once its commit is done.
+            let mut carried = VersionVector::new();
+            for e in &entries {
+                carried.advance(e.dot);
+            }
+            let result = replica.queue_apply(stream, entries);
+            if result.is_ok() {
+                let durable = replica.vector(stream);
+                if durable.descends(&carried) {
+                    self.tell(now_ms, stream, durable);
+                } else {
+                    self.queued = true;
+                }
+            }
+            return self.applied(stream, result, replica);
+        }
+        let result = replica.apply(stream, entries);
+        if result.is_ok() {
+            self.tell(now_ms, stream, replica.vector(stream));
+        }
+        self.applied(stream, result, replica)
+    }
+
+    /// Answers a failed apply: a gap asks the peer to rewind to what we hold.
+    fn applied(&mut self, stream: StreamId, result: Result<(), Error>, replica: &dyn Replica) {
+        match result {
+            Ok(()) => {}
             Err(Error::Gap { .. }) => {
                 self.push(PeerMessage::Rewind { stream, vector: replica.vector(stream) })
             }
@@ -1034,6 +1091,38 @@ mod tests {
             }
             assert!(delivered < 10_000, "the exchange does not settle");
         }
+    }
+
+    #[test]
+    fn queued_entries_are_acknowledged_only_once_committed() {
+        let (sa, sb) = (store(1), store(2));
+        for i in 0..40u32 {
+            sa.put(Collection::Users, format!("a{i}").as_bytes(), b"x").expect("put");
+        }
+        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
+        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
+        b.set_queued_apply(true);
+        exchange(&mut a, &sa, &mut b, &sb);
+        let ours = sa.vector(StreamId::Enterprise);
+        // Received and queued, not yet durable: nothing acknowledged, and the driver
+        // is told to commit.
+        assert!(sb.vector(StreamId::Enterprise).is_empty());
+        assert!(!a.acked(StreamId::Enterprise).expect("sends").descends(&ours));
+        assert!(b.take_queued() && !b.take_queued());
+        assert_eq!(sb.get(Collection::Users, b"a7").expect("get").value(), Some(&b"x"[..]));
+        sb.flush().expect("commit");
+        b.handle_local_durable(0, StreamId::Enterprise, &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert!(a.acked(StreamId::Enterprise).expect("sends").descends(&ours));
+        assert_eq!(sb.vector(StreamId::Enterprise), ours);
+        // A retransmission of what is durable is acknowledged at once, with nothing queued.
+        let again = sa.entries_since(StreamId::Enterprise, &VersionVector::new(), 10).expect("entries");
+        b.handle_message(0, PeerMessage::Entries { stream: StreamId::Enterprise, entries: again }, &sb);
+        assert!(!b.take_queued());
+        assert!(
+            matches!(b.poll_transmit(), Some(PeerMessage::Ack { vector, .. }) if vector == ours),
+            "a retransmission is acknowledged with the durable vector"
+        );
     }
 
     #[test]

@@ -255,6 +255,9 @@ struct World {
     /// Last-writer-wins losers recorded by appliances before they crashed or were
     /// restored.
     losses_seen: BTreeSet<Dot>,
+    /// Nodes holding entries received from peers but not yet committed (sessions queue
+    /// them, as the runtime's do), and when their commit runs.
+    commit_due: BTreeMap<usize, u64>,
 }
 
 fn store_options(clock: &Arc<ManualClock>, seed: u64, opts: &SimOptions) -> StoreOptions {
@@ -350,6 +353,7 @@ impl World {
             acked_deletes: BTreeSet::new(),
             origins: BTreeMap::new(),
             losses_seen: BTreeSet::new(),
+            commit_due: BTreeMap::new(),
         };
         for n in 0..w.nodes.len() {
             w.start_machines(n);
@@ -393,7 +397,8 @@ impl World {
                 peer_incarnation: self.nodes[p].incarnation,
                 config: self.sync_config,
             };
-            let m = PeerSync::new(setup, self.now, &store);
+            let mut m = PeerSync::new(setup, self.now, &store);
+            m.set_queued_apply(true);
             self.nodes[n].peers.insert(p, m);
         }
     }
@@ -486,6 +491,12 @@ impl World {
             matches!(&msg, PeerMessage::Ack { stream: StreamId::Audit, .. } | PeerMessage::Hello(_));
         let before: Vec<_> = StreamId::ALL.iter().map(|s| store.vector(*s)).collect();
         m.handle_message(self.now, msg, &store);
+        if m.take_queued() && !self.commit_due.contains_key(&to) {
+            // The commit runs a little later: messages arriving meanwhile share it,
+            // and a crash before it loses what was queued (never acknowledged).
+            let at = self.now + 1 + self.rng.below(5);
+            self.commit_due.insert(to, at);
+        }
         // Entries applied (or a repair completed) here may need relaying to other peers.
         for (s, before) in StreamId::ALL.into_iter().zip(before) {
             if store.vector(s) != before {
@@ -631,6 +642,11 @@ impl World {
         // restore may lose recent ones, not the fact that the write lost.
         self.losses_seen.extend(store.conflicts(Collection::Users).0.into_iter().map(|c| c.loser));
         self.nodes[n].store = None;
+        self.commit_due.remove(&n);
+        // Its connections die with it: what was in flight on them is not delivered to
+        // the sessions that follow (in the runtime each session is its own connection
+        // and machine; here one machine per pair outlives them).
+        self.net.retain(|_, (from, to, _)| *from != n && *to != n);
         self.retire(n);
         self.nodes[n].disk = self.nodes[n].disk.crash();
         // The committed topology is replicated data and survives; a prepared change
@@ -867,7 +883,8 @@ impl World {
             let next_net = self.net.keys().next().map(|k| k.0);
             let next_action = schedule.keys().next().map(|k| k.0);
             let next_timer = self.next_timer();
-            let Some(t) = [next_net, next_action, next_timer].into_iter().flatten().min() else {
+            let next_commit = self.commit_due.values().min().copied();
+            let Some(t) = [next_net, next_action, next_timer, next_commit].into_iter().flatten().min() else {
                 return true;
             };
             if t > deadline {
@@ -875,7 +892,16 @@ impl World {
             }
             self.now = self.now.max(t);
             self.set_clocks();
-            if next_action == Some(t) {
+            if next_commit == Some(t) {
+                let n = self
+                    .commit_due
+                    .iter()
+                    .find(|(_, at)| **at == t)
+                    .map(|(n, _)| *n)
+                    .expect("a commit is due");
+                self.commit_due.remove(&n);
+                self.commit_received(n);
+            } else if next_action == Some(t) {
                 let (_, a) = schedule.pop_first().expect("an action is due");
                 match a {
                     Action::Write(n) => self.local_write(n),
@@ -972,6 +998,27 @@ impl World {
             }
         }
         s
+    }
+
+    /// The runtime's committer: makes what the sessions queued durable, then lets every
+    /// session acknowledge it (and push or relay it).
+    fn commit_received(&mut self, n: usize) {
+        let Some(store) = self.nodes[n].store.clone() else { return };
+        if let Err(e) = store.flush() {
+            self.report
+                .violations
+                .push(format!("commit of received entries on {} failed: {e}", self.nodes[n].id));
+            return;
+        }
+        let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
+        for p in peers {
+            if let Some(m) = self.nodes[n].peers.get_mut(&p) {
+                for stream in StreamId::ALL {
+                    m.handle_local_durable(self.now, stream, &store);
+                }
+            }
+        }
+        self.drain(n);
     }
 
     /// Compacts every stream below what all peers it is sent to acknowledged, so the
@@ -1109,9 +1156,24 @@ impl World {
                     self.dump_versions("VERSIONS", stream, &members, &live);
                     self.report.violations.push(format!("{stream} replicas of group {g} differ: {names:?}"));
                 }
-                let replicas = members.len() as u64;
-                let writes = live.iter().map(|(_, s)| s.vector(stream).get(s.incarnation())).sum::<u64>();
-                self.report.replica_deliveries_needed += writes * replicas.saturating_sub(1);
+                // Each appliance's own writes must reach every member it sends the
+                // stream to (audit records reach the holders from every appliance;
+                // sessions stay in their site).
+                for (i, s) in &live {
+                    let writes = s.vector(stream).get(s.incarnation());
+                    let to = members
+                        .iter()
+                        .filter(|&&j| {
+                            j != *i
+                                && self
+                                    .target
+                                    .scope(&self.nodes[*i].id, &self.nodes[j].id)
+                                    .send
+                                    .contains(&stream)
+                        })
+                        .count() as u64;
+                    self.report.replica_deliveries_needed += writes * to;
+                }
             }
         }
         // Every acknowledged user write is present or superseded, on every holder. A
@@ -1359,6 +1421,19 @@ pub fn simulate(opts: SimOptions) -> SimReport {
     // every replica can collect the same ones.
     for n in 0..w.nodes.len() {
         w.collect_tombstones(n);
+        if std::env::var_os("SIM_DEBUG").is_some() {
+            if let Some(store) = w.nodes[n].store.as_ref() {
+                for (p, m) in &w.nodes[n].peers {
+                    eprintln!(
+                        "ACKED {} by {}: {:?} (ours {})",
+                        w.nodes[n].id,
+                        w.nodes[*p].id,
+                        m.acked(StreamId::Enterprise),
+                        store.vector(StreamId::Enterprise)
+                    );
+                }
+            }
+        }
     }
     w.check();
     w.report.trace_hash = *w.trace.finalize().as_bytes();

@@ -267,6 +267,9 @@ struct Shared {
     rates: std::sync::Mutex<BTreeMap<NodeId, [f64; 4]>>,
     /// Requests being served, by idempotency key: a concurrent retry waits its turn.
     in_flight: std::sync::Mutex<BTreeMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
+    /// Signalled when a session queued entries from a peer: the committer makes them
+    /// durable.
+    commit: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -530,11 +533,13 @@ impl Node {
             tasks: std::sync::Mutex::default(),
             rates: std::sync::Mutex::default(),
             in_flight: std::sync::Mutex::default(),
+            commit: tokio::sync::Notify::new(),
         });
         shared.connect_peers();
         lock(&shared.tasks).extend([
             tokio::spawn(peer::accept_loop(shared.clone(), endpoint)),
             tokio::spawn(housekeeping(shared.clone())),
+            tokio::spawn(commit_received(shared.clone())),
         ]);
         Ok(Node { shared })
     }
@@ -667,6 +672,25 @@ fn claim_incarnation(store: &Store, me: &NodeId) -> crate::Result<()> {
 fn is_retired(store: &Store, appliance: &NodeId, incarnation: Incarnation) -> bool {
     let key = record_key(RETIRED_KIND, &retired_id(appliance, incarnation));
     store.get(Collection::Topology, &key).is_ok_and(|r| r.value().is_some())
+}
+
+/// Commits the entries sessions queued from peers, then wakes the sessions to
+/// acknowledge what became durable. A session does not wait for the fdatasync of
+/// what it received: it goes on reading, and what arrives meanwhile joins the next
+/// group commit. One commit runs at a time; a signal during it starts another.
+async fn commit_received(shared: Arc<Shared>) {
+    loop {
+        shared.commit.notified().await;
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(())) => shared.notify(),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "entries received from peers could not be committed");
+                shared.error(format!("commit of received entries failed: {e}"));
+            }
+            Err(_) => return, // the runtime is shutting down
+        }
+    }
 }
 
 /// How often the housekeeping task runs.

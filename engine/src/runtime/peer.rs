@@ -119,6 +119,7 @@ async fn run_session(
     };
     let store = shared.store.clone();
     let mut machine = tokio::task::block_in_place(|| PeerSync::new(setup, now_ms(), &store));
+    machine.set_queued_apply(true);
     let mut woken = shared.wake.subscribe();
     let mut reader = FrameReader::new();
     let mut established = false;
@@ -229,6 +230,9 @@ async fn run_session(
                 }
                 let before = vectors(shared);
                 tokio::task::block_in_place(|| machine.handle_message(now_ms(), message, &store));
+                if machine.take_queued() {
+                    shared.commit.notify_one();
+                }
                 if vectors(shared) != before {
                     // Entries arrived: other sessions may push or relay them, and
                     // requests waiting on a causal token may proceed.
