@@ -10,7 +10,7 @@ use repl_engine::topology::{Generation, Role};
 use repl_engine::{Store, StoreOptions, WriteBatch};
 use repl_tests::net::{appliance_tls as tls, free_port, topology, wait_until as wait_for};
 use repl_wire::transport::{CertificateAuthority, Validity};
-use repl_wire::{Collection, NodeId};
+use repl_wire::{Collection, NodeId, StreamId};
 
 const AUDIT: &[Role] = &[Role::Audit];
 
@@ -103,6 +103,10 @@ async fn an_appliance_that_stops_catches_up_when_it_comes_back() {
         put(&a1, i);
     }
     let b1 = start(1).await.expect("restart b1");
+    // The clean stop left a checkpoint: the restart replays nothing.
+    let recovered = &b1.store().recovery().streams[&StreamId::Enterprise];
+    assert!(recovered.hint_generation.is_some(), "no checkpoint after a clean stop: {recovered:?}");
+    assert_eq!(recovered.entries_replayed, 0, "{recovered:?}");
     wait_for("b1 to catch up after its restart", Duration::from_secs(30), || (0..=20).all(|i| has(&b1, i)))
         .await;
     // And writes flow the other way too.
