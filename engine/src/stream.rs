@@ -8,7 +8,7 @@
 //! not yet durable live in `state.overlay`, which reads and compare-and-set consult
 //! first. Only the commit path moves a write into the keydir, after its fdatasync.
 
-use std::collections::{btree_map, BTreeMap, VecDeque};
+use std::collections::{btree_map, BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -71,6 +71,15 @@ impl PartialOrd for dyn KeyView + '_ {
 impl Ord for dyn KeyView + '_ {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.view().cmp(&other.view())
+    }
+}
+
+// The same hash as `KeyId`'s derived one (the collection, then the bytes as a slice).
+impl std::hash::Hash for dyn KeyView + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (collection, key) = self.view();
+        collection.hash(state);
+        key.hash(state);
     }
 }
 
@@ -148,7 +157,9 @@ struct State {
     keydir: BTreeMap<KeyId, Vec<Version>>,
     /// Keys with queued writes: their versions including the queue, and the ticket of
     /// the last queued write touching them.
-    overlay: BTreeMap<KeyId, (Vec<Version>, u64)>,
+    /// (Hashed: each write looks it up four times, and in a B-tree those searches
+    /// were most of the key comparisons of a write.)
+    overlay: HashMap<KeyId, (Vec<Version>, u64)>,
     vector: VersionVector,
     submitted: VersionVector,
     queue: VecDeque<Queued>,
@@ -1277,7 +1288,11 @@ impl StreamStore {
         // winning on equal keys, until `limit` live keys are found.
         let in_collection = |id: &&KeyId| id.0 == collection;
         let mut durable = st.keydir.range(from.clone()..).take_while(|(id, _)| in_collection(id)).peekable();
-        let mut queued = st.overlay.range(from..).take_while(|(id, _)| in_collection(id)).peekable();
+        // The overlay is unordered and small (bounded by the queue): its keys in range, sorted.
+        let mut queued: Vec<_> =
+            st.overlay.iter().filter(|(id, _)| in_collection(id) && id.1 >= from.1).collect();
+        queued.sort_unstable_by(|a, b| a.0 .1.cmp(&b.0 .1));
+        let mut queued = queued.into_iter().peekable();
         let mut out = Vec::new();
         while out.len() < limit {
             let (key, versions) = match (durable.peek(), queued.peek()) {
