@@ -1010,12 +1010,15 @@ impl World {
                 .push(format!("commit of received entries on {} failed: {e}", self.nodes[n].id));
             return;
         }
-        let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
-        for p in peers {
-            if let Some(m) = self.nodes[n].peers.get_mut(&p) {
-                for stream in StreamId::ALL {
-                    m.handle_local_durable(self.now, stream, &store);
-                }
+        self.push_durable(n, &store, &StreamId::ALL);
+    }
+
+    /// Lets every session of node `n` push and acknowledge what is durable in `streams`.
+    fn push_durable(&mut self, n: usize, store: &Store, streams: &[StreamId]) {
+        let now = self.now;
+        for m in self.nodes[n].peers.values_mut() {
+            for stream in streams {
+                m.handle_local_durable(now, *stream, store);
             }
         }
         self.drain(n);
@@ -1028,13 +1031,7 @@ impl World {
         if let Err(e) = store.flush() {
             self.report.violations.push(format!("flush on {} failed: {e}", self.nodes[n].id));
         }
-        let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
-        for p in peers {
-            if let Some(m) = self.nodes[n].peers.get_mut(&p) {
-                m.handle_local_durable(self.now, StreamId::Enterprise, &store);
-            }
-        }
-        self.drain(n);
+        self.push_durable(n, &store, &[StreamId::Enterprise]);
         for stream in StreamId::ALL {
             let horizon = repl_engine::sync::retention_horizon(
                 self.nodes[n].peers.values(),

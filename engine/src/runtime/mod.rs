@@ -618,12 +618,13 @@ impl Node {
         // A clean stop commits what sessions queued and leaves a checkpoint, so the
         // next start loads it instead of replaying the whole log.
         let store = self.shared.store.clone();
-        match tokio::task::spawn_blocking(move || store.flush().and_then(|()| store.checkpoint())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "no checkpoint at shutdown: the next start replays the log")
-            }
-            Err(e) => tracing::warn!(error = %e, "no checkpoint at shutdown: the next start replays the log"),
+        let checkpointed =
+            tokio::task::spawn_blocking(move || store.flush().and_then(|()| store.checkpoint()))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(error) = checkpointed {
+            tracing::warn!(%error, "no checkpoint at shutdown: the next start replays the log");
         }
     }
 }

@@ -142,13 +142,15 @@ async fn idempotent_write(
         return confirm(shared, &[(stream, answered.token)]).await;
     }
     let expires = now_ms() + shared.config.serve.request_ttl_ms;
-    if stream == StreamId::Enterprise {
-        // The answer goes into the write's own batch: one durable commit makes both
-        // durable, atomically, so an answer never exists without its write.
-        let pending = match tokio::task::block_in_place(|| submit(shared, call, Some((&key, expires)))) {
-            Ok(pending) => pending,
-            Err(reply) => return reply,
-        };
+    // In the enterprise stream the answer goes into the write's own batch: one durable
+    // commit makes both durable, atomically, so an answer never exists without its write.
+    let in_batch = stream == StreamId::Enterprise;
+    let answer = in_batch.then_some((&key, expires));
+    let pending = match tokio::task::block_in_place(|| submit(shared, call, answer)) {
+        Ok(pending) => pending,
+        Err(reply) => return reply,
+    };
+    if in_batch {
         let written = tokio::task::block_in_place(|| pending.wait());
         shared.notify();
         return match written.as_deref() {
@@ -157,10 +159,6 @@ async fn idempotent_write(
             Err(e) => store_error(e),
         };
     }
-    let pending = match tokio::task::block_in_place(|| submit(shared, call, None)) {
-        Ok(pending) => pending,
-        Err(reply) => return reply,
-    };
     let Some(&token) = pending.dots().first() else {
         return refuse(ErrorCode::Internal, "the write produced no entry");
     };
