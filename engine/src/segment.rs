@@ -7,7 +7,7 @@
 //! entry. Inside a frame each entry carries its own checksum so a point read verifies
 //! exactly the bytes it read.
 
-use repl_wire::{Entry, Incarnation, StreamId};
+use repl_wire::{Dot, Entry, Incarnation, StreamId};
 
 use crate::error::{Corruption, Error};
 
@@ -259,14 +259,62 @@ fn parse_entry(bytes: &[u8]) -> Option<(Entry, usize)> {
     Some((entry, ENTRY_HEADER_BYTES as usize + len))
 }
 
-/// Verifies and decodes one whole frame read at file offset `at` (header included).
-pub(crate) fn scan_frame(buf: &[u8], file: &str, at: u64, frame_max: u64) -> Result<Vec<Entry>, Error> {
+/// Verifies one whole frame read at file offset `at` (header included) and decodes
+/// only the entries `want` asks for, by dot, until it says stop: shipping reads
+/// frames of up to a thousand entries to send a few hundred, and the dot (the first
+/// field of an entry) is read without decoding the rest.
+pub(crate) fn scan_frame_wanted(
+    buf: &[u8],
+    file: &str,
+    at: u64,
+    frame_max: u64,
+    mut want: impl FnMut(Dot) -> Wanted,
+    out: &mut Vec<Entry>,
+) -> Result<(), Error> {
     let corrupt = |what| Error::Corrupt(Corruption { file: file.to_string(), offset: at, what });
     let len = valid_frame_at(buf, 0, frame_max)
         .filter(|&l| l == buf.len())
         .ok_or_else(|| corrupt("frame checksum"))?;
-    let frame = parse_frame(buf, 0, len).ok_or_else(|| corrupt("frame payload is malformed"))?;
-    Ok(frame.entries.into_iter().map(|e| e.entry).collect())
+    let payload_start = FRAME_HEADER_BYTES as usize;
+    let count = read_u32(buf, payload_start).ok_or_else(|| corrupt("frame payload is malformed"))? as usize;
+    let mut p = payload_start + FRAME_COUNT_BYTES as usize;
+    for _ in 0..count {
+        let bytes = buf.get(p..len).ok_or_else(|| corrupt("frame payload is malformed"))?;
+        let body_len = read_u32(bytes, 0).ok_or_else(|| corrupt("frame payload is malformed"))? as usize;
+        let total = ENTRY_HEADER_BYTES as usize + body_len;
+        let body = bytes
+            .get(ENTRY_HEADER_BYTES as usize..total)
+            .ok_or_else(|| corrupt("frame payload is malformed"))?;
+        // The frame's checksum covered these bytes, so a dot that does not parse is
+        // a writer's bug or a collision, reported like any malformed frame.
+        let (dot, _) =
+            postcard::take_from_bytes::<Dot>(body).map_err(|_| corrupt("frame payload is malformed"))?;
+        match want(dot) {
+            Wanted::Skip => {}
+            Wanted::Take => {
+                let (entry, _) = parse_entry(bytes).ok_or_else(|| corrupt("frame payload is malformed"))?;
+                out.push(entry);
+            }
+            Wanted::Stop => return Ok(()),
+        }
+        p += total;
+    }
+    if p == len {
+        Ok(())
+    } else {
+        Err(corrupt("frame payload is malformed"))
+    }
+}
+
+/// What [`scan_frame_wanted`] does with the next entry of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wanted {
+    /// Not needed: skipped without decoding.
+    Skip,
+    /// Decoded (its checksum verified) and returned.
+    Take,
+    /// Nothing more is needed from this frame.
+    Stop,
 }
 
 /// Verifies and decodes an entry read by a point read (header included).

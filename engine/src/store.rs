@@ -11,6 +11,7 @@ use crate::audit::{AuditEvent, AuditQuery, StoredAudit};
 use crate::error::{io_err, Corruption, Error, Result};
 use crate::options::{StoreOptions, SyncPoint, BUFFERED_BYTES_MAX};
 use crate::records::Record;
+use crate::segment::frame_bytes;
 use crate::storage::{FileStorage, Storage};
 use crate::stream::{
     parse_name, CompactionReport, ConflictRecord, Draft, FileKind, StreamRecovery, StreamStore,
@@ -184,7 +185,7 @@ impl WriteBatch {
         let stream_of = |d: &Draft| match d {
             Draft::Local { collection, .. } => collection.stream(),
             Draft::Audit(_) => StreamId::Audit,
-            Draft::Remote(e) => e.collection.stream(),
+            Draft::Remote(e, _) => e.collection.stream(),
         };
         let first = self.drafts.first().map(stream_of).ok_or(Error::Request("empty batch"))?;
         if self.drafts.iter().any(|d| stream_of(d) != first) {
@@ -469,25 +470,32 @@ impl Store {
     /// nothing of the call is applied. Await the result before acknowledging to the peer.
     pub fn apply_remote(&self, stream: StreamId, entries: Vec<Entry>) -> Result<PendingWrite> {
         let s = self.stream(stream);
-        // Remote entries need no atomicity beyond order: a batch larger than one
-        // frame of a segment is applied as several, halving until each fits.
-        let mut groups = std::collections::VecDeque::from([entries]);
+        // Remote entries need no atomicity beyond order: entries too many for one
+        // frame of a segment are applied as several batches, each as large as fits.
+        // Each entry is encoded once here, for both the sizing and the log.
+        let frame_max = s.frame_max();
+        let empty = frame_bytes(std::iter::empty());
         let (mut ticket, mut applied) = (0, Vec::new());
-        while let Some(group) = groups.pop_front() {
-            let drafts = group.iter().cloned().map(Draft::Remote).collect();
-            match s.submit(drafts, &self.inner.hlc) {
-                Ok((t, dots)) => {
-                    ticket = ticket.max(t);
-                    applied.extend(dots);
-                }
-                Err(Error::BatchTooLarge { .. }) if group.len() > 1 => {
-                    let mut first = group;
-                    let second = first.split_off(first.len() / 2);
-                    groups.push_front(second);
-                    groups.push_front(first);
-                }
-                Err(e) => return Err(e),
+        let mut group: Vec<Draft> = Vec::new();
+        let mut size = empty;
+        let mut submit = |group: &mut Vec<Draft>| -> Result<()> {
+            let (t, dots) = s.submit(std::mem::take(group), &self.inner.hlc)?;
+            ticket = ticket.max(t);
+            applied.extend(dots);
+            Ok(())
+        };
+        for entry in entries {
+            let bytes = Arc::new(entry.encode());
+            let add = frame_bytes(std::iter::once(bytes.len())) - empty;
+            if !group.is_empty() && size + add > frame_max {
+                submit(&mut group)?;
+                size = empty;
             }
+            size += add;
+            group.push(Draft::Remote(entry, bytes));
+        }
+        if !group.is_empty() {
+            submit(&mut group)?;
         }
         Ok(PendingWrite { store: self.clone(), stream, ticket, dots: applied })
     }

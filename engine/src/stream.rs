@@ -19,7 +19,7 @@ use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
 use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
 use crate::segment::{
-    self, build_frame, build_frame_into, frame_bytes, SegmentHeader, SegmentKind, FRAME_BYTES_MAX,
+    self, build_frame, build_frame_into, frame_bytes, SegmentHeader, SegmentKind, Wanted, FRAME_BYTES_MAX,
     FRAME_COUNT_BYTES, FRAME_HEADER_BYTES, HEADER_BYTES,
 };
 use crate::storage::{is_out_of_space, Storage, StorageFile};
@@ -86,9 +86,16 @@ impl std::hash::Hash for dyn KeyView + '_ {
 /// A write waiting to be turned into an entry.
 #[derive(Debug, Clone)]
 pub(crate) enum Draft {
-    Local { collection: Collection, key: Vec<u8>, op: Op, context: Option<VersionVector>, cas: bool },
+    Local {
+        collection: Collection,
+        key: Vec<u8>,
+        op: Op,
+        context: Option<VersionVector>,
+        cas: bool,
+    },
     Audit(AuditEvent),
-    Remote(Entry),
+    /// An entry from a peer, with its encoding.
+    Remote(Entry, Arc<Vec<u8>>),
 }
 
 /// A value that lost a last-writer-wins resolution, kept so no write is lost silently.
@@ -365,7 +372,7 @@ impl StreamStore {
         Ok((s, report))
     }
 
-    fn frame_max(&self) -> u64 {
+    pub(crate) fn frame_max(&self) -> u64 {
         FRAME_BYTES_MAX.min(self.options.segment_bytes.saturating_sub(HEADER_BYTES + FRAME_HEADER_BYTES))
     }
 
@@ -760,8 +767,8 @@ impl StreamStore {
         let mut staged = Staged::with_capacity(drafts.len());
         let mut encoded: Vec<(Entry, Arc<Vec<u8>>)> = Vec::with_capacity(drafts.len());
         for draft in drafts {
-            let entry = match draft {
-                Draft::Remote(entry) => {
+            let (entry, encoding) = match draft {
+                Draft::Remote(entry, encoding) => {
                     if entry.collection.stream() != self.stream {
                         return Err(Error::Request("entry belongs to another stream"));
                     }
@@ -777,7 +784,7 @@ impl StreamStore {
                         // so the operator sees a clock that runs ahead.
                         self.hlc_drift_alarms.fetch_add(1, Ordering::Relaxed);
                     }
-                    entry
+                    (entry, Some(encoding))
                 }
                 Draft::Local { collection, key, op, context, cas } => {
                     if collection.stream() != self.stream {
@@ -794,7 +801,7 @@ impl StreamStore {
                         None if keep_siblings && !matches!(op, Op::Delete) => VersionVector::new(),
                         None => current_ctx,
                     };
-                    self.local_entry(&mut next, hlc, now_ms, collection, key, context, op)
+                    (self.local_entry(&mut next, hlc, now_ms, collection, key, context, op), None)
                 }
                 Draft::Audit(event) => {
                     // Fail closed: a non-holder that cannot hand its audit records to
@@ -812,7 +819,7 @@ impl StreamStore {
                     let seq = next.get(self.incarnation) + 1;
                     let dot = Dot { origin: self.incarnation, seq };
                     heads.insert(self.incarnation, chain_hash(&prev, dot, &value));
-                    self.local_entry(
+                    let entry = self.local_entry(
                         &mut next,
                         hlc,
                         now_ms,
@@ -820,12 +827,13 @@ impl StreamStore {
                         audit_key(dot),
                         VersionVector::new(),
                         Op::Put { value, expires_at_ms: None },
-                    )
+                    );
+                    (entry, None)
                 }
             };
             entry.validate()?;
             next.advance(entry.dot);
-            let bytes = Arc::new(entry.encode());
+            let bytes = encoding.unwrap_or_else(|| Arc::new(entry.encode()));
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
             let policy = self.options.policy(entry.collection);
             match staged.find(entry.collection, &entry.key) {
@@ -1397,6 +1405,7 @@ impl StreamStore {
             (start, files)
         };
         let mut out = Vec::new();
+        let mut out_len = 0;
         let mut seen = from.clone();
         for (n, file, name, end) in files {
             let mut at = if n == start.0 { start.1 as u64 } else { HEADER_BYTES };
@@ -1406,22 +1415,32 @@ impl StreamStore {
                 let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
                 let mut buf = vec![0u8; (FRAME_HEADER_BYTES + len) as usize];
                 file.read_exact_at(&mut buf, at).map_err(io_err(&name, "read frame"))?;
-                let scanned = segment::scan_frame(&buf, &name, at, self.frame_max().max(FRAME_BYTES_MAX))?;
-                for e in scanned {
-                    if !seen.contains(e.dot) && out.len() < max {
-                        let expected = seen.get(e.dot.origin) + 1;
-                        if e.dot.seq != expected {
-                            // The log skips part of this origin (a snapshot raised the
-                            // vector past it): the peer needs anti-entropy.
-                            return Err(Error::NotCovered {
-                                stream: self.stream,
-                                origin: e.dot.origin,
-                                floor: e.dot.seq,
-                            });
-                        }
-                        seen.advance(e.dot);
-                        out.push(e);
+                let mut skipped: Option<Dot> = None;
+                let want = |dot: Dot| {
+                    if out_len >= max {
+                        return Wanted::Stop;
                     }
+                    if seen.contains(dot) {
+                        return Wanted::Skip;
+                    }
+                    if dot.seq != seen.get(dot.origin) + 1 {
+                        // The log skips part of this origin (a snapshot raised the
+                        // vector past it): the peer needs anti-entropy.
+                        skipped = Some(dot);
+                        return Wanted::Stop;
+                    }
+                    seen.advance(dot);
+                    out_len += 1;
+                    Wanted::Take
+                };
+                let frame_max = self.frame_max().max(FRAME_BYTES_MAX);
+                segment::scan_frame_wanted(&buf, &name, at, frame_max, want, &mut out)?;
+                if let Some(dot) = skipped {
+                    return Err(Error::NotCovered {
+                        stream: self.stream,
+                        origin: dot.origin,
+                        floor: dot.seq,
+                    });
                 }
                 at += buf.len() as u64;
             }
