@@ -767,6 +767,7 @@ impl StreamStore {
         let mut staged = Staged::with_capacity(drafts.len());
         let mut encoded: Vec<(Entry, Arc<Vec<u8>>)> = Vec::with_capacity(drafts.len());
         for draft in drafts {
+            let mut held: Option<Vec<Version>> = None;
             let (entry, encoding) = match draft {
                 Draft::Remote(entry, encoding) => {
                     if entry.collection.stream() != self.stream {
@@ -790,7 +791,16 @@ impl StreamStore {
                     if collection.stream() != self.stream {
                         return Err(Error::Request("collection belongs to another stream"));
                     }
-                    let current_ctx = context_of(current_versions(&st, &staged, collection, &key));
+                    let current = match staged.find(collection, &key) {
+                        Some(i) => &staged.keys[i].1[..],
+                        None => {
+                            // Kept for staging below, so the key is looked up once.
+                            let current = held_versions(&st, collection, &key);
+                            held = Some(current.to_vec());
+                            current
+                        }
+                    };
+                    let current_ctx = context_of(current);
                     if cas && context.as_ref() != Some(&current_ctx) {
                         return Err(Error::ContextMismatch);
                     }
@@ -841,8 +851,9 @@ impl StreamStore {
                     merge(policy, &mut staged.keys[i].1, incoming, None);
                 }
                 None => {
-                    let mut versions =
-                        current_versions(&st, &Staged::default(), entry.collection, &entry.key).to_vec();
+                    let mut versions = held
+                        .take()
+                        .unwrap_or_else(|| held_versions(&st, entry.collection, &entry.key).to_vec());
                     merge(policy, &mut versions, incoming, None);
                     staged.push((entry.collection, entry.key.as_slice().into()), versions);
                 }
@@ -1154,11 +1165,8 @@ impl Staged {
     }
 }
 
-/// The versions a key has now: staged by the current batch, queued, or durable.
-fn current_versions<'a>(st: &'a State, staged: &'a Staged, c: Collection, key: &[u8]) -> &'a [Version] {
-    if let Some(i) = staged.find(c, key) {
-        return &staged.keys[i].1;
-    }
+/// The versions of a key before the batch being submitted: queued, else durable.
+fn held_versions<'a>(st: &'a State, c: Collection, key: &[u8]) -> &'a [Version] {
     let id = (c, key);
     let id = &id as &dyn KeyView;
     st.overlay.get(id).map(|(v, _)| v).or_else(|| st.keydir.get(id)).map_or(&[], |v| v.as_slice())
