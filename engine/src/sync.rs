@@ -26,9 +26,11 @@
 //! peer's acknowledgement. The receiver applies them in order through the store,
 //! which skips duplicates and refuses gaps, acknowledges its durable vector, and
 //! answers a gap with `Rewind`. Own entries are pushed at once; another origin's
-//! entries are relayed only when the peer still lags on that origin after
-//! `relay_delay_ms` (no flooding: in steady state each write crosses the network
-//! once per replica). A peer below the log floor gets `NotCovered` (anti-entropy).
+//! entries are relayed only when the peer's acknowledgement of that origin stood
+//! still for `relay_delay_ms` while we held more (no flooding: a peer that keeps
+//! receiving an origin from elsewhere, however far behind, is not sent it again, so
+//! in steady state each write crosses the network once per replica), and relaying
+//! stops once the peer acknowledges more of the origin than we relayed. A peer below the log floor gets `NotCovered` (anti-entropy).
 
 use std::collections::{btree_map, BTreeMap, VecDeque};
 
@@ -255,8 +257,8 @@ struct StreamState {
     sent: VersionVector,
     /// When the peer's acknowledgement last moved or we last had nothing in flight.
     progress_ms: u64,
-    /// Per origin (not us): since when the peer lags on it.
-    lag_since: BTreeMap<Incarnation, u64>,
+    /// Per origin (not us) the peer lags on: how its acknowledgement moves.
+    lag_since: BTreeMap<Incarnation, Lag>,
     /// Origins we reported `NotCovered` for, and when (repeated while the peer does not
     /// move past them: the report may have been lost).
     not_covered: BTreeMap<Incarnation, u64>,
@@ -267,6 +269,18 @@ struct StreamState {
     /// wait on it; repeated a bounded number of times so an idle pair goes quiet).
     told_at_ms: u64,
     ack_repeats_left: u8,
+}
+
+/// How a peer's acknowledgement of another origin moves, while it lags on the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lag {
+    /// The peer's acknowledged sequence of the origin when last looked at.
+    acked: u64,
+    /// Since when that acknowledgement stood still (or we began relaying).
+    since_ms: u64,
+    /// While relaying: the highest sequence of the origin we sent. An
+    /// acknowledgement above it came from elsewhere.
+    relayed: Option<u64>,
 }
 
 /// Counters of what crossed the wire, for tests and metrics.
@@ -465,10 +479,13 @@ impl PeerSync {
             }
             // A relay timer matters only while the origin's entries are not yet sent.
             let ours = replica.vector(*stream);
-            for (origin, since) in &s.lag_since {
+            for (origin, lag) in &s.lag_since {
                 // (An origin the peer must repair for is not sent until it has.)
-                if ours.get(*origin) > s.sent.get(*origin) && !s.not_covered.contains_key(origin) {
-                    at(since + self.config.relay_delay_ms);
+                if lag.relayed.is_none()
+                    && ours.get(*origin) > s.sent.get(*origin)
+                    && !s.not_covered.contains_key(origin)
+                {
+                    at(lag.since_ms + self.config.relay_delay_ms);
                 }
             }
             for sent in s.not_covered.values() {
@@ -914,7 +931,8 @@ impl PeerSync {
         }
         let ours = replica.vector(stream);
         // Which origins may go to this peer now: our own always; another origin's only
-        // once the peer has lagged on it for the relay delay.
+        // once the peer's acknowledgement of it stood still for the relay delay, and
+        // until the peer acknowledges more of it than we relayed.
         let mut from = s.sent.clone();
         for d in ours.iter() {
             let behind = s.acked.get(d.origin) < d.seq;
@@ -926,13 +944,29 @@ impl PeerSync {
                 continue;
             }
             if Some(d.origin) == peer_incarnation {
-                // The peer wrote these itself; an older acknowledgement only looks behind.
+                // The peer wrote these itself, durably before anyone got them, so it
+                // holds them whatever its last acknowledgement said (that one may
+                // have been lost, and retention and tombstone collection wait on it).
+                s.acked.advance(Dot { origin: d.origin, seq: d.seq });
                 from.advance(Dot { origin: d.origin, seq: d.seq });
                 continue;
             }
-            let since = *s.lag_since.entry(d.origin).or_insert(now_ms);
-            let relay = now_ms >= since + config.relay_delay_ms;
-            if !relay {
+            let acked = s.acked.get(d.origin);
+            let still = Lag { acked, since_ms: now_ms, relayed: None };
+            let lag = s.lag_since.entry(d.origin).or_insert(still);
+            match lag.relayed {
+                // It gets the origin from elsewhere again: stop, and watch anew.
+                Some(relayed) if acked > relayed => *lag = still,
+                Some(_) => {}
+                // It moved: whoever sends it the origin does.
+                None if acked != lag.acked => *lag = still,
+                None if now_ms >= lag.since_ms + config.relay_delay_ms => {
+                    lag.relayed = Some(acked);
+                    lag.since_ms = now_ms;
+                }
+                None => {}
+            }
+            if lag.relayed.is_none() {
                 from.advance(Dot { origin: d.origin, seq: d.seq });
             }
         }
@@ -961,6 +995,9 @@ impl PeerSync {
                 from.advance(e.dot);
                 if e.dot.origin != me {
                     self.stats.entries_relayed += 1;
+                    if let Some(Lag { relayed: Some(r), .. }) = s.lag_since.get_mut(&e.dot.origin) {
+                        *r = (*r).max(e.dot.seq);
+                    }
                 }
             }
             in_flight += batch.len() as u64;
@@ -1073,16 +1110,21 @@ mod tests {
 
     /// Delivers everything queued both ways until both sides are silent.
     fn exchange(a: &mut PeerSync, sa: &Store, b: &mut PeerSync, sb: &Store) -> usize {
+        exchange_at(0, a, sa, b, sb)
+    }
+
+    /// [`exchange`] at time `now`.
+    fn exchange_at(now: u64, a: &mut PeerSync, sa: &Store, b: &mut PeerSync, sb: &Store) -> usize {
         let mut delivered = 0;
         loop {
             let mut moved = false;
             while let Some(m) = a.poll_transmit() {
-                b.handle_message(0, m, sb);
+                b.handle_message(now, m, sb);
                 moved = true;
                 delivered += 1;
             }
             while let Some(m) = b.poll_transmit() {
-                a.handle_message(0, m, sa);
+                a.handle_message(now, m, sa);
                 moved = true;
                 delivered += 1;
             }
@@ -1123,6 +1165,88 @@ mod tests {
             matches!(b.poll_transmit(), Some(PeerMessage::Ack { vector, .. }) if vector == ours),
             "a retransmission is acknowledged with the durable vector"
         );
+    }
+
+    /// Origin O's entries `from..=to`, applied durably to `to_store`.
+    fn take_from(origin: &Store, to_store: &Store, from: u64, to: u64) {
+        let o = origin.incarnation();
+        let since: VersionVector = [Dot { origin: o, seq: from - 1 }].into_iter().collect();
+        let entries =
+            origin.entries_since(StreamId::Enterprise, &since, (to + 1 - from) as usize).expect("ship");
+        assert_eq!(entries.last().map(|e| e.dot.seq), Some(to));
+        to_store.apply_remote(StreamId::Enterprise, entries).expect("apply").wait().expect("durable");
+    }
+
+    /// Takes what `m` transmits: the messages, and how many entries of `origin` they carry.
+    fn relayed_sent(m: &mut PeerSync, origin: Incarnation) -> (u64, Vec<PeerMessage>) {
+        let mut out = Vec::new();
+        let mut n = 0;
+        while let Some(msg) = m.poll_transmit() {
+            if let PeerMessage::Entries { entries, .. } = &msg {
+                n += entries.iter().filter(|e| e.dot.origin == origin).count() as u64;
+            }
+            out.push(msg);
+        }
+        (n, out)
+    }
+
+    #[test]
+    fn an_origin_is_relayed_only_while_the_peers_acknowledgement_of_it_stands_still() {
+        let (sa, sb, so) = (store(1), store(2), store(3));
+        let o = so.incarnation();
+        for i in 0..20u32 {
+            so.put(Collection::Users, format!("o{i}").as_bytes(), b"x").expect("put");
+        }
+        // A holds O's first ten writes; B none.
+        take_from(&so, &sa, 1, 10);
+        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
+        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        assert_eq!(a.stats().entries_relayed, 0, "nothing is relayed at once");
+        let delay = SyncConfig::default().relay_delay_ms;
+
+        // B gets O's writes 1-5 from elsewhere and says so: it is behind, but moving.
+        take_from(&so, &sb, 1, 5);
+        b.handle_local_durable(600, StreamId::Enterprise, &sb);
+        exchange_at(600, &mut a, &sa, &mut b, &sb);
+        a.handle_timeout(delay + 200, &sa);
+        assert_eq!(relayed_sent(&mut a, o).0, 0, "B's acknowledgement of O moved 400 ms ago");
+
+        // It stood still for the relay delay: A relays what B lacks.
+        a.handle_timeout(600 + delay, &sa);
+        let (relayed, messages) = relayed_sent(&mut a, o);
+        assert_eq!(relayed, 5);
+        for m in messages {
+            b.handle_message(600 + delay, m, &sb);
+        }
+        exchange_at(600 + delay, &mut a, &sa, &mut b, &sb);
+        assert_eq!(sb.vector(StreamId::Enterprise).get(o), 10);
+
+        // B gets O's 11-15 from elsewhere again, beyond what A relayed: A stops, even
+        // for the O writes it then receives that B lacks.
+        take_from(&so, &sb, 11, 15);
+        b.handle_local_durable(700 + delay, StreamId::Enterprise, &sb);
+        exchange_at(700 + delay, &mut a, &sa, &mut b, &sb);
+        take_from(&so, &sa, 11, 20);
+        a.handle_local_durable(700 + delay, StreamId::Enterprise, &sa);
+        assert_eq!(relayed_sent(&mut a, o).0, 0, "B receives O from elsewhere again");
+        assert_eq!(a.stats().entries_relayed, 5);
+    }
+
+    #[test]
+    fn a_peers_own_writes_count_as_acknowledged_once_held() {
+        let (sa, sb) = (store(1), store(2));
+        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
+        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        for i in 0..3u32 {
+            sb.put(Collection::Users, format!("b{i}").as_bytes(), b"y").expect("put");
+        }
+        // A gets B's writes by another path and hears no acknowledgement of them (the
+        // one B sent after writing was lost): B wrote them, so B holds them.
+        take_from(&sb, &sa, 1, 3);
+        a.handle_local_durable(0, StreamId::Enterprise, &sa);
+        assert_eq!(a.acked(StreamId::Enterprise).expect("sends").get(sb.incarnation()), 3);
     }
 
     #[test]
