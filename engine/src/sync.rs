@@ -937,7 +937,9 @@ impl PeerSync {
         for d in ours.iter() {
             let behind = s.acked.get(d.origin) < d.seq;
             if !behind {
+                // It holds all we have of the origin: nothing of it to send.
                 s.lag_since.remove(&d.origin);
+                from.advance(d);
                 continue;
             }
             if d.origin == me {
@@ -947,8 +949,9 @@ impl PeerSync {
                 // The peer wrote these itself, durably before anyone got them, so it
                 // holds them whatever its last acknowledgement said (that one may
                 // have been lost, and retention and tombstone collection wait on it).
-                s.acked.advance(Dot { origin: d.origin, seq: d.seq });
-                from.advance(Dot { origin: d.origin, seq: d.seq });
+                s.acked.advance(d);
+                s.sent.advance(d);
+                from.advance(d);
                 continue;
             }
             let acked = s.acked.get(d.origin);
