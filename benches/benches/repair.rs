@@ -22,10 +22,6 @@ use repl_engine::topology::Scope;
 use repl_engine::{Store, StoreOptions, WriteBatch};
 use repl_wire::{encode_frame, Collection, NodeId, PeerMessage, StreamId, VersionVector};
 
-// The allocator repld runs with, so the engine is measured as deployed.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// What crossed the wire during an exchange.
 #[derive(Debug, Default, Clone, Copy)]
 struct Wire {

@@ -34,10 +34,6 @@ use repl_engine::topology::Generation;
 use repl_engine::{AuditEvent, Store, StoreOptions, WriteBatch};
 use repl_wire::{encode_frame, Collection, StreamId};
 
-// The allocator repld runs with, so the engine is measured as deployed.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Writes each of the eight pipelined writers keeps in flight.
 const IN_FLIGHT: usize = 128;
 

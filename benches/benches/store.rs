@@ -5,40 +5,30 @@
 
 #![allow(missing_docs)] // criterion_group! and criterion_main! generate undocumented public items
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use mimalloc::MiMalloc;
 use repl_benches::{key, plain_log_append, quick, redb_insert, value_256};
 use repl_engine::{Durability, Store, StoreOptions, WriteBatch};
 use repl_wire::Collection;
 
-/// Counts live heap bytes, so the keydir's memory per key is measured exactly; the
-/// allocations themselves go to mimalloc, the allocator repld runs with.
+/// Counts live heap bytes, so the keydir's memory per key is measured exactly.
 struct Counting;
 
 static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-#[allow(unsafe_code)] // GlobalAlloc is an unsafe trait; this only forwards to mimalloc and counts.
+#[allow(unsafe_code)] // GlobalAlloc is an unsafe trait; this only forwards to System and counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { MiMalloc.alloc(layout) }
+        unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { MiMalloc.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let moved = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
-        if !moved.is_null() {
-            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
-            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-        }
-        moved
+        unsafe { System.dealloc(ptr, layout) }
     }
 }
 

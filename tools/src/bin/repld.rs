@@ -7,12 +7,6 @@ use clap::{Parser, Subcommand};
 use repl_tools::config::{Config, LogFormat};
 use repl_tools::{daemon, demo, logging};
 
-// mimalloc rather than glibc's malloc: a replica allocates and frees a few buffers per
-// entry, and glibc spent about a quarter of a catch-up's CPU in malloc, free and
-// their consolidation (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(name = "repld", version, about = "The repl replication daemon")]
 struct Cli {
