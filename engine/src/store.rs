@@ -466,8 +466,11 @@ impl Store {
     }
 
     /// Applies entries received from a peer, in order. Entries at or below the stream
-    /// vector are skipped as duplicates; one that skips ahead is [`Error::Gap`] and
-    /// nothing of the call is applied. Await the result before acknowledging to the peer.
+    /// vector are skipped as duplicates; one that skips ahead is [`Error::Gap`]. A
+    /// call of more entries than fit one frame of a segment is applied in frame-sized
+    /// parts, in order: a gap then leaves the parts before it applied (a prefix of the
+    /// origin's order, so nothing is out of place) and nothing after it. Await the
+    /// result before acknowledging to the peer.
     pub fn apply_remote(&self, stream: StreamId, entries: Vec<Entry>) -> Result<PendingWrite> {
         let s = self.stream(stream);
         // Remote entries need no atomicity beyond order: entries too many for one
