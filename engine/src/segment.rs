@@ -249,14 +249,20 @@ fn parse_frame(bytes: &[u8], at: usize, len: usize) -> Option<ScannedFrame> {
 /// Parses one entry with its header from the front of `bytes`; returns it and the
 /// bytes it took. `None` when the header, checksum or entry is bad.
 fn parse_entry(bytes: &[u8]) -> Option<(Entry, usize)> {
-    let len = read_u32(bytes, 0)? as usize;
-    let body = bytes.get(ENTRY_HEADER_BYTES as usize..ENTRY_HEADER_BYTES as usize + len)?;
+    let (body, total) = entry_body(bytes)?;
     let stored = read_u32(bytes, 4)?;
     if crc(ENTRY_CRC_SEED, &[bytes.get(0..4)?, body]) != stored {
         return None;
     }
     let entry = Entry::decode(body).ok()?;
-    Some((entry, ENTRY_HEADER_BYTES as usize + len))
+    Some((entry, total))
+}
+
+/// The encoded entry behind the header at the front of `bytes`, and the bytes header
+/// and entry take; `None` when they run past the end. The checksum is not checked.
+fn entry_body(bytes: &[u8]) -> Option<(&[u8], usize)> {
+    let total = ENTRY_HEADER_BYTES as usize + read_u32(bytes, 0)? as usize;
+    Some((bytes.get(ENTRY_HEADER_BYTES as usize..total)?, total))
 }
 
 /// Verifies one whole frame read at file offset `at` (header included) and decodes
@@ -280,11 +286,7 @@ pub(crate) fn scan_frame_wanted(
     let mut p = payload_start + FRAME_COUNT_BYTES as usize;
     for _ in 0..count {
         let bytes = buf.get(p..len).ok_or_else(|| corrupt("frame payload is malformed"))?;
-        let body_len = read_u32(bytes, 0).ok_or_else(|| corrupt("frame payload is malformed"))? as usize;
-        let total = ENTRY_HEADER_BYTES as usize + body_len;
-        let body = bytes
-            .get(ENTRY_HEADER_BYTES as usize..total)
-            .ok_or_else(|| corrupt("frame payload is malformed"))?;
+        let (body, total) = entry_body(bytes).ok_or_else(|| corrupt("frame payload is malformed"))?;
         // The frame's checksum covered these bytes, so a dot that does not parse is
         // a writer's bug or a collision, reported like any malformed frame.
         let (dot, _) =

@@ -30,7 +30,8 @@
 //! still for `relay_delay_ms` while we held more (no flooding: a peer that keeps
 //! receiving an origin from elsewhere, however far behind, is not sent it again, so
 //! in steady state each write crosses the network once per replica), and relaying
-//! stops once the peer acknowledges more of the origin than we relayed. A peer below the log floor gets `NotCovered` (anti-entropy).
+//! stops once the peer acknowledges more of the origin than we relayed. A peer below
+//! the log floor gets `NotCovered` (anti-entropy).
 
 use std::collections::{btree_map, BTreeMap, VecDeque};
 
@@ -258,7 +259,7 @@ struct StreamState {
     /// When the peer's acknowledgement last moved or we last had nothing in flight.
     progress_ms: u64,
     /// Per origin (not us) the peer lags on: how its acknowledgement moves.
-    lag_since: BTreeMap<Incarnation, Lag>,
+    lag: BTreeMap<Incarnation, Lag>,
     /// Origins we reported `NotCovered` for, and when (repeated while the peer does not
     /// move past them: the report may have been lost).
     not_covered: BTreeMap<Incarnation, u64>,
@@ -402,7 +403,7 @@ impl PeerSync {
                 replica.vector(*stream),
                 s.acked,
                 s.sent,
-                s.lag_since
+                s.lag
             ));
         }
         out
@@ -479,7 +480,7 @@ impl PeerSync {
             }
             // A relay timer matters only while the origin's entries are not yet sent.
             let ours = replica.vector(*stream);
-            for (origin, lag) in &s.lag_since {
+            for (origin, lag) in &s.lag {
                 // (An origin the peer must repair for is not sent until it has.)
                 if lag.relayed.is_none()
                     && ours.get(*origin) > s.sent.get(*origin)
@@ -663,7 +664,7 @@ impl PeerSync {
                 s.acked = pos.vector.clone();
                 s.sent = pos.vector;
                 s.progress_ms = now_ms;
-                s.lag_since.clear();
+                s.lag.clear();
                 s.not_covered.clear();
             }
         }
@@ -938,7 +939,7 @@ impl PeerSync {
             let behind = s.acked.get(d.origin) < d.seq;
             if !behind {
                 // It holds all we have of the origin: nothing of it to send.
-                s.lag_since.remove(&d.origin);
+                s.lag.remove(&d.origin);
                 from.advance(d);
                 continue;
             }
@@ -956,7 +957,7 @@ impl PeerSync {
             }
             let acked = s.acked.get(d.origin);
             let still = Lag { acked, since_ms: now_ms, relayed: None };
-            let lag = s.lag_since.entry(d.origin).or_insert(still);
+            let lag = s.lag.entry(d.origin).or_insert(still);
             match lag.relayed {
                 // It gets the origin from elsewhere again: stop, and watch anew.
                 Some(relayed) if acked > relayed => *lag = still,
@@ -998,7 +999,7 @@ impl PeerSync {
                 from.advance(e.dot);
                 if e.dot.origin != me {
                     self.stats.entries_relayed += 1;
-                    if let Some(Lag { relayed: Some(r), .. }) = s.lag_since.get_mut(&e.dot.origin) {
+                    if let Some(Lag { relayed: Some(r), .. }) = s.lag.get_mut(&e.dot.origin) {
                         *r = (*r).max(e.dot.seq);
                     }
                 }
