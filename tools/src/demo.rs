@@ -87,6 +87,8 @@ struct Member {
     /// Where it listens: its address, unless a relay sits in between.
     listen: SocketAddr,
     metrics: SocketAddr,
+    /// The network namespace it runs in (the soak as root), else the host's.
+    netns: Option<String>,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -161,6 +163,7 @@ impl Demo {
                 address,
                 listen: address,
                 metrics: free_tcp()?,
+                netns: None,
                 config: dir.join(format!("{id}.toml")),
                 log: dir.join(format!("{id}.log")),
                 child: None,
@@ -244,6 +247,38 @@ impl Demo {
         Ok(self.members.iter().map(|m| (m.address, m.listen)).collect())
     }
 
+    /// Moves appliance `i` to `address` inside network namespace `netns` (before any
+    /// appliance starts): it listens there, and the topology names that address.
+    pub fn place(&mut self, placement: Vec<(SocketAddr, String)>) -> Result<(), DemoError> {
+        for ((m, a), (address, netns)) in
+            self.members.iter_mut().zip(self.topology.appliances.iter_mut()).zip(placement)
+        {
+            m.address = address;
+            m.listen = address;
+            m.netns = Some(netns);
+            a.address = address;
+        }
+        self.write_files()
+    }
+
+    /// `GET path` on the metrics port of appliance `index` (inside its namespace).
+    pub async fn metrics_get(&self, index: usize, path: &str) -> std::io::Result<String> {
+        let m = &self.members[index];
+        match &m.netns {
+            None => http_get(m.metrics, path).await,
+            Some(ns) => {
+                let (ns, addr) = (ns.clone(), m.metrics);
+                let socket = tokio::task::spawn_blocking(move || {
+                    crate::netns::connect_in(&ns, addr, HTTP_CONNECT_MAX)
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                socket.set_nonblocking(true)?;
+                http_exchange(tokio::net::TcpStream::from_std(socket)?, path).await
+            }
+        }
+    }
+
     /// The directory of the enterprise's files.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
@@ -293,7 +328,17 @@ impl Demo {
         let m = &mut self.members[index];
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(&m.log).map_err(setup("log file"))?;
-        let child = Command::new(exe)
+        let mut command = match &m.netns {
+            // `ip netns exec` enters the namespace and execs repld: the process id
+            // stays the appliance's, for signals and /proc.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = command
             .arg("--config")
             .arg(&m.config)
             .stdin(Stdio::null())
@@ -321,10 +366,10 @@ impl Demo {
     /// Whether appliance `index` answers on its metrics port yet; an error if its
     /// process exited.
     pub async fn ready(&mut self, index: usize) -> Result<bool, DemoError> {
-        let m = &mut self.members[index];
-        if http_get(m.metrics, "/metrics").await.is_ok() {
+        if self.metrics_get(index, "/metrics").await.is_ok() {
             return Ok(true);
         }
+        let m = &mut self.members[index];
         if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
             let log = std::fs::read_to_string(&m.log).unwrap_or_default();
             return Err(DemoError::Appliance(m.id.to_string(), format!("exited with {status}:\n{log}")));
@@ -447,12 +492,20 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// How long a metrics request may take to connect.
+const HTTP_CONNECT_MAX: Duration = Duration::from_secs(2);
+
 /// A minimal HTTP/1.1 GET on loopback; the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+    let socket = tokio::time::timeout(HTTP_CONNECT_MAX, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
+    http_exchange(socket, path).await
+}
+
+/// The request and answer of [`http_get`] on a connected socket.
+async fn http_exchange(mut socket: tokio::net::TcpStream, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     socket.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes()).await?;
     let mut text = String::new();
     tokio::time::timeout(Duration::from_secs(5), socket.read_to_string(&mut text))

@@ -8,6 +8,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod logging;
+pub mod netns;
 pub mod plot;
 pub mod relay;
 pub mod soak;

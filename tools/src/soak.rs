@@ -9,6 +9,12 @@
 //! to). At the end it heals everything and checks: replicas agree (hash-tree roots at
 //! equal vectors), every acknowledged write is on every appliance that should hold
 //! it, every session is readable in its site, every audit record is on every holder.
+//! Partitions and bad networks come from the kernel when the soak runs as root
+//! (`--network netns`, the default then: every appliance in a network namespace of
+//! its own behind a router namespace, links cut by blackhole rules; see
+//! [`crate::netns`]), else from a loopback UDP relay in front of every appliance
+//! (`--network relay`: drops, delays, duplicates and reorders; see [`crate::relay`]).
+//!
 //! A CSV time series (acknowledged and failed operations per second, faults, memory
 //! and open files of every appliance) is written beside the run. Exit 1 on any
 //! violation.
@@ -24,9 +30,8 @@ use repl_engine::topology::Role;
 use repl_wire::transport::Identity;
 use repl_wire::{Collection, NodeId, StreamId};
 
-use crate::demo::{
-    agent_work, audit_details, converge, http_get, missing_on, Acked, Demo, DemoError, G4_LAYOUT,
-};
+use crate::demo::{agent_work, audit_details, converge, missing_on, Acked, Demo, DemoError, G4_LAYOUT};
+use crate::netns::Namespaces;
 use crate::relay::{Lossy, Relay};
 
 /// Arguments of `repl-soak`.
@@ -45,7 +50,150 @@ pub struct SoakArgs {
     /// Keep everything (configs, data, logs, CSV) in this directory.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// How partitions are made: `netns` (root: network namespaces, cuts in the
+    /// kernel), `relay` (a loopback UDP relay; also delays, duplicates, reorders), or
+    /// `auto` (netns where it can, else relay).
+    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+    pub network: NetworkMode,
 }
+
+/// How `repl-soak` makes partitions and bad networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkMode {
+    /// Network namespaces where this process may make them, else the relay.
+    Auto,
+    /// Network namespaces (needs root and iproute2).
+    Netns,
+    /// A loopback UDP relay in front of every appliance.
+    Relay,
+}
+
+/// The network between the appliances, and how it fails.
+enum Network {
+    Relay(Relay),
+    Namespaces(Namespaces),
+}
+
+/// During a lossy period in namespaces: each direction of each pair of appliances
+/// is cut for a tick with this probability, in percent.
+const FLAP_PCT: u64 = 5;
+
+impl Network {
+    /// Builds the network the arguments ask for and places `demo`'s appliances in it.
+    async fn create(mode: NetworkMode, demo: &mut Demo, seed: u64) -> Result<Network, DemoError> {
+        let namespaces = match mode {
+            NetworkMode::Netns => true,
+            NetworkMode::Relay => false,
+            NetworkMode::Auto => crate::netns::available(),
+        };
+        if namespaces {
+            let ids = demo.ids();
+            let names: Vec<&str> = ids.iter().map(NodeId::as_str).collect();
+            let ns = Namespaces::create(&names).map_err(|e| DemoError::Setup(format!("namespaces: {e}")))?;
+            // Each appliance on its own address, all on the product's peer port.
+            let placement =
+                (0..ids.len()).map(|i| ((ns.address(i), PEER_PORT).into(), ns.name(i).to_string())).collect();
+            demo.place(placement)?;
+            Ok(Network::Namespaces(ns))
+        } else {
+            let addresses = demo.interpose()?;
+            let relay = Relay::start(&addresses, seed ^ 0x5eed)
+                .await
+                .map_err(|e| DemoError::Setup(format!("relays: {e}")))?;
+            Ok(Network::Relay(relay))
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Network::Relay(_) => "a loopback UDP relay per appliance",
+            Network::Namespaces(_) => "a network namespace per appliance behind a router namespace",
+        }
+    }
+
+    fn isolate(&self, i: usize) -> Result<(), DemoError> {
+        match self {
+            Network::Relay(r) => {
+                r.isolate(i);
+                Ok(())
+            }
+            Network::Namespaces(n) => n.isolate(i).map_err(net_error),
+        }
+    }
+
+    fn rejoin(&self, i: usize) -> Result<(), DemoError> {
+        match self {
+            Network::Relay(r) => {
+                r.rejoin(i);
+                Ok(())
+            }
+            Network::Namespaces(n) => n.rejoin(i).map_err(net_error),
+        }
+    }
+
+    fn heal(&self) -> Result<(), DemoError> {
+        match self {
+            Network::Relay(r) => {
+                r.heal();
+                Ok(())
+            }
+            Network::Namespaces(n) => n.heal().map_err(net_error),
+        }
+    }
+
+    /// Starts (`Some`), continues (each tick) or ends (`None`) a lossy period.
+    fn lossy(&self, lossy: Option<&mut SplitMix64>, starting: bool) -> Result<(), DemoError> {
+        match (self, lossy) {
+            (Network::Relay(r), Some(_)) if starting => r.set_lossy(Some(LOSSY)),
+            (Network::Relay(_), Some(_)) => {}
+            (Network::Relay(r), None) => r.set_lossy(None),
+            (Network::Namespaces(n), Some(rng)) => n.flap(FLAP_PCT, rng).map_err(net_error)?,
+            (Network::Namespaces(n), None) => n.flap(0, &mut SplitMix64::new(0)).map_err(net_error)?,
+        }
+        Ok(())
+    }
+
+    fn lossy_description(&self) -> String {
+        match self {
+            Network::Relay(_) => format!(
+                "{}% loss, {}% duplicates, 0-{} ms delay",
+                LOSSY.drop_pct, LOSSY.duplicate_pct, LOSSY.delay_max_ms
+            ),
+            Network::Namespaces(_) => format!("each link direction cut {FLAP_PCT}% of 100 ms ticks"),
+        }
+    }
+
+    /// The CSV column of the network's state, and its value now.
+    fn column(&self) -> (&'static str, u64) {
+        match self {
+            Network::Relay(r) => ("packets_dropped", r.stats().dropped),
+            Network::Namespaces(n) => ("links_cut", n.links_cut() as u64),
+        }
+    }
+
+    fn report(&self) -> String {
+        match self {
+            Network::Relay(r) => {
+                let s = r.stats();
+                format!(
+                    "relays: {} packets dropped (partitions and loss), {} duplicated, {} delayed",
+                    s.dropped, s.duplicated, s.delayed
+                )
+            }
+            Network::Namespaces(n) => format!(
+                "namespaces: {} blackhole rules added or removed in the router (partitions and flapping links)",
+                n.rule_changes()
+            ),
+        }
+    }
+}
+
+fn net_error(e: crate::netns::NetnsError) -> DemoError {
+    DemoError::Setup(format!("network: {e}"))
+}
+
+/// The port appliances listen on inside their namespaces (the product's peer port).
+const PEER_PORT: u16 = 7809;
 
 /// The soak's G3 enterprise: two sites of three appliances, one audit holder each.
 pub const SOAK_G3: &[(&str, &str, &[Role])] = &[
@@ -106,7 +254,7 @@ const LOSSY: Lossy = Lossy { drop_pct: 5, duplicate_pct: 2, delay_max_ms: 20 };
 async fn max_lag_ms(demo: &Demo, running: impl Iterator<Item = usize>) -> u64 {
     let mut worst = 0.0f64;
     for i in running {
-        let Ok(text) = http_get(demo.metrics(i), "/metrics").await else { continue };
+        let Ok(text) = demo.metrics_get(i, "/metrics").await else { continue };
         for line in text.lines().filter(|l| l.starts_with("repl_lag_seconds{")) {
             if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
                 worst = worst.max(v);
@@ -215,14 +363,14 @@ const RESTART_READY_MAX: Duration = Duration::from_secs(60);
 const RESTART_WARM_S: f64 = 5.0;
 
 /// Ends `fault` of appliance `i`.
-async fn heal(demo: &mut Demo, relay: &Relay, i: usize, fault: Fault) -> Result<(), DemoError> {
+async fn heal(demo: &mut Demo, network: &Network, i: usize, fault: Fault) -> Result<(), DemoError> {
     match fault {
         Fault::Kill => {
             demo.start(i)?;
             demo.wait_ready(i).await?;
         }
         Fault::Pause => demo.signal(i, rustix::process::Signal::CONT),
-        Fault::Isolate => relay.rejoin(i),
+        Fault::Isolate => network.rejoin(i)?,
     }
     Ok(())
 }
@@ -237,16 +385,14 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         .with_file_name("repld");
     let layout = if args.g4 { G4_LAYOUT } else { SOAK_G3 };
     let mut demo = Demo::create(exe, args.dir.clone(), args.g4, layout)?;
-    // Every appliance behind a relay, for partitions and a lossy network.
-    let addresses = demo.interpose()?;
-    let relay = Relay::start(&addresses, seed ^ 0x5eed)
-        .await
-        .map_err(|e| DemoError::Setup(format!("relays: {e}")))?;
+    // Every appliance behind a relay or in a namespace, for partitions and a lossy network.
+    let network = Network::create(args.network, &mut demo, seed).await?;
     println!(
-        "repl-soak: {} appliances ({}), {} s under faults, seed {seed}; files in {}",
+        "repl-soak: {} appliances ({}), {} s under faults, seed {seed}; {}; files in {}",
         layout.len(),
         if args.g4 { "G4" } else { "G3" },
         args.duration,
+        network.describe(),
         demo.dir().display()
     );
     for i in 0..layout.len() {
@@ -300,7 +446,10 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
     }
 
     let mut rng = SplitMix64::new(seed);
-    let mut csv = String::from("t_s,acked_ops,failed_ops,faults,lossy,lag_ms,packets_dropped");
+    // Flapping links draw from their own generator: the fault schedule is the same
+    // for a seed whichever network the soak runs on.
+    let mut flap_rng = SplitMix64::new(seed ^ 0xf1a9);
+    let mut csv = format!("t_s,acked_ops,failed_ops,faults,lossy,lag_ms,{}", network.column().0);
     for id in &ids {
         let _ = write!(csv, ",{id}_rss_kib,{id}_fds");
     }
@@ -338,7 +487,7 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
                     runs[*i].clear();
                     starting.push((*i, now));
                 } else {
-                    heal(&mut demo, &relay, *i, *fault).await?;
+                    heal(&mut demo, &network, *i, *fault).await?;
                     events.push(format!("{:>6.1}s {} back", secs_since(now), ids[*i]));
                 }
                 healed.push(*i);
@@ -380,7 +529,7 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
                 match fault {
                     Fault::Kill => demo.kill(i)?,
                     Fault::Pause => demo.signal(i, rustix::process::Signal::STOP),
-                    Fault::Isolate => relay.isolate(i),
+                    Fault::Isolate => network.isolate(i)?,
                 }
                 faults += 1;
                 events.push(format!("{:>6.1}s {} {} for {length:?}", secs_since(now), ids[i], fault.name()));
@@ -391,24 +540,24 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         }
         // Now and then a lossy network for everyone: loss, duplicates, reordering.
         if lossy_until.is_some_and(|t| now >= t) {
-            relay.set_lossy(None);
+            network.lossy(None, false)?;
             lossy_until = None;
             events.push(format!("{:>6.1}s network clean again", secs_since(now)));
         }
         if lossy_until.is_none() && now >= next_lossy {
             let length = Duration::from_millis(2_000 + rng.below(4_000));
-            relay.set_lossy(Some(LOSSY));
+            network.lossy(Some(&mut flap_rng), true)?;
             lossy_until = Some(now + length);
             next_lossy = now + length + Duration::from_millis(8_000 + rng.below(12_000));
             faults += 1;
             events.push(format!(
-                "{:>6.1}s network lossy for {length:?} ({}% loss, {}% duplicates, 0-{} ms delay)",
+                "{:>6.1}s network lossy for {length:?} ({})",
                 secs_since(now),
-                LOSSY.drop_pct,
-                LOSSY.duplicate_pct,
-                LOSSY.delay_max_ms
+                network.lossy_description()
             ));
             plot.lossy.push((secs_since(now), secs_since(now + length)));
+        } else if lossy_until.is_some() {
+            network.lossy(Some(&mut flap_rng), false)?;
         }
         if now.duration_since(last_sample) >= Duration::from_secs(1) {
             last_sample = now;
@@ -431,7 +580,7 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
                 "{t:.1},{ops},{failed},{},{},{lag_ms},{}",
                 down.len(),
                 u8::from(lossy_until.is_some()),
-                relay.stats().dropped
+                network.column().1
             );
             for (i, run) in runs.iter_mut().enumerate() {
                 let (rss, fds) = demo.pid(i).map_or((0, 0), proc_stat);
@@ -456,12 +605,13 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
     }
     // Heal everything.
     for (i, _, fault) in down.drain(..) {
-        heal(&mut demo, &relay, i, fault).await?;
+        heal(&mut demo, &network, i, fault).await?;
     }
     for (i, _) in starting.drain(..) {
         demo.wait_ready(i).await?;
     }
-    relay.heal();
+    network.lossy(None, false)?;
+    network.heal()?;
     let csv_path = demo.dir().join("soak.csv");
     let kept = args.dir.is_some();
     std::fs::write(&csv_path, &csv)
@@ -537,12 +687,7 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         audit.len(),
         if kept { format!("in {}", csv_path.display()) } else { "not kept (give --dir DIR to keep it)".to_string() }
     );
-    let relayed = relay.stats();
-    let _ = writeln!(
-        report,
-        "relays: {} packets dropped (partitions and loss), {} duplicated, {} delayed",
-        relayed.dropped, relayed.duplicated, relayed.delayed
-    );
+    let _ = writeln!(report, "{}", network.report());
     report.push_str("memory and open files after warm-up:\n");
     for line in &resources {
         let _ = writeln!(report, "  {line}");
