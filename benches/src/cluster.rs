@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use repl_engine::runtime::{database_targets, Node, NodeConfig, PairMode, RemoteStore, RemoteTarget};
+use repl_engine::runtime::{
+    database_targets, MaintenanceConfig, Node, NodeConfig, PairMode, RemoteStore, RemoteTarget,
+};
 use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
 use repl_engine::{FileStorage, Store, StoreOptions, SyncLatency};
 use repl_wire::transport::{AllowedPeers, CertificateAuthority, Identity, TlsSetup, Validity};
@@ -115,6 +117,11 @@ impl Cluster {
             let mut config = NodeConfig::new(appliance.id.clone(), topology.clone(), tls, appliance.address);
             config.serve.pair = pair;
             config.upstream = upstream;
+            // The benches measure the replication path. Compaction rewrites every live
+            // record once a sealed segment falls below the horizon, and the catch-up
+            // bench's appliance keeps every sample's million keys: upkeep would land
+            // in the middle of later samples.
+            config.maintenance = MaintenanceConfig::off();
             cluster.configs.push(config);
             cluster.dirs.push(tempfile::tempdir().expect("dir"));
             cluster.nodes.push(None);

@@ -4,7 +4,9 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use repl_engine::runtime::NodeConfig;
 use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
+use repl_engine::{Store, StoreOptions};
 use repl_wire::transport::{AllowedPeers, CertificateAuthority, Identity, TlsSetup, Validity};
 use repl_wire::NodeId;
 
@@ -63,5 +65,51 @@ pub async fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -
     while !done() {
         assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two audit holders of a G3 enterprise on loopback, `a1` in site `a` and `b1` in site
+/// `b`, each with a data directory that outlives its node: what tests that stop and
+/// restart one side need.
+pub struct AppliancePair {
+    ca: CertificateAuthority,
+    specs: [(&'static str, &'static str, &'static [Role], SocketAddr); 2],
+    topology: Topology,
+    dirs: [tempfile::TempDir; 2],
+}
+
+impl Default for AppliancePair {
+    fn default() -> Self {
+        const AUDIT: &[Role] = &[Role::Audit];
+        let specs = [("a1", "a", AUDIT, free_port()), ("b1", "b", AUDIT, free_port())];
+        AppliancePair {
+            ca: CertificateAuthority::create("loopback", Validity::days_from_now(1)).expect("ca"),
+            topology: topology(Generation::G3, &specs),
+            specs,
+            dirs: [(); 2].map(|_| tempfile::tempdir().expect("data dir")),
+        }
+    }
+}
+
+impl AppliancePair {
+    /// Starts appliance `i` (0: a1, 1: b1) on its directory with `options`, after
+    /// `adjust` edits the default node configuration.
+    pub async fn start(
+        &self,
+        i: usize,
+        options: StoreOptions,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> repl_engine::runtime::Node {
+        let (id, _, _, addr) = self.specs[i];
+        let store = Store::open_dir(self.dirs[i].path(), options).expect("open the store");
+        let tls = appliance_tls(&self.ca, id, &self.topology);
+        let mut config = NodeConfig::new(NodeId::new(id).expect("id"), self.topology.clone(), tls, addr);
+        adjust(&mut config);
+        repl_engine::runtime::Node::start(store, config).await.expect("start the node")
+    }
+
+    /// The data directory of appliance `i`.
+    pub fn dir(&self, i: usize) -> &std::path::Path {
+        self.dirs[i].path()
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use repl_engine::runtime::{Node, NodeConfig};
 use repl_engine::topology::{Generation, Role};
 use repl_engine::{Store, StoreOptions, WriteBatch};
-use repl_tests::net::{appliance_tls as tls, free_port, topology, wait_until as wait_for};
+use repl_tests::net::{appliance_tls as tls, free_port, topology, wait_until as wait_for, AppliancePair};
 use repl_wire::transport::{CertificateAuthority, Validity};
 use repl_wire::{Collection, NodeId, StreamId};
 
@@ -75,18 +75,10 @@ async fn three_appliances_replicate_over_quic_and_a_foreign_certificate_is_refus
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_appliance_that_stops_catches_up_when_it_comes_back() {
-    let ca = CertificateAuthority::create("loopback", Validity::days_from_now(1)).expect("ca");
-    let specs = [("a1", "a", AUDIT, free_port()), ("b1", "b", AUDIT, free_port())];
-    let t = topology(Generation::G3, &specs);
-    let dirs: Vec<tempfile::TempDir> = specs.iter().map(|_| tempfile::tempdir().expect("dir")).collect();
-    let start = |i: usize| {
-        let (id, _, _, addr) = specs[i];
-        let store = Store::open_dir(dirs[i].path(), StoreOptions::default()).expect("open");
-        let config = NodeConfig::new(NodeId::new(id).expect("id"), t.clone(), tls(&ca, id, &t), addr);
-        Node::start(store, config)
-    };
-    let a1 = start(0).await.expect("start a1");
-    let b1 = start(1).await.expect("start b1");
+    let pair = AppliancePair::default();
+    let start = |i: usize| pair.start(i, StoreOptions::default(), |_| {});
+    let a1 = start(0).await;
+    let b1 = start(1).await;
     let put = |n: &Node, i: u32| {
         n.store().put(Collection::Users, format!("user{i}").as_bytes(), b"v").expect("put");
         n.notify();
@@ -102,7 +94,7 @@ async fn an_appliance_that_stops_catches_up_when_it_comes_back() {
     for i in 1..=20 {
         put(&a1, i);
     }
-    let b1 = start(1).await.expect("restart b1");
+    let b1 = start(1).await;
     // The clean stop left a checkpoint: the restart replays nothing.
     let recovered = &b1.store().recovery().streams[&StreamId::Enterprise];
     assert!(recovered.hint_generation.is_some(), "no checkpoint after a clean stop: {recovered:?}");

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use repl_engine::runtime::{PairMode, PairTimeout, ServeConfig};
+use repl_engine::runtime::{MaintenanceConfig, PairMode, PairTimeout, ServeConfig};
 use repl_engine::sync::SyncConfig;
 use repl_engine::topology::{Role, Topology};
 use repl_wire::NodeId;
@@ -111,6 +111,38 @@ impl Default for ServeFile {
     }
 }
 
+/// Log upkeep tunables (`[maintenance]`); an interval of 0 turns that upkeep off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceFile {
+    /// Seconds between compactions below what every in-scope peer acknowledged.
+    pub compact_interval_s: u64,
+    /// Seconds between tombstone collections.
+    pub tombstone_interval_s: u64,
+    /// Seconds between checkpoints while the store changes (bounds crash recovery).
+    pub checkpoint_interval_s: u64,
+    /// Log kept per stream for a peer that is away, in MiB; past it the log is
+    /// compacted anyway (an alarm) and the peer repairs by anti-entropy.
+    pub log_retained_mib: u64,
+}
+
+impl Default for MaintenanceFile {
+    fn default() -> Self {
+        let every = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_secs());
+        let defaults = MaintenanceConfig::default();
+        MaintenanceFile {
+            compact_interval_s: every(defaults.compact_every),
+            tombstone_interval_s: every(defaults.collect_tombstones_every),
+            checkpoint_interval_s: every(defaults.checkpoint_every),
+            log_retained_mib: repl_engine::LOG_RETAINED_BYTES_MAX >> 20,
+        }
+    }
+}
+
+/// The smallest retention limit accepted: a few segments, so one busy minute cannot
+/// force a compaction past a peer that is merely a little behind.
+const LOG_RETAINED_MIB_MIN: u64 = 256;
+
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +164,8 @@ struct File {
     tls: TlsFiles,
     #[serde(default)]
     serve: ServeFile,
+    #[serde(default)]
+    maintenance: MaintenanceFile,
     /// Collections that keep concurrent writes as siblings instead of
     /// last-writer-wins (the same list on every appliance).
     #[serde(default)]
@@ -174,6 +208,10 @@ pub struct Config {
     pub serve: ServeConfig,
     /// Sync tunables.
     pub sync: SyncConfig,
+    /// Log upkeep: compaction, tombstone collection, checkpoints.
+    pub maintenance: MaintenanceConfig,
+    /// Log bytes per stream kept for a peer that is away.
+    pub log_retained_bytes_max: u64,
     /// Collections that keep siblings.
     pub keep_siblings: Vec<repl_wire::Collection>,
 }
@@ -297,7 +335,23 @@ impl Config {
                 }
             }
         }
+        let m = &f.maintenance;
+        if m.log_retained_mib < LOG_RETAINED_MIB_MIN {
+            return Err(invalid(
+                path,
+                "maintenance.log_retained_mib",
+                format!("{} MiB is below the minimum of {LOG_RETAINED_MIB_MIN} MiB", m.log_retained_mib),
+            ));
+        }
+        let every = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+        let maintenance = MaintenanceConfig {
+            compact_every: every(m.compact_interval_s),
+            collect_tombstones_every: every(m.tombstone_interval_s),
+            checkpoint_every: every(m.checkpoint_interval_s),
+        };
         let config = Config {
+            maintenance,
+            log_retained_bytes_max: m.log_retained_mib << 20,
             keep_siblings,
             file: path.to_path_buf(),
             appliance,

@@ -192,7 +192,8 @@ impl Daemon {
             source: repl_engine::Error::Io { file: store_dir.display().to_string(), op: "create", source: e },
         })?;
         let latency = storage.sync_latency();
-        let mut options = StoreOptions::default();
+        let mut options =
+            StoreOptions { log_retained_bytes_max: config.log_retained_bytes_max, ..StoreOptions::default() };
         for c in &config.keep_siblings {
             options.policies.insert(*c, repl_engine::ConflictPolicy::KeepSiblings);
         }
@@ -220,6 +221,7 @@ impl Daemon {
         let mut node_config = NodeConfig::new(config.appliance.clone(), topology, tls, config.listen);
         node_config.serve = config.serve;
         node_config.sync = config.sync;
+        node_config.maintenance = config.maintenance;
         node_config.upstream = upstream;
         node_config.sync_latency = Some(latency);
         node_config.crl_file = Some(config.data_dir.join("crl.pem"));

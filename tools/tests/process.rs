@@ -49,6 +49,12 @@ fn a_bad_configuration_names_the_file_and_field_and_exits_2() {
             "metrics",
         ),
         ("missing certificate", good.replace("cert = \"a1.pem\"", "cert = \"nope.pem\""), "tls.cert"),
+        (
+            "retention below its minimum",
+            format!("{good}\n[maintenance]\nlog_retained_mib = 8\n"),
+            "maintenance.log_retained_mib",
+        ),
+        ("unknown maintenance field", format!("{good}\n[maintenance]\ncompact_every = 5\n"), "compact_every"),
     ];
     for (what, text, field) in cases {
         let file = dir.join(format!("bad-{}.toml", what.replace(' ', "-")));

@@ -147,6 +147,27 @@ pub(super) fn render(shared: &Shared) -> String {
     line(&mut out, "repl_connections_refused_total", "", status.refused);
     help(&mut out, "repl_pair_degraded_total", "counter", "writes acknowledged without the pair (sync mode)");
     line(&mut out, "repl_pair_degraded_total", "", status.pair_degraded);
+    help(
+        &mut out,
+        "repl_segments_compacted_total",
+        "counter",
+        "log segments compacted below the peers' acknowledgements",
+    );
+    line(&mut out, "repl_segments_compacted_total", "", status.segments_compacted);
+    help(
+        &mut out,
+        "repl_compactions_forced_total",
+        "counter",
+        "compactions past the retention limit, below a peer's acknowledgement (alarm)",
+    );
+    line(&mut out, "repl_compactions_forced_total", "", status.compactions_forced);
+    help(
+        &mut out,
+        "repl_tombstones_collected_total",
+        "counter",
+        "tombstones every replica acknowledged, collected",
+    );
+    line(&mut out, "repl_tombstones_collected_total", "", status.tombstones_collected);
     help(&mut out, "repl_hlc_drift_alarms_total", "counter", "remote clocks seen too far ahead");
     line(&mut out, "repl_hlc_drift_alarms_total", "", store.hlc_drift_alarms());
     out

@@ -14,6 +14,7 @@
 //! which pushes or relays them.
 
 mod client;
+mod maintain;
 mod metrics;
 mod peer;
 mod serve;
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use client::{ClientError, RemoteStore, RemoteTarget};
+pub use maintain::MaintenanceConfig;
 pub use metrics::{serve_http, HttpError};
 
 use crate::records::{Record, TopologyRecord};
@@ -106,6 +108,8 @@ pub struct NodeConfig {
     /// Start even though this appliance is not in the topology: it waits to be added
     /// by a topology change (it votes on it), then connects and bootstraps.
     pub pending: bool,
+    /// Compaction below the peers' acknowledgements, tombstone collection, checkpoints.
+    pub maintenance: MaintenanceConfig,
 }
 
 impl NodeConfig {
@@ -124,6 +128,7 @@ impl NodeConfig {
             crl_file: None,
             topology_file: None,
             pending: false,
+            maintenance: MaintenanceConfig::default(),
         }
     }
 }
@@ -206,6 +211,13 @@ pub struct NodeStatus {
     pub client_errors: u64,
     /// Writes acknowledged without the pair's confirmation (synchronous mode degraded).
     pub pair_degraded: u64,
+    /// Log segments compacted away since the node started.
+    pub segments_compacted: u64,
+    /// Compactions that went below a peer's acknowledgement because the log reached its
+    /// retention limit (an alarm: that peer repairs by anti-entropy).
+    pub compactions_forced: u64,
+    /// Tombstones collected since the node started.
+    pub tombstones_collected: u64,
 }
 
 /// The most session errors a status keeps.
@@ -236,6 +248,9 @@ struct State {
     pair_degraded: u64,
     /// Synchronous pair mode is degraded (the pair did not confirm in time).
     pair_degraded_mode: bool,
+    segments_compacted: u64,
+    compactions_forced: u64,
+    tombstones_collected: u64,
 }
 
 /// What every task of a node shares.
@@ -431,6 +446,9 @@ impl Shared {
             client_requests: state.client_requests,
             client_errors: state.client_errors,
             pair_degraded: state.pair_degraded,
+            segments_compacted: state.segments_compacted,
+            compactions_forced: state.compactions_forced,
+            tombstones_collected: state.tombstones_collected,
         }
     }
 }
@@ -708,10 +726,12 @@ async fn commit_received(shared: Arc<Shared>) {
 /// How often the housekeeping task runs.
 const HOUSEKEEPING_MS: u64 = 1_000;
 
-/// Periodic upkeep: drops expired sessions from memory and, on an appliance that
-/// forwards audit records to holders, releases those every holder acknowledged.
+/// Periodic upkeep: drops expired sessions from memory, on an appliance that forwards
+/// audit records to holders releases those every holder acknowledged, and runs the
+/// log maintenance that is due (`maintain`).
 async fn housekeeping(shared: Arc<Shared>) {
     let mut previous: BTreeMap<NodeId, [u64; 4]> = BTreeMap::new();
+    let mut schedule = maintain::Schedule::new(std::time::Instant::now());
     loop {
         tokio::time::sleep(Duration::from_millis(HOUSEKEEPING_MS)).await;
         let counters: BTreeMap<NodeId, [u64; 4]> = shared
@@ -738,6 +758,7 @@ async fn housekeeping(shared: Arc<Shared>) {
                     tracing::debug!(released, "audit records released: every holder has them");
                 }
             }
+            maintain::run(&shared, &mut schedule, std::time::Instant::now());
         });
     }
 }
