@@ -159,6 +159,48 @@ struct StreamImage {
     audit: AuditIndex,
 }
 
+/// [`StreamImage`] as written: the same fields in the same order, borrowed from the
+/// state, so a checkpoint serializes the keydir in place instead of copying it first
+/// (the copy was most of a checkpoint's time under the state lock). The bytes are the
+/// same (a test holds them equal).
+#[derive(Serialize)]
+struct StreamImageView<'a> {
+    stream: StreamId,
+    files: Vec<FileImage>,
+    active: Option<u32>,
+    next_file: u32,
+    keydir: KeydirView<'a>,
+    vector: &'a VersionVector,
+    origin_index: Vec<(Incarnation, Vec<IndexPoint>)>,
+    conflicts: ConflictsView<'a>,
+    conflicts_dropped: u64,
+    audit: &'a AuditIndex,
+}
+
+/// The keydir, serialized as `StreamImage::keydir` is (a sequence of (collection,
+/// key bytes, versions)).
+struct KeydirView<'a>(&'a BTreeMap<KeyId, Vec<Version>>);
+
+impl Serialize for KeydirView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|((c, k), v)| (c, &**k, v)))
+    }
+}
+
+/// Every conflict record, oldest first per collection, as `StreamImage::conflicts`.
+struct ConflictsView<'a>(&'a BTreeMap<Collection, VecDeque<ConflictRecord>>);
+
+impl Serialize for ConflictsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.values().map(VecDeque::len).sum()))?;
+        for record in self.0.values().flatten() {
+            seq.serialize_element(record)?;
+        }
+        seq.end()
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     keydir: BTreeMap<KeyId, Vec<Version>>,
@@ -231,9 +273,13 @@ pub(crate) struct StreamStore {
     options: Arc<StoreOptions>,
     incarnation: Incarnation,
     state: Mutex<State>,
-    /// Held while writing and syncing a group, checkpointing or compacting; holds the
-    /// commit path's reusable frame buffers.
+    /// Held while writing, syncing and applying a group (and while a snapshot is
+    /// installed); holds the commit path's reusable frame buffers.
     io: Mutex<FrameScratch>,
+    /// Held by checkpoints, compactions and snapshot installs, one at a time (taken
+    /// before `io`). A checkpoint or a compaction's copy does not hold `io`: commits
+    /// go on meanwhile, and only the short sections under `state` exclude them.
+    upkeep: Mutex<()>,
     /// Whether a group-commit leader is active; waiters sleep on `leader_changed`.
     leader: Mutex<bool>,
     leader_changed: Condvar,
@@ -360,6 +406,7 @@ impl StreamStore {
             incarnation,
             state: Mutex::new(State::default()),
             io: Mutex::new(FrameScratch::default()),
+            upkeep: Mutex::new(()),
             leader: Mutex::new(false),
             leader_changed: Condvar::new(),
             poisoned,
@@ -1743,6 +1790,7 @@ impl StreamStore {
         let Some(s) = lock(&self.staging).remove(peer) else {
             return Err(Error::Request("no snapshot in progress from this peer"));
         };
+        let _upkeep = lock(&self.upkeep);
         let _io = lock(&self.io);
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
@@ -1870,10 +1918,16 @@ impl StreamStore {
 
     /// Writes a checkpoint of the keydir (hint file) covering the durable log.
     pub(crate) fn checkpoint(&self) -> Result<u64> {
-        let _io = lock(&self.io);
+        let _upkeep = lock(&self.upkeep);
         self.checkpoint_locked()
     }
 
+    /// Writes a hint of the state as it is now. Called with the upkeep lock held. The
+    /// image is taken under the state lock, so it pairs the keydir with the segment
+    /// ends it was built from: a group being written meanwhile is past those ends and
+    /// is replayed after the hint if it became durable. The image is serialized from
+    /// the keydir in place (no copy of it); writing and syncing the file happen with
+    /// no lock that commits need.
     fn checkpoint_locked(&self) -> Result<u64> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
@@ -1881,7 +1935,7 @@ impl StreamStore {
         let (payload, generation, old) = {
             let mut st = lock(&self.state);
             st.hint_generation += 1;
-            let image = StreamImage {
+            let image = StreamImageView {
                 stream: self.stream,
                 files: st
                     .files
@@ -1898,21 +1952,18 @@ impl StreamStore {
                     .collect(),
                 active: st.active,
                 next_file: st.next_file,
-                keydir: st.keydir.iter().map(|((c, k), v)| (*c, k.to_vec(), v.clone())).collect(),
-                vector: st.vector.clone(),
+                keydir: KeydirView(&st.keydir),
+                vector: &st.vector,
                 origin_index: st
                     .origin_index
                     .iter()
                     .map(|(o, m)| (*o, m.iter().map(|(s, (f, off))| (*s, *f, *off)).collect()))
                     .collect(),
-                conflicts: st.conflicts.values().flat_map(|l| l.iter().cloned()).collect(),
+                conflicts: ConflictsView(&st.conflicts),
                 conflicts_dropped: st.conflicts_dropped,
-                audit: st.audit.clone(),
+                audit: &st.audit,
             };
-            debug_assert!(image
-                .keydir
-                .iter()
-                .all(|(_, _, vs)| vs.iter().all(|v| matches!(v.loc, Loc::Disk { .. }))));
+            debug_assert!(st.keydir.values().flatten().all(|v| matches!(v.loc, Loc::Disk { .. })));
             let payload = postcard::to_allocvec(&image).map_err(|e| Error::Record(e.to_string()))?;
             (payload, st.hint_generation, st.hint_generation - 1)
         };
@@ -1955,13 +2006,18 @@ impl StreamStore {
 
     /// Compacts sealed log segments whose entries `horizon` covers (and, past the
     /// retention limit, the oldest ones regardless) into one compacted segment.
+    ///
+    /// Commits go on while it copies: the segments it reads are sealed (no commit
+    /// writes to them, and only upkeep, which this holds, removes them), and a version
+    /// superseded meanwhile is copied in vain but never repointed. Only choosing the
+    /// live records and repointing the keydir hold the state lock.
     pub(crate) fn compact(&self, horizon: &VersionVector) -> Result<CompactionReport> {
-        let _io = lock(&self.io);
+        let _upkeep = lock(&self.upkeep);
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
         let mut report = CompactionReport::default();
-        let (selected, old_compacted, live) = {
+        let (selected, old_compacted, live, sources) = {
             let st = lock(&self.state);
             let Some(active) = st.active else { return Ok(report) };
             let logs: Vec<(u32, u64, bool)> = st
@@ -2000,7 +2056,12 @@ impl StreamStore {
             // Keep log order: compacted first, then segments by number, then offset.
             live.sort_by_key(|&(f, o, _)| (!old_compacted.contains(&f), f, o));
             live.dedup();
-            (selected, old_compacted, live)
+            // Handles to read them through without the state lock.
+            let sources: HashMap<u32, (Arc<dyn StorageFile>, String)> = sources
+                .iter()
+                .filter_map(|n| st.files.get(n).map(|m| (*n, (m.file.clone(), m.name.clone()))))
+                .collect();
+            (selected, old_compacted, live, sources)
         };
 
         // Copy live entries into a new compacted segment.
@@ -2011,7 +2072,7 @@ impl StreamStore {
             incarnation: self.incarnation,
             number: number as u64,
         };
-        let mut moved: BTreeMap<(u32, u32), Loc> = BTreeMap::new();
+        let mut moved: HashMap<(u32, u32), Loc> = HashMap::with_capacity(live.len());
         let mut vector = VersionVector::new();
         let mut at = HEADER_BYTES;
         let mut copy = || -> Result<u64> {
@@ -2033,10 +2094,8 @@ impl StreamStore {
                 Ok(())
             };
             for &(f, o, len) in &live {
-                let entry = {
-                    let st = lock(&self.state);
-                    read_loc(&st.files, &Loc::Disk { file: f, offset: o, len })?
-                };
+                let handle = sources.get(&f).map(|(file, name)| (&**file, name.as_str()));
+                let entry = read_entry(handle, &Loc::Disk { file: f, offset: o, len })?;
                 vector.advance(entry.dot);
                 let bytes = entry.encode();
                 let add = segment::ENTRY_HEADER_BYTES + bytes.len() as u64;
@@ -2117,5 +2176,81 @@ impl StreamStore {
             let _ = self.storage.remove(&name);
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use repl_wire::Hlc;
+
+    use super::*;
+
+    fn version(origin: u64, seq: u64, tombstone: bool) -> Version {
+        Version {
+            dot: Dot { origin: Incarnation(origin), seq },
+            hlc: Hlc { wall_ms: 1_000 + seq, logical: 0 },
+            context: VersionVector::from_dot(Dot { origin: Incarnation(origin), seq: seq.saturating_sub(1) }),
+            tombstone,
+            expires_at_ms: (seq % 2 == 0).then_some(5_000),
+            loc: Loc::Disk { file: 3, offset: 64 * seq as u32, len: 40 },
+        }
+    }
+
+    #[test]
+    fn a_hint_serialized_in_place_has_the_bytes_of_the_copied_image() {
+        let mut keydir: BTreeMap<KeyId, Vec<Version>> = BTreeMap::new();
+        for i in 0..50u64 {
+            let key: KeyId = (Collection::Users, format!("user{i}").into_bytes().into_boxed_slice());
+            let mut versions = vec![version(7, i + 1, i % 5 == 0)];
+            if i % 7 == 0 {
+                versions.push(version(9, i + 1, false));
+            }
+            keydir.insert(key, versions);
+        }
+        let record = |i: u64| ConflictRecord {
+            collection: Collection::UserPolicies,
+            key: vec![i as u8; 3],
+            loser: Dot { origin: Incarnation(9), seq: i },
+            value: (i % 2 == 0).then(|| vec![1, 2, 3]),
+            winner: Dot { origin: Incarnation(7), seq: i },
+        };
+        let mut conflicts: BTreeMap<Collection, VecDeque<ConflictRecord>> = BTreeMap::new();
+        conflicts.insert(Collection::Users, (0..3).map(record).collect());
+        conflicts.insert(Collection::UserPolicies, (3..5).map(record).collect());
+        let vector = VersionVector::from_dot(Dot { origin: Incarnation(7), seq: 50 });
+        let files = vec![FileImage { number: 3, compacted: false, end: 4_096, vector: vector.clone() }];
+        let origin_index = vec![(Incarnation(7), vec![(1, 3, 64)])];
+        let audit = AuditIndex::default();
+
+        let copied = StreamImage {
+            stream: StreamId::Enterprise,
+            files: files.clone(),
+            active: Some(3),
+            next_file: 4,
+            keydir: keydir.iter().map(|((c, k), v)| (*c, k.to_vec(), v.clone())).collect(),
+            vector: vector.clone(),
+            origin_index: origin_index.clone(),
+            conflicts: conflicts.values().flatten().cloned().collect(),
+            conflicts_dropped: 2,
+            audit: audit.clone(),
+        };
+        let view = StreamImageView {
+            stream: StreamId::Enterprise,
+            files,
+            active: Some(3),
+            next_file: 4,
+            keydir: KeydirView(&keydir),
+            vector: &vector,
+            origin_index,
+            conflicts: ConflictsView(&conflicts),
+            conflicts_dropped: 2,
+            audit: &audit,
+        };
+        let old = postcard::to_allocvec(&copied).expect("serialize the copy");
+        let new = postcard::to_allocvec(&view).expect("serialize in place");
+        assert_eq!(old, new, "a hint written in place must read as before");
+        let back: StreamImage = postcard::from_bytes(&new).expect("read back");
+        assert_eq!(back.keydir.len(), 50);
+        assert_eq!(back.conflicts.len(), 5);
     }
 }
