@@ -18,6 +18,7 @@
 mod audit;
 mod clock;
 mod error;
+mod keyhash;
 pub mod membership;
 mod options;
 mod records;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
+use crate::keyhash::BuildKeyHasher;
 use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
 use crate::segment::{
     self, build_frame, build_frame_into, frame_bytes, SegmentHeader, SegmentKind, Wanted, FRAME_BYTES_MAX,
@@ -208,9 +209,11 @@ struct State {
     /// the last queued write touching them.
     /// (Hashed: each write looks it up four times, and in a B-tree those searches
     /// were most of the key comparisons of a write.)
-    overlay: HashMap<KeyId, (Vec<Version>, u64)>,
+    overlay: HashMap<KeyId, (Vec<Version>, u64), BuildKeyHasher>,
     vector: VersionVector,
     submitted: VersionVector,
+    /// The previous `submitted`, kept for its allocation (see `submit`).
+    submitted_spare: VersionVector,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
     next_ticket: u64,
@@ -704,7 +707,7 @@ impl StreamStore {
         entry: &Entry,
         loc: Loc,
         index_at: Option<u32>,
-        owned: Option<KeyId>,
+        owned: Option<(KeyId, Vec<Version>)>,
     ) -> Result<()> {
         let Loc::Disk { file, .. } = loc else { unreachable!("durable entries have a disk location") };
         let meta = st.files.get_mut(&file).expect("a durable entry's segment is open");
@@ -719,15 +722,16 @@ impl StreamStore {
     /// Merges a durable entry's version into the keydir (keeping the hash tree, the
     /// conflict records and the audit indexes current). `covered`, for entries that
     /// arrive out of order (a snapshot), applies the obsolete-version rule. `owned` is
-    /// the entry's key when the caller already holds a copy to give (the commit path
-    /// takes it from the overlay), so a new key is not allocated twice.
+    /// the entry's key when the caller already holds a copy to give, with a spare list
+    /// of versions (the commit path takes both from the overlay), so a new key's key
+    /// and versions are not allocated twice.
     fn merge_durable(
         &self,
         st: &mut State,
         entry: &Entry,
         loc: Loc,
         covered: Option<&VersionVector>,
-        owned: Option<KeyId>,
+        owned: Option<(KeyId, Vec<Version>)>,
     ) -> Result<()> {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
@@ -743,23 +747,32 @@ impl StreamStore {
                 None
             }
         };
-        let (outcome, winner, old_digest, new_digest) =
-            match st.keydir.entry(owned.unwrap_or_else(|| (entry.collection, entry.key.as_slice().into()))) {
-                btree_map::Entry::Occupied(mut held) => {
-                    let old = digest(held.get());
-                    let outcome = merge(policy, held.get_mut(), incoming, covered);
-                    (outcome, held.get().first().map(|v| v.dot), old, digest(held.get()))
-                }
-                btree_map::Entry::Vacant(slot) => {
-                    let mut held = Vec::with_capacity(1);
-                    let outcome = merge(policy, &mut held, incoming, covered);
-                    let new = digest(&held);
-                    if !held.is_empty() {
-                        slot.insert(held);
+        let (key, spare) = match owned {
+            Some((key, spare)) => (key, Some(spare)),
+            None => ((entry.collection, entry.key.as_slice().into()), None),
+        };
+        let (outcome, winner, old_digest, new_digest) = match st.keydir.entry(key) {
+            btree_map::Entry::Occupied(mut held) => {
+                let old = digest(held.get());
+                let outcome = merge(policy, held.get_mut(), incoming, covered);
+                (outcome, held.get().first().map(|v| v.dot), old, digest(held.get()))
+            }
+            btree_map::Entry::Vacant(slot) => {
+                let mut held = match spare {
+                    Some(mut spare) => {
+                        spare.clear();
+                        spare
                     }
-                    (outcome, None, None, new)
+                    None => Vec::with_capacity(1),
+                };
+                let outcome = merge(policy, &mut held, incoming, covered);
+                let new = digest(&held);
+                if !held.is_empty() {
+                    slot.insert(held);
                 }
-            };
+                (outcome, None, None, new)
+            }
+        };
         if let Some(tree) = st.tree.as_mut() {
             tree.update(entry.collection, &entry.key, old_digest, new_digest);
         }
@@ -808,7 +821,9 @@ impl StreamStore {
         }
         let now_ms = self.options.clock.now_ms();
         let mut st = lock(&self.state);
-        let mut next = st.submitted.clone();
+        // A copy of the submitted vector in an allocation kept between writes.
+        let mut next = std::mem::take(&mut st.submitted_spare);
+        next.clone_from(&st.submitted);
         let mut heads = BTreeMap::new();
         // Keys this batch touches, with their versions after the batch.
         let mut staged = Staged::with_capacity(drafts.len());
@@ -920,7 +935,8 @@ impl StreamStore {
         // From here on nothing can fail: publish the batch.
         st.next_ticket += 1;
         let ticket = st.next_ticket;
-        st.submitted = next;
+        std::mem::swap(&mut st.submitted, &mut next);
+        st.submitted_spare = next;
         for (o, h) in heads {
             st.submitted_heads.insert(o, h);
         }
@@ -1158,7 +1174,7 @@ impl StreamStore {
                 let view = (entry.collection, entry.key.as_slice());
                 let view = &view as &dyn KeyView;
                 let owned = match st.overlay.get(view) {
-                    Some((_, t)) if *t == q.ticket => st.overlay.remove_entry(view).map(|(k, _)| k),
+                    Some((_, t)) if *t == q.ticket => st.overlay.remove_entry(view).map(|(k, (v, _))| (k, v)),
                     _ => None,
                 };
                 self.apply_durable(&mut st, entry, loc, index_at, owned)?;

@@ -47,8 +47,20 @@ pub enum Causality {
 /// let joined = a.join(&b);
 /// assert_eq!(joined.compare(&a), Causality::Dominates);
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct VersionVector(Vec<(Incarnation, u64)>);
+
+impl Clone for VersionVector {
+    fn clone(&self) -> Self {
+        VersionVector(self.0.clone())
+    }
+
+    /// Reuses this vector's allocation (the store copies its submitted vector into a
+    /// kept one on every write).
+    fn clone_from(&mut self, source: &Self) {
+        self.0.clone_from(&source.0);
+    }
+}
 
 impl VersionVector {
     /// The empty vector: has seen nothing.
