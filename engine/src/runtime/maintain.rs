@@ -11,6 +11,7 @@
 //! not fill the disk): that is counted and logged as an alarm, and the laggard repairs
 //! by anti-entropy when it returns.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use repl_wire::{NodeId, StreamId, VersionVector};
@@ -58,11 +59,20 @@ pub(super) struct Schedule {
     checkpointed: Instant,
     /// The vectors at the last checkpoint: none is written while nothing changed.
     checkpointed_at: Vec<VersionVector>,
+    /// Per stream, the local and acknowledged vectors of the last tombstone collection:
+    /// a collection walks the whole keydir, and finds nothing new while they stand still.
+    collected_at: BTreeMap<StreamId, (VersionVector, Vec<VersionVector>)>,
 }
 
 impl Schedule {
     pub(super) fn new(now: Instant) -> Schedule {
-        Schedule { compacted: now, collected: now, checkpointed: now, checkpointed_at: Vec::new() }
+        Schedule {
+            compacted: now,
+            collected: now,
+            checkpointed: now,
+            checkpointed_at: Vec::new(),
+            collected_at: BTreeMap::new(),
+        }
     }
 }
 
@@ -89,7 +99,12 @@ pub(super) fn run(shared: &Shared, schedule: &mut Schedule, now: Instant) {
     if due(&mut schedule.collected, config.collect_tombstones_every, now) {
         for stream in [StreamId::Enterprise, StreamId::Sessions] {
             let acked = acknowledged(shared, stream);
-            let collected = shared.store.collect_tombstones(stream, &acked);
+            let seen = (shared.store.vector(stream), acked);
+            if schedule.collected_at.get(&stream) == Some(&seen) {
+                continue;
+            }
+            let collected = shared.store.collect_tombstones(stream, &seen.1);
+            schedule.collected_at.insert(stream, seen);
             if collected > 0 {
                 shared.state().tombstones_collected += collected as u64;
                 tracing::debug!(?stream, collected, "tombstones collected: every replica acknowledged them");
