@@ -110,27 +110,29 @@ pub fn available() -> bool {
 }
 
 /// Connects a TCP stream from inside namespace `ns` (to reach an address only the
-/// namespace has, such as an appliance's loopback metrics port). A fresh thread
-/// enters the namespace, so no other thread changes its network.
+/// namespace has, such as an appliance's loopback metrics port).
 pub fn connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let ns = ns.to_string();
+    in_namespace(ns, move || TcpStream::connect_timeout(&addr, timeout))
+}
+
+/// Runs `work` in network namespace `ns`, on a thread spawned for it (so no other
+/// thread's network changes); sockets it makes stay in `ns` after it returns, and
+/// `/proc/sys/net` is that namespace's.
+fn in_namespace<T: Send + 'static>(
+    ns: &str,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let path = format!("{NETNS_DIR}/{ns}");
     std::thread::spawn(move || {
-        enter(&ns)?;
-        TcpStream::connect_timeout(&addr, timeout)
+        let handle = std::fs::File::open(&path)?;
+        rustix::thread::move_into_link_name_space(
+            handle.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        work()
     })
     .join()
     .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
-}
-
-/// Moves the calling thread into network namespace `ns`: only for a thread spawned
-/// for the purpose, which ends soon after (sockets it makes stay in `ns`).
-fn enter(ns: &str) -> std::io::Result<()> {
-    let handle = std::fs::File::open(format!("{NETNS_DIR}/{ns}"))?;
-    rustix::thread::move_into_link_name_space(
-        handle.as_fd(),
-        Some(rustix::thread::LinkNameSpaceType::Network),
-    )?;
-    Ok(())
 }
 
 impl Namespaces {
@@ -157,15 +159,12 @@ impl Namespaces {
         ip(&["netns", "add", r], None)?;
         ip(&["-n", r, "link", "set", "lo", "up"], None)?;
         // Forwarding is a per-namespace setting: the host's own stays as it is.
-        let forward = "/proc/sys/net/ipv4/ip_forward";
-        let enter = format!("echo 1 > {forward}");
-        let status = Command::new("ip").args(["netns", "exec", r, "sh", "-c", &enter]).status();
-        if !status.is_ok_and(|s| s.success()) {
-            return Err(NetnsError::Command {
-                command: format!("netns exec {r} sh -c '{enter}'"),
-                detail: "cannot turn forwarding on in the router".into(),
-            });
-        }
+        in_namespace(r, || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")).map_err(|e| {
+            NetnsError::Command {
+                command: format!("netns exec {r} (write /proc/sys/net/ipv4/ip_forward)"),
+                detail: e.to_string(),
+            }
+        })?;
         // The soak's own link to the router.
         let (host, gate) = (format!("{t}h"), format!("{t}g"));
         ip(&["link", "add", &host, "type", "veth", "peer", "name", &gate], None)?;
@@ -217,18 +216,19 @@ impl Namespaces {
     }
 
     /// During a lossy period: cuts each direction of each pair with probability
-    /// `pct` percent until the next call (`pct` 0 ends the flapping).
+    /// `pct` percent until the next call.
     pub fn flap(&self, pct: u64, rng: &mut SplitMix64) -> Result<(), NetnsError> {
         let count = self.appliances.len();
-        let mut cut = BTreeSet::new();
-        for a in 0..count {
-            for b in (0..count).filter(|&b| b != a) {
-                if pct > 0 && rng.below(100) < pct {
-                    cut.insert((a, b));
-                }
-            }
-        }
+        let cut = (0..count)
+            .flat_map(|a| (0..count).map(move |b| (a, b)))
+            .filter(|&(a, b)| a != b && rng.below(100) < pct)
+            .collect();
         self.change(|l| l.flapped = cut)
+    }
+
+    /// Ends a lossy period: no link stays cut by flapping.
+    pub fn end_flapping(&self) -> Result<(), NetnsError> {
+        self.change(|l| l.flapped.clear())
     }
 
     /// Ends every cut.
@@ -329,32 +329,18 @@ fn remove_stale() {
 mod tests {
     use super::*;
 
-    /// Sends one UDP datagram from namespace `from` to `to` and reports whether it
-    /// arrived within `wait`, received in namespace `at`.
+    /// Sends a UDP datagram from appliance `from` to appliance `to` and reports
+    /// whether it arrived within 800 ms. Both sockets are bound before anything is
+    /// sent, so only the network can lose it.
     fn datagram_arrives(ns: &Namespaces, from: usize, to: usize) -> bool {
-        let port = 47_000 + to as u16;
-        let (at, target) = (ns.name(to).to_string(), SocketAddr::from((ns.address(to), port)));
-        let receiver = std::thread::spawn(move || -> std::io::Result<bool> {
-            enter(&at)?;
-            let socket = std::net::UdpSocket::bind(target)?;
-            socket.set_read_timeout(Some(Duration::from_millis(800)))?;
-            let mut buf = [0u8; 16];
-            Ok(socket.recv_from(&mut buf).is_ok())
-        });
-        // The receiver binds before the sender's repeated sends stop.
-        let sender_ns = ns.name(from).to_string();
-        let sender = std::thread::spawn(move || -> std::io::Result<()> {
-            enter(&sender_ns)?;
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            for _ in 0..8 {
-                let _ = socket.send_to(b"probe", target);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Ok(())
-        });
-        let arrived = receiver.join().expect("receiver thread").expect("receiver socket");
-        sender.join().expect("sender thread").expect("sender socket");
-        arrived
+        let target = SocketAddr::from((ns.address(to), 47_000 + to as u16));
+        let receiver =
+            in_namespace(ns.name(to), move || std::net::UdpSocket::bind(target)).expect("receiver");
+        receiver.set_read_timeout(Some(Duration::from_millis(800))).expect("timeout");
+        let sender = in_namespace(ns.name(from), || std::net::UdpSocket::bind("0.0.0.0:0")).expect("sender");
+        sender.send_to(b"probe", target).expect("send");
+        let mut buf = [0u8; 16];
+        receiver.recv_from(&mut buf).is_ok()
     }
 
     #[test]

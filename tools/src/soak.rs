@@ -111,46 +111,48 @@ impl Network {
         }
     }
 
-    fn isolate(&self, i: usize) -> Result<(), DemoError> {
+    /// Applies one change of the links: `relay` on the relay, `namespaces` on the
+    /// namespaces (only the latter runs commands that can fail).
+    fn change(
+        &self,
+        relay: impl FnOnce(&Relay),
+        namespaces: impl FnOnce(&Namespaces) -> Result<(), crate::netns::NetnsError>,
+    ) -> Result<(), DemoError> {
         match self {
             Network::Relay(r) => {
-                r.isolate(i);
+                relay(r);
                 Ok(())
             }
-            Network::Namespaces(n) => n.isolate(i).map_err(net_error),
+            Network::Namespaces(n) => namespaces(n).map_err(|e| DemoError::Setup(format!("network: {e}"))),
         }
+    }
+
+    fn isolate(&self, i: usize) -> Result<(), DemoError> {
+        self.change(|r| r.isolate(i), |n| n.isolate(i))
     }
 
     fn rejoin(&self, i: usize) -> Result<(), DemoError> {
-        match self {
-            Network::Relay(r) => {
-                r.rejoin(i);
-                Ok(())
-            }
-            Network::Namespaces(n) => n.rejoin(i).map_err(net_error),
-        }
+        self.change(|r| r.rejoin(i), |n| n.rejoin(i))
     }
 
+    /// Ends every fault of the network, a lossy period included.
     fn heal(&self) -> Result<(), DemoError> {
-        match self {
-            Network::Relay(r) => {
-                r.heal();
-                Ok(())
-            }
-            Network::Namespaces(n) => n.heal().map_err(net_error),
-        }
+        self.change(Relay::heal, Namespaces::heal)
     }
 
-    /// Starts (`Some`), continues (each tick) or ends (`None`) a lossy period.
-    fn lossy(&self, lossy: Option<&mut SplitMix64>, starting: bool) -> Result<(), DemoError> {
-        match (self, lossy) {
-            (Network::Relay(r), Some(_)) if starting => r.set_lossy(Some(LOSSY)),
-            (Network::Relay(_), Some(_)) => {}
-            (Network::Relay(r), None) => r.set_lossy(None),
-            (Network::Namespaces(n), Some(rng)) => n.flap(FLAP_PCT, rng).map_err(net_error)?,
-            (Network::Namespaces(n), None) => n.flap(0, &mut SplitMix64::new(0)).map_err(net_error)?,
-        }
-        Ok(())
+    /// Starts a lossy period.
+    fn lossy_start(&self, rng: &mut SplitMix64) -> Result<(), DemoError> {
+        self.change(|r| r.set_lossy(Some(LOSSY)), |n| n.flap(FLAP_PCT, rng))
+    }
+
+    /// Each tick of a lossy period: namespaces draw new flapping links.
+    fn lossy_tick(&self, rng: &mut SplitMix64) -> Result<(), DemoError> {
+        self.change(|_| {}, |n| n.flap(FLAP_PCT, rng))
+    }
+
+    /// Ends a lossy period.
+    fn lossy_end(&self) -> Result<(), DemoError> {
+        self.change(|r| r.set_lossy(None), Namespaces::end_flapping)
     }
 
     fn lossy_description(&self) -> String {
@@ -186,10 +188,6 @@ impl Network {
             ),
         }
     }
-}
-
-fn net_error(e: crate::netns::NetnsError) -> DemoError {
-    DemoError::Setup(format!("network: {e}"))
 }
 
 /// The port appliances listen on inside their namespaces (the product's peer port).
@@ -540,13 +538,13 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         }
         // Now and then a lossy network for everyone: loss, duplicates, reordering.
         if lossy_until.is_some_and(|t| now >= t) {
-            network.lossy(None, false)?;
+            network.lossy_end()?;
             lossy_until = None;
             events.push(format!("{:>6.1}s network clean again", secs_since(now)));
         }
         if lossy_until.is_none() && now >= next_lossy {
             let length = Duration::from_millis(2_000 + rng.below(4_000));
-            network.lossy(Some(&mut flap_rng), true)?;
+            network.lossy_start(&mut flap_rng)?;
             lossy_until = Some(now + length);
             next_lossy = now + length + Duration::from_millis(8_000 + rng.below(12_000));
             faults += 1;
@@ -557,7 +555,7 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
             ));
             plot.lossy.push((secs_since(now), secs_since(now + length)));
         } else if lossy_until.is_some() {
-            network.lossy(Some(&mut flap_rng), false)?;
+            network.lossy_tick(&mut flap_rng)?;
         }
         if now.duration_since(last_sample) >= Duration::from_secs(1) {
             last_sample = now;
@@ -610,7 +608,6 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
     for (i, _) in starting.drain(..) {
         demo.wait_ready(i).await?;
     }
-    network.lossy(None, false)?;
     network.heal()?;
     let csv_path = demo.dir().join("soak.csv");
     let kept = args.dir.is_some();

@@ -127,7 +127,7 @@ pub(super) fn run(shared: &Shared, schedule: &mut Schedule, now: Instant) {
 
 /// The vector each appliance this node sends `stream` to has acknowledged (empty for
 /// one not heard from since this node started).
-fn acknowledged(shared: &Shared, stream: StreamId) -> Vec<VersionVector> {
+pub(super) fn acknowledged(shared: &Shared, stream: StreamId) -> Vec<VersionVector> {
     let topology = shared.topology();
     let me = &shared.config.me;
     let receivers: Vec<&NodeId> = topology
@@ -148,11 +148,12 @@ fn compact(shared: &Shared, stream: StreamId) {
     let horizon = acknowledged(shared, stream).iter().fold(shared.store.vector(stream), |h, a| h.meet(a));
     match shared.store.compact(stream, &horizon) {
         Ok(report) if report.segments_compacted > 0 => {
-            let mut state = shared.state();
-            state.segments_compacted += report.segments_compacted as u64;
+            {
+                let mut state = shared.state();
+                state.segments_compacted += report.segments_compacted as u64;
+                state.compactions_forced += u64::from(report.forced);
+            }
             if report.forced {
-                state.compactions_forced += 1;
-                drop(state);
                 tracing::warn!(
                     ?stream,
                     segments = report.segments_compacted,
@@ -160,7 +161,6 @@ fn compact(shared: &Shared, stream: StreamId) {
                      that peer will repair by anti-entropy"
                 );
             } else {
-                drop(state);
                 tracing::debug!(
                     ?stream,
                     segments = report.segments_compacted,

@@ -764,33 +764,21 @@ async fn housekeeping(shared: Arc<Shared>) {
 }
 
 /// On an audit forwarder (not a holder itself): the meet of the holders'
-/// acknowledged audit vectors; `None` on a holder or while a holder has not answered.
+/// acknowledged audit vectors (empty while a holder has not answered); `None` on a
+/// holder or with no holder.
 fn audit_release_point(shared: &Shared) -> Option<VersionVector> {
     let topology = shared.topology();
     let me = &shared.config.me;
-    let holders: Vec<&NodeId> = topology
-        .appliances
-        .iter()
-        .filter(|a| &a.id != me && topology.scope(me, &a.id).send.contains(&StreamId::Audit))
-        .map(|a| &a.id)
-        .collect();
     let i_hold = topology
         .appliances
         .iter()
         .any(|a| &a.id != me && topology.scope(&a.id, me).send.contains(&StreamId::Audit));
-    if i_hold || holders.is_empty() {
+    if i_hold {
         return None;
     }
-    let state = shared.state();
-    let mut meet: Option<VersionVector> = None;
-    for h in holders {
-        let acked = state.peers.get(h)?.acked.get(&StreamId::Audit)?;
-        meet = Some(match meet {
-            None => acked.clone(),
-            Some(m) => m.meet(acked),
-        });
-    }
-    meet
+    let acked = maintain::acknowledged(shared, StreamId::Audit);
+    let (first, rest) = acked.split_first()?;
+    Some(rest.iter().fold(first.clone(), |m, a| m.meet(a)))
 }
 
 /// The peers of `me` in `topology` (those sharing a stream with it), by id.
