@@ -1,22 +1,31 @@
-//! A fast hasher for the store's in-memory maps of keys (the overlay of queued
-//! writes). std's SipHash cost about 300 instructions per lookup of a 17-byte key,
-//! four lookups per write: 9% of a durable put's instructions (callgrind). This one
-//! mixes a word at a time and finishes with an avalanche, seeded per map from std's
-//! random source, so keys chosen by a client cannot be aimed at one bucket without
-//! knowing the seed. The maps it serves hold only keys with writes in flight, so
-//! even a bad spread stays bounded by the write queue.
+//! A fast keyed hasher for the store's in-memory maps of keys (the keydir and the
+//! overlay of queued writes). std's SipHash cost about 300 instructions per lookup of
+//! a 17-byte key (callgrind), several lookups per write. This one folds a word at a
+//! time through a 64x64->128-bit multiply by a secret drawn once per map (the
+//! "folded multiply" of wyhash and foldhash) and ends with an avalanche. The keydir
+//! holds keys clients choose (user names, session ids); with the multiplier secret, a
+//! difference in a key does not reach the state in a way that can be planned without
+//! it, so keys cannot be aimed at one bucket from outside. (The multiply-rotate mixing
+//! this replaced had collisions that held for every seed: flip the top bit of the
+//! first word and bit 4 of the second; a test keeps that pair apart.)
 
 use std::hash::{BuildHasher, Hasher};
 
-/// Builds [`KeyHasher`]s with a seed drawn once per map.
+/// Builds [`KeyHasher`]s with a seed and a multiplier drawn once per map.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BuildKeyHasher {
     seed: u64,
+    multiplier: u64,
 }
 
 impl Default for BuildKeyHasher {
     fn default() -> Self {
-        BuildKeyHasher { seed: std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) }
+        let random = std::collections::hash_map::RandomState::new();
+        BuildKeyHasher {
+            seed: random.hash_one(0x5eed_u64),
+            // Odd, so the multiply loses no low bit.
+            multiplier: random.hash_one(0x6d75_6c74_u64) | 1,
+        }
     }
 }
 
@@ -24,23 +33,29 @@ impl BuildHasher for BuildKeyHasher {
     type Hasher = KeyHasher;
 
     fn build_hasher(&self) -> KeyHasher {
-        KeyHasher { state: self.seed }
+        KeyHasher { state: self.seed, multiplier: self.multiplier }
     }
 }
 
-/// Word-at-a-time multiply-rotate mixing (as rustc's FxHash) with a final avalanche,
-/// since the map takes its control bits from the hash's top bits.
+/// The state of one hash: each word is folded in by a keyed multiply.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct KeyHasher {
     state: u64,
+    multiplier: u64,
 }
 
-/// An odd constant with well-spread bits (the one FxHash uses).
-const MULTIPLIER: u64 = 0x517c_c1b7_2722_0a95;
+/// The high and low halves of the full product, xored: every bit of either factor
+/// reaches many bits of the result.
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
 
 impl KeyHasher {
     fn add(&mut self, word: u64) {
-        self.state = (self.state.rotate_left(5) ^ word).wrapping_mul(MULTIPLIER);
+        // The rotation keeps a word equal to the state (which zeroes the xor) from
+        // erasing what came before: the state is mixed back in after the multiply.
+        self.state = folded_multiply(self.state ^ word, self.multiplier) ^ self.state.rotate_left(23);
     }
 }
 
@@ -70,7 +85,8 @@ impl Hasher for KeyHasher {
     }
 
     fn finish(&self) -> u64 {
-        // murmur3's 64-bit finalizer: every input bit reaches the top bits.
+        // murmur3's 64-bit finalizer: every input bit reaches the top bits, which the
+        // map takes its control bytes from.
         let mut h = self.state;
         h ^= h >> 33;
         h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -103,7 +119,25 @@ mod tests {
     fn trailing_zero_bytes_and_seeds_make_different_hashes() {
         let build = BuildKeyHasher::default();
         assert_ne!(build.hash_one(&b"ab"[..]), build.hash_one(&b"ab\0"[..]));
-        let other = BuildKeyHasher { seed: build.seed ^ 1 };
+        let other = BuildKeyHasher { seed: build.seed ^ 1, ..build };
         assert_ne!(build.hash_one(&b"user-1"[..]), other.hash_one(&b"user-1"[..]));
+    }
+
+    #[test]
+    fn differences_planned_without_the_secret_do_not_collide() {
+        // Against multiply-rotate mixing (state = (rotl(state, 5) ^ word) * odd), the
+        // top bit of the first word only ever flips the top bit of the state, which the
+        // rotation moves to bit 4: flipping that bit of the second word cancels it, for
+        // every seed. The keyed fold must keep such pairs apart.
+        for trial in 0..64u64 {
+            let build = BuildKeyHasher::default();
+            let mut a = [0u8; 16];
+            a[..8].copy_from_slice(&(trial * 0x0101_0101).to_le_bytes());
+            a[8..].copy_from_slice(&trial.to_le_bytes());
+            let mut b = a;
+            b[7] ^= 0x80;
+            b[8] ^= 0x10;
+            assert_ne!(build.hash_one(a), build.hash_one(b), "trial {trial}");
+        }
     }
 }

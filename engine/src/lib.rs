@@ -18,6 +18,7 @@
 mod audit;
 mod clock;
 mod error;
+mod keydir;
 mod keyhash;
 pub mod membership;
 mod options;

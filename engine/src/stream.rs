@@ -8,7 +8,8 @@
 //! not yet durable live in `state.overlay`, which reads and compare-and-set consult
 //! first. Only the commit path moves a write into the keydir, after its fdatasync.
 
-use std::collections::{btree_map, BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
+use crate::keydir::Keydir;
 use crate::keyhash::BuildKeyHasher;
 use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
 use crate::segment::{
@@ -27,62 +29,7 @@ use crate::storage::{is_out_of_space, Storage, StorageFile};
 use crate::tree::{key_digest, leaf_of, HashTree};
 use crate::versions::{context_of, merge, Loc, Merge, Version};
 
-pub(crate) type KeyId = (Collection, Box<[u8]>);
-
-/// A key as `(collection, bytes)`, owned or borrowed: the keydir and the overlay are
-/// searched with a borrowed key (`&(c, key) as &dyn KeyView`), so a lookup does not
-/// allocate a copy of the key first.
-pub(crate) trait KeyView {
-    fn view(&self) -> (Collection, &[u8]);
-}
-
-impl KeyView for KeyId {
-    fn view(&self) -> (Collection, &[u8]) {
-        (self.0, &self.1)
-    }
-}
-
-impl KeyView for (Collection, &[u8]) {
-    fn view(&self) -> (Collection, &[u8]) {
-        (self.0, self.1)
-    }
-}
-
-impl<'a> std::borrow::Borrow<dyn KeyView + 'a> for KeyId {
-    fn borrow(&self) -> &(dyn KeyView + 'a) {
-        self
-    }
-}
-
-// The same order as `KeyId`'s own (collection, then bytes), as `Borrow` requires.
-impl PartialEq for dyn KeyView + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.view() == other.view()
-    }
-}
-
-impl Eq for dyn KeyView + '_ {}
-
-impl PartialOrd for dyn KeyView + '_ {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for dyn KeyView + '_ {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.view().cmp(&other.view())
-    }
-}
-
-// The same hash as `KeyId`'s derived one (the collection, then the bytes as a slice).
-impl std::hash::Hash for dyn KeyView + '_ {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let (collection, key) = self.view();
-        collection.hash(state);
-        key.hash(state);
-    }
-}
+pub(crate) use crate::keydir::{KeyId, KeyView};
 
 /// A write waiting to be turned into an entry.
 #[derive(Debug, Clone)]
@@ -180,7 +127,7 @@ struct StreamImageView<'a> {
 
 /// The keydir, serialized as `StreamImage::keydir` is (a sequence of (collection,
 /// key bytes, versions)).
-struct KeydirView<'a>(&'a BTreeMap<KeyId, Vec<Version>>);
+struct KeydirView<'a>(&'a Keydir);
 
 impl Serialize for KeydirView<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
@@ -204,7 +151,7 @@ impl Serialize for ConflictsView<'_> {
 
 #[derive(Debug, Default)]
 struct State {
-    keydir: BTreeMap<KeyId, Vec<Version>>,
+    keydir: Keydir,
     /// Keys with queued writes: their versions including the queue, and the ticket of
     /// the last queued write touching them.
     /// (Hashed: each write looks it up four times, and in a B-tree those searches
@@ -241,7 +188,7 @@ struct State {
 }
 
 /// The earliest expiry of any version in `keydir`.
-fn earliest_expiry(keydir: &BTreeMap<KeyId, Vec<Version>>) -> Option<u64> {
+fn earliest_expiry(keydir: &Keydir) -> Option<u64> {
     keydir.values().flatten().filter_map(|v| v.expires_at_ms).min()
 }
 
@@ -747,28 +694,25 @@ impl StreamStore {
                 None
             }
         };
-        let (key, spare) = match owned {
-            Some((key, spare)) => (key, Some(spare)),
-            None => ((entry.collection, entry.key.as_slice().into()), None),
-        };
-        let (outcome, winner, old_digest, new_digest) = match st.keydir.entry(key) {
-            btree_map::Entry::Occupied(mut held) => {
-                let old = digest(held.get());
-                let outcome = merge(policy, held.get_mut(), incoming, covered);
-                (outcome, held.get().first().map(|v| v.dot), old, digest(held.get()))
+        let view = (entry.collection, entry.key.as_slice());
+        let (outcome, winner, old_digest, new_digest) = match st.keydir.get_mut(&view as &dyn KeyView) {
+            Some(held) => {
+                let old = digest(held);
+                let outcome = merge(policy, held, incoming, covered);
+                (outcome, held.first().map(|v| v.dot), old, digest(held))
             }
-            btree_map::Entry::Vacant(slot) => {
-                let mut held = match spare {
-                    Some(mut spare) => {
+            None => {
+                let (key, mut held) = match owned {
+                    Some((key, mut spare)) => {
                         spare.clear();
-                        spare
+                        (key, spare)
                     }
-                    None => Vec::with_capacity(1),
+                    None => ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1)),
                 };
                 let outcome = merge(policy, &mut held, incoming, covered);
                 let new = digest(&held);
                 if !held.is_empty() {
-                    slot.insert(held);
+                    st.keydir.insert_new(key, held);
                 }
                 (outcome, None, None, new)
             }
@@ -1360,13 +1304,15 @@ impl StreamStore {
         limit: usize,
         now_ms: u64,
     ) -> Vec<Vec<u8>> {
-        let st = lock(&self.state);
+        let mut st = lock(&self.state);
+        st.keydir.order_keys();
         let from: KeyId = (collection, start.to_vec().into_boxed_slice());
         let live = |v: &[Version]| v.iter().any(|x| !x.tombstone && !x.is_expired(now_ms));
         // Merge the durable keydir with queued writes (both sorted), the queued side
         // winning on equal keys, until `limit` live keys are found.
         let in_collection = |id: &&KeyId| id.0 == collection;
-        let mut durable = st.keydir.range(from.clone()..).take_while(|(id, _)| in_collection(id)).peekable();
+        let mut durable =
+            st.keydir.range(Bound::Included(&from)).take_while(|(id, _)| in_collection(id)).peekable();
         // The overlay is unordered and small (bounded by the queue): its keys in range, sorted.
         let mut queued: Vec<_> =
             st.overlay.iter().filter(|(id, _)| in_collection(id) && id.1 >= from.1).collect();
@@ -1523,10 +1469,12 @@ impl StreamStore {
     /// value), in key order; versions expired at `now_ms` are left out. Two replicas
     /// with equal digests hold the same data.
     pub(crate) fn digest(&self, now_ms: u64) -> Result<[u8; 32]> {
-        let items: Vec<(KeyId, Vec<Version>)> = {
+        let mut items: Vec<(KeyId, Vec<Version>)> = {
             let st = lock(&self.state);
             st.keydir.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
+        // Key order, so replicas agree whatever order their maps hold the keys in.
+        items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut h = blake3::Hasher::new();
         for ((c, key), mut versions) in items {
             versions.retain(|v| !v.is_expired(now_ms));
@@ -1586,14 +1534,16 @@ impl StreamStore {
     /// Verifies every origin's audit chain over the durable records; returns how many
     /// records were checked.
     pub(crate) fn audit_verify(&self) -> Result<u64> {
-        let keys: Vec<(Dot, Loc)> = {
+        let mut keys: Vec<(Dot, Loc)> = {
             let st = lock(&self.state);
             st.keydir
-                .range((Collection::Audit, Vec::new().into_boxed_slice())..)
-                .take_while(|((c, _), _)| *c == Collection::Audit)
+                .iter()
+                .filter(|((c, _), _)| *c == Collection::Audit)
                 .filter_map(|(_, v)| v.first().map(|v| (v.dot, v.loc.clone())))
                 .collect()
         };
+        // Each origin's chain in sequence order.
+        keys.sort_unstable_by_key(|(dot, _)| (dot.origin, dot.seq));
         let mut running: BTreeMap<Incarnation, [u8; 32]> = BTreeMap::new();
         let mut checked = 0;
         for (dot, loc) in keys {
@@ -1651,7 +1601,7 @@ impl StreamStore {
             let mut st = lock(&self.state);
             let build = |st: &State, cutoff: u64| {
                 let mut t = HashTree::default();
-                for ((c, k), v) in &st.keydir {
+                for ((c, k), v) in st.keydir.iter() {
                     t.update(*c, k, None, key_digest(*c, k, v, cutoff));
                 }
                 t
@@ -1678,7 +1628,8 @@ impl StreamStore {
         resume: &[u8],
         max_entries: usize,
     ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>)> {
-        let st = lock(&self.state);
+        let mut st = lock(&self.state);
+        st.keydir.order_keys();
         let start = match resume.split_first() {
             None => None,
             Some((&c, key)) => {
@@ -1686,10 +1637,10 @@ impl StreamStore {
                 Some((c, key.to_vec().into_boxed_slice()))
             }
         };
-        let range = match &start {
-            Some(id) => st.keydir.range((std::ops::Bound::Excluded(id.clone()), std::ops::Bound::Unbounded)),
-            None => st.keydir.range::<KeyId, _>(..),
-        };
+        let range = st.keydir.range(match &start {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        });
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut last: Option<&KeyId> = None;
@@ -2214,14 +2165,14 @@ mod tests {
 
     #[test]
     fn a_hint_serialized_in_place_has_the_bytes_of_the_copied_image() {
-        let mut keydir: BTreeMap<KeyId, Vec<Version>> = BTreeMap::new();
+        let mut keydir = Keydir::default();
         for i in 0..50u64 {
             let key: KeyId = (Collection::Users, format!("user{i}").into_bytes().into_boxed_slice());
             let mut versions = vec![version(7, i + 1, i % 5 == 0)];
             if i % 7 == 0 {
                 versions.push(version(9, i + 1, false));
             }
-            keydir.insert(key, versions);
+            keydir.insert_new(key, versions);
         }
         let record = |i: u64| ConflictRecord {
             collection: Collection::UserPolicies,
