@@ -441,6 +441,9 @@ struct Work {
     bytes: u64,
     /// Entries each appliance received from peers, summed over appliances.
     received: u64,
+    /// Entries sent to peers, summed over appliances (more than `received`: resent),
+    /// of them relayed, and retransmissions (restarts from an acknowledgement).
+    sent: [u64; 3],
     cpu_s: f64,
 }
 
@@ -453,6 +456,9 @@ fn spread(e: &Cluster, records: u64, base: u64) -> Work {
     let before: Vec<Vec<u64>> =
         (0..n).map(|i| (0..n).map(|o| e.held(i, StreamId::Enterprise, o)).collect()).collect();
     let bytes_before: u64 = (0..n).map(|i| e.peer_bytes(i)).map(|(o, i)| o + i).sum();
+    let sent_total =
+        || (0..n).map(|i| e.entries_sent(i)).fold([0; 3], |a, b| [a[0] + b[0], a[1] + b[1], a[2] + b[2]]);
+    let sent_before = sent_total();
     let cpu_before = process_cpu_seconds();
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -479,7 +485,9 @@ fn spread(e: &Cluster, records: u64, base: u64) -> Work {
             (0..n).filter(|&o| o != i).map(|o| e.held(i, StreamId::Enterprise, o) - before[i][o]).sum::<u64>()
         })
         .sum();
-    Work { elapsed, bytes, received, cpu_s }
+    let sent_after = sent_total();
+    let sent = [0, 1, 2].map(|k| sent_after[k] - sent_before[k]);
+    Work { elapsed, bytes, received, sent, cpu_s }
 }
 
 /// The G3 mesh next to the G4 pair: `records` writes spread over all appliances.
@@ -518,11 +526,14 @@ fn mesh(c: &mut Criterion) {
         let cpu_us_per_entry = w.cpu_s * 1e6 / w.received.max(1) as f64;
         per_entry.insert(*name, (bytes_per_entry, cpu_us_per_entry));
         println!(
-            "  {name}: {:.2} s ({:.0} writes/s); per replica {:.1} MB on the wire, {:.2} CPU s; per entry received {bytes_per_entry:.0} B on the wire (sent and received), {cpu_us_per_entry:.1} CPU us",
+            "  {name}: {:.2} s ({:.0} writes/s); per replica {:.1} MB on the wire, {:.2} CPU s; per entry received {bytes_per_entry:.0} B on the wire (sent and received), {cpu_us_per_entry:.1} CPU us; {:.2} entries sent per entry received ({} relayed, {} retransmissions)",
             w.elapsed.as_secs_f64(),
             rate(records, w.elapsed),
             w.bytes as f64 / replicas / 1e6,
             w.cpu_s / replicas,
+            w.sent[0] as f64 / w.received.max(1) as f64,
+            w.sent[1],
+            w.sent[2],
         );
     }
     if let (Some(m), Some(p)) = (per_entry.get("g3_6_appliances_2_sites"), per_entry.get("g4_pair")) {

@@ -272,6 +272,18 @@ impl Cluster {
         (status.peers.iter().map(|p| p.bytes_out).sum(), status.peers.iter().map(|p| p.bytes_in).sum())
     }
 
+    /// What appliance `i` sent its peers so far: entries (retransmissions and relays
+    /// included), entries relayed, and retransmissions (restarts from an
+    /// acknowledgement).
+    pub fn entries_sent(&self, i: usize) -> [u64; 3] {
+        let peers = self.node(i).status().peers;
+        [
+            peers.iter().map(|p| p.entries_out).sum(),
+            peers.iter().map(|p| p.entries_relayed).sum(),
+            peers.iter().map(|p| p.retransmits).sum(),
+        ]
+    }
+
     /// Stops every appliance.
     pub fn shutdown(mut self) {
         for i in 0..self.nodes.len() {

@@ -364,7 +364,7 @@ impl Config {
             topology,
             tls,
             serve: ServeConfig { causal_wait_ms: f.serve.causal_wait_ms, pair, ..ServeConfig::default() },
-            sync: SyncConfig::default(),
+            sync: SyncConfig::over_quic(),
         };
         if let (TopologySource::Bootstrap(t), Some(file)) = (&config.topology, &f.topology_file) {
             check_membership(&config, t, &resolve(file))?;

@@ -77,6 +77,30 @@ pub(super) fn render(shared: &Shared) -> String {
             line(&mut out, "repl_bytes_total", &labels, bytes);
         }
     }
+    help(
+        &mut out,
+        "repl_entries_relayed_total",
+        "counter",
+        "entries sent to the peer that another appliance wrote",
+    );
+    help(
+        &mut out,
+        "repl_rewinds_total",
+        "counter",
+        "times the peer asked to be sent again from what it holds",
+    );
+    help(
+        &mut out,
+        "repl_retransmits_total",
+        "counter",
+        "times entries went unacknowledged so long that sending restarted from the peer's acknowledgement",
+    );
+    for p in &status.peers {
+        let labels = format!("peer=\"{}\"", p.id);
+        line(&mut out, "repl_entries_relayed_total", &labels, p.entries_relayed);
+        line(&mut out, "repl_rewinds_total", &labels, p.rewinds);
+        line(&mut out, "repl_retransmits_total", &labels, p.retransmits);
+    }
     help(&mut out, "repl_entries_per_second", "gauge", "entries per second in and out over the last second");
     help(&mut out, "repl_bytes_per_second", "gauge", "UDP bytes per second in and out over the last second");
     for (peer, r) in super::lock(&shared.rates).iter() {

@@ -113,15 +113,15 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// A configuration with default sync and serving tunables, no upstream and no
-    /// fsync histogram.
+    /// A configuration with the sync tunables for QUIC ([`SyncConfig::over_quic`]),
+    /// default serving tunables, no upstream and no fsync histogram.
     pub fn new(me: NodeId, topology: Topology, tls: TlsSetup, listen: SocketAddr) -> NodeConfig {
         NodeConfig {
             me,
             topology,
             tls,
             listen,
-            sync: SyncConfig::default(),
+            sync: SyncConfig::over_quic(),
             serve: ServeConfig::default(),
             upstream: None,
             sync_latency: None,
@@ -188,6 +188,13 @@ pub struct PeerStatus {
     pub entries_in: u64,
     /// Entries sent (retransmissions included).
     pub entries_out: u64,
+    /// Of those, entries another appliance wrote (relayed to a peer that lagged on them).
+    pub entries_relayed: u64,
+    /// Times the peer asked to be sent again from what it holds (a gap).
+    pub rewinds: u64,
+    /// Times entries went unacknowledged so long that sending restarted from what the
+    /// peer acknowledged (resending what was in flight).
+    pub retransmits: u64,
     /// UDP bytes received on the peer's connections.
     pub bytes_in: u64,
     /// UDP bytes sent.
@@ -234,6 +241,9 @@ struct PeerState {
     behind: BTreeMap<StreamId, Behind>,
     entries_in: u64,
     entries_out: u64,
+    entries_relayed: u64,
+    rewinds: u64,
+    retransmits: u64,
     bytes_in: u64,
     bytes_out: u64,
 }
@@ -434,6 +444,9 @@ impl Shared {
                 lag,
                 entries_in: p.entries_in,
                 entries_out: p.entries_out,
+                entries_relayed: p.entries_relayed,
+                rewinds: p.rewinds,
+                retransmits: p.retransmits,
                 bytes_in: p.bytes_in,
                 bytes_out: p.bytes_out,
             });
