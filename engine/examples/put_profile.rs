@@ -1,5 +1,7 @@
 //! Profiling aid: 8 writer threads, 128 writes in flight each, 256-byte values.
-//! `cargo run --release -p repl-engine --example put_profile -- [DIR] [WRITES]`
+//! `cargo run --release -p repl-engine --example put_profile -- [DIR] [WRITES] [random]`
+//! (`random`: keys spread over the key space, as user and session ids are, instead of
+//! eight ascending runs).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -14,6 +16,7 @@ fn main() {
         .cloned()
         .unwrap_or_else(|| std::env::temp_dir().join("repl-put-profile").display().to_string());
     let total: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(400_000);
+    let random = args.get(3).is_some_and(|a| a == "random");
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open_dir(&dir, StoreOptions::default()).expect("open");
     let start = Instant::now();
@@ -24,7 +27,12 @@ fn main() {
                 let mut in_flight = VecDeque::new();
                 for j in 0..total / 8 {
                     let mut b = WriteBatch::new();
-                    b.put(Collection::Users, format!("user-{w}-{j:010}").as_bytes(), &[7u8; 256]);
+                    let key = if random {
+                        format!("user-{:016x}", (w * 1_000_000_007 + j).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                    } else {
+                        format!("user-{w}-{j:010}")
+                    };
+                    b.put(Collection::Users, key.as_bytes(), &[7u8; 256]);
                     in_flight.push_back(store.submit(b).expect("submit"));
                     if in_flight.len() == 128 {
                         in_flight.pop_front().expect("non-empty").wait().expect("durable");
