@@ -8,7 +8,7 @@
 //! not yet durable live in `state.overlay`, which reads and compare-and-set consult
 //! first. Only the commit path moves a write into the keydir, after its fdatasync.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{btree_map, BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -1219,6 +1219,9 @@ fn retain_versions(st: &mut State, mut keep: impl FnMut(&KeyId, &Version) -> boo
     dropped
 }
 
+/// Staged snapshot entries read back and merged at a time when a snapshot is installed.
+const STAGED_READ_ENTRIES: usize = 4096;
+
 /// Payload bytes after which a snapshot chunk ends (at a key boundary).
 const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -1230,24 +1233,77 @@ fn read_loc(files: &BTreeMap<u32, FileMeta>, loc: &Loc) -> Result<Entry> {
     read_entry(handle, loc)
 }
 
+/// A location's segment is not open (the keydir points past what is on disk).
+fn segment_missing(file: u32, offset: u32) -> Error {
+    Error::Corrupt(Corruption {
+        file: format!("segment {file}"),
+        offset: u64::from(offset),
+        what: "segment missing",
+    })
+}
+
 /// Reads the entry at `loc` through `handle` (the segment's file and name): one
 /// positioned read, verified by the entry's checksum.
 fn read_entry(handle: Option<(&dyn StorageFile, &str)>, loc: &Loc) -> Result<Entry> {
     match loc {
         Loc::Pending(bytes) => Ok(Entry::decode(bytes)?),
         Loc::Disk { file, offset, len } => {
-            let (file_handle, name) = handle.ok_or_else(|| {
-                Error::Corrupt(Corruption {
-                    file: format!("segment {file}"),
-                    offset: *offset as u64,
-                    what: "segment missing",
-                })
-            })?;
+            let (file_handle, name) = handle.ok_or_else(|| segment_missing(*file, *offset))?;
             let mut buf = vec![0u8; *len as usize];
             file_handle.read_exact_at(&mut buf, *offset as u64).map_err(io_err(name, "read entry"))?;
             segment::decode_entry_at(&buf, name, *offset as u64)
         }
     }
+}
+
+/// Records at most this far apart are read together ([`read_entries`]).
+const READ_RUN_GAP_MAX: u64 = 16 * 1024;
+/// Most bytes one read of a run takes.
+const READ_RUN_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Reads the entries at `locs`, returned in the same order, with one positioned read
+/// per run of records near each other in a segment instead of one per record (a
+/// snapshot reads thousands of records, mostly neighbours). `handle` gives a segment's
+/// file and name; each entry is verified by its checksum.
+fn read_entries<'a>(
+    locs: &[Loc],
+    handle: impl Fn(u32) -> Option<(&'a dyn StorageFile, &'a str)>,
+) -> Result<Vec<Entry>> {
+    let mut read: Vec<Option<Entry>> = (0..locs.len()).map(|_| None).collect();
+    let disk = |i: usize| match locs[i] {
+        Loc::Disk { file, offset, len } => Some((file, u64::from(offset), u64::from(len))),
+        Loc::Pending(_) => None,
+    };
+    let mut order: Vec<usize> = (0..locs.len()).collect();
+    order.sort_unstable_by_key(|&i| disk(i).map(|(f, o, _)| (f, o)));
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let Some((file, start, len)) = disk(order[i]) else {
+            read[order[i]] = Some(read_entry(None, &locs[order[i]])?);
+            i += 1;
+            continue;
+        };
+        let mut end = start + len;
+        let mut j = i + 1;
+        while let Some((f, o, l)) = order.get(j).and_then(|&k| disk(k)) {
+            if f != file || o > end + READ_RUN_GAP_MAX || o + l - start > READ_RUN_BYTES_MAX {
+                break;
+            }
+            end = end.max(o + l);
+            j += 1;
+        }
+        let (h, name) = handle(file).ok_or_else(|| segment_missing(file, start as u32))?;
+        buf.resize((end - start) as usize, 0);
+        h.read_exact_at(&mut buf, start).map_err(io_err(name, "read entries"))?;
+        for &k in &order[i..j] {
+            let (_, o, l) = disk(k).expect("a run holds disk locations only");
+            let at = (o - start) as usize;
+            read[k] = Some(segment::decode_entry_at(&buf[at..at + l as usize], name, o)?);
+        }
+        i = j;
+    }
+    Ok(read.into_iter().map(|e| e.expect("every location was read")).collect())
 }
 
 /// A version read back with its value.
@@ -1641,7 +1697,10 @@ impl StreamStore {
             Some(id) => Bound::Excluded(id),
             None => Bound::Unbounded,
         });
-        let mut out = Vec::new();
+        // The versions are picked under the lock and read after it: records never
+        // change, and the handles keep a segment readable even if a compaction
+        // removes it meanwhile.
+        let mut picked: Vec<(Loc, Option<VersionVector>)> = Vec::new();
         let mut bytes = 0usize;
         let mut last: Option<&KeyId> = None;
         let mut more = false;
@@ -1649,22 +1708,20 @@ impl StreamStore {
             if !buckets.is_empty() && buckets.binary_search(&leaf_of(id.0, &id.1)).is_err() {
                 continue;
             }
-            if out.len() >= max_entries || bytes >= SNAPSHOT_CHUNK_BYTES {
+            if picked.len() >= max_entries || bytes >= SNAPSHOT_CHUNK_BYTES {
                 more = true;
                 break;
             }
             for v in versions {
-                let mut entry = read_loc(&st.files, &v.loc)?;
                 // Ship what the version supersedes here (a last-writer-wins merge joins
                 // the loser in), not only what its writer had seen, so the receiver
                 // reaches the same resolution.
-                if !v.context.contains(v.dot) {
-                    entry.context = v.context.clone();
-                }
-                bytes += entry.key.len()
-                    + 64
-                    + if let Op::Put { value, .. } = &entry.op { value.len() } else { 0 };
-                out.push(entry);
+                let context = (!v.context.contains(v.dot)).then(|| v.context.clone());
+                bytes += match v.loc {
+                    Loc::Disk { len, .. } => len as usize,
+                    Loc::Pending(ref b) => b.len(),
+                };
+                picked.push((v.loc.clone(), context));
             }
             last = Some(id);
         }
@@ -1677,7 +1734,25 @@ impl StreamStore {
             }
             _ => Vec::new(),
         };
-        Ok((st.vector.clone(), out, token))
+        let mut handles: BTreeMap<u32, (Arc<dyn StorageFile>, String)> = BTreeMap::new();
+        for (loc, _) in &picked {
+            if let Loc::Disk { file, .. } = loc {
+                if let (btree_map::Entry::Vacant(slot), Some(m)) = (handles.entry(*file), st.files.get(file))
+                {
+                    slot.insert((m.file.clone(), m.name.clone()));
+                }
+            }
+        }
+        let vector = st.vector.clone();
+        drop(st);
+        let locs: Vec<Loc> = picked.iter().map(|(loc, _)| loc.clone()).collect();
+        let mut out = read_entries(&locs, |f| handles.get(&f).map(|(h, n)| (&**h, n.as_str())))?;
+        for (entry, (_, context)) in out.iter_mut().zip(picked) {
+            if let Some(context) = context {
+                entry.context = context;
+            }
+        }
+        Ok((vector, out, token))
     }
 
     /// Starts receiving a snapshot of leaf `buckets` (`None`: all) from `peer`
@@ -1787,12 +1862,21 @@ impl StreamStore {
                 },
             );
             let before = st.vector.clone();
-            let mut held_there: std::collections::BTreeSet<(KeyId, Dot)> = std::collections::BTreeSet::new();
-            for (offset, len) in s.staged {
-                let loc = Loc::Disk { file: s.number, offset, len };
-                let entry = read_loc(&st.files, &loc)?;
-                held_there.insert(((entry.collection, entry.key.as_slice().into()), entry.dot));
-                self.merge_durable(&mut st, &entry, loc, Some(&before), None)?;
+            // A store that held nothing of the stream has no version the snapshot could
+            // have superseded: the walk below, and what it needs, are skipped.
+            let fresh = before.is_empty();
+            let mut held_there: HashSet<(KeyId, Dot), BuildKeyHasher> = HashSet::default();
+            let name = st.files.get(&s.number).map(|m| m.name.clone()).unwrap_or_default();
+            for staged in s.staged.chunks(STAGED_READ_ENTRIES) {
+                let locs: Vec<Loc> =
+                    staged.iter().map(|&(offset, len)| Loc::Disk { file: s.number, offset, len }).collect();
+                let entries = read_entries(&locs, |f| (f == s.number).then_some((&*s.file, name.as_str())))?;
+                for (entry, loc) in entries.into_iter().zip(locs) {
+                    if !fresh {
+                        held_there.insert(((entry.collection, entry.key.as_slice().into()), entry.dot));
+                    }
+                    self.merge_durable(&mut st, &entry, loc, Some(&before), None)?;
+                }
             }
             // Audit records are never superseded: their absence at the sender means
             // only that it forwarded and dropped them (a non-holder), so none go.
@@ -1804,9 +1888,11 @@ impl StreamStore {
                         Some(b) => b.binary_search(&leaf_of(id.0, &id.1)).is_ok(),
                     }
             };
-            retain_versions(&mut st, |id, v| {
-                !(at.contains(v.dot) && covers(id) && !held_there.contains(&(id.clone(), v.dot)))
-            });
+            if !fresh {
+                retain_versions(&mut st, |id, v| {
+                    !(at.contains(v.dot) && covers(id) && !held_there.contains(&(id.clone(), v.dot)))
+                });
+            }
             // Audit records are never superseded, and a non-holder drops the ones every
             // holder acknowledged: claim only what is here without a gap (the rest comes
             // from another holder), never what a forwarder merely saw.
