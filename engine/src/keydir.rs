@@ -10,6 +10,7 @@
 
 use std::collections::hash_map::{self, HashMap};
 use std::collections::BTreeSet;
+use std::hash::BuildHasher;
 use std::ops::Bound;
 
 use repl_wire::Collection;
@@ -164,8 +165,22 @@ impl Keydir {
 }
 
 impl FromIterator<(KeyId, Vec<Version>)> for Keydir {
+    /// Builds the keydir of a loaded hint. Inserting a million keys in the hint's order
+    /// writes all over a 100 MB table (a cache miss each, twice the time a B-tree took
+    /// to build from the sorted keys); in the order of the slot each key hashes to,
+    /// the writes sweep the table once from start to end.
     fn from_iter<I: IntoIterator<Item = (KeyId, Vec<Version>)>>(iter: I) -> Self {
-        Keydir { map: iter.into_iter().collect(), order: None }
+        let build = BuildKeyHasher::default();
+        let mut items: Vec<(u64, KeyId, Vec<Version>)> =
+            iter.into_iter().map(|(id, versions)| (build.hash_one(&id), id, versions)).collect();
+        // The table starts probing at the hash's low bits under its power-of-two mask.
+        let buckets = (items.len().saturating_mul(8) / 7).next_power_of_two().max(1) as u64;
+        items.sort_unstable_by_key(|(hash, _, _)| hash & (buckets - 1));
+        let mut map = HashMap::with_capacity_and_hasher(items.len(), build);
+        for (_, id, versions) in items {
+            map.insert(id, versions);
+        }
+        Keydir { map, order: None }
     }
 }
 
