@@ -29,6 +29,15 @@ impl Default for BuildKeyHasher {
     }
 }
 
+impl BuildKeyHasher {
+    /// A degenerate hasher under which all keys of one length collide (a zero
+    /// multiplier folds every word away), for testing collision handling.
+    #[cfg(test)]
+    pub(crate) fn colliding() -> Self {
+        BuildKeyHasher { seed: 0, multiplier: 0 }
+    }
+}
+
 impl BuildHasher for BuildKeyHasher {
     type Hasher = KeyHasher;
 

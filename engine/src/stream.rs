@@ -9,6 +9,7 @@
 //! first. Only the commit path moves a write into the keydir, after its fdatasync.
 
 use std::collections::{btree_map, BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -1136,38 +1137,60 @@ impl StreamStore {
 }
 
 /// Keys a batch being submitted touches, with their versions after the batch so far.
-/// Small batches search linearly; large ones keep an index so a 1,000-write batch is
-/// not quadratic.
+/// Small batches search linearly; large ones (a peer's batch of 256, the batch API's
+/// 1,000) keep an index by hash, so a batch is not quadratic and indexing a key costs
+/// no copy of it.
 #[derive(Default)]
 struct Staged {
     keys: Vec<(KeyId, Vec<Version>)>,
-    index: BTreeMap<KeyId, usize>,
+    /// Once past [`Staged::LINEAR_MAX`] keys: a key's hash -> its last position with
+    /// that hash; `chain[i]` is the position before `i` with the same hash.
+    index: HashMap<u64, usize, BuildKeyHasher>,
+    chain: Vec<usize>,
+    hasher: BuildKeyHasher,
 }
 
 impl Staged {
     const LINEAR_MAX: usize = 16;
+    /// The end of a chain.
+    const NONE: usize = usize::MAX;
 
     fn with_capacity(n: usize) -> Self {
-        Staged { keys: Vec::with_capacity(n), index: BTreeMap::new() }
+        Staged { keys: Vec::with_capacity(n), ..Staged::default() }
+    }
+
+    fn hash(&self, c: Collection, key: &[u8]) -> u64 {
+        self.hasher.hash_one(&(c, key) as &dyn KeyView)
     }
 
     fn find(&self, c: Collection, key: &[u8]) -> Option<usize> {
         if self.keys.len() <= Self::LINEAR_MAX {
-            self.keys.iter().rposition(|(id, _)| id.0 == c && *id.1 == *key)
-        } else {
-            self.index.get(&(c, key) as &dyn KeyView).copied()
+            return self.keys.iter().rposition(|(id, _)| id.0 == c && *id.1 == *key);
         }
+        let mut at = self.index.get(&self.hash(c, key)).copied().unwrap_or(Self::NONE);
+        while at != Self::NONE {
+            let (id, _) = &self.keys[at];
+            if id.0 == c && *id.1 == *key {
+                return Some(at);
+            }
+            at = self.chain[at];
+        }
+        None
     }
 
     fn push(&mut self, id: KeyId, versions: Vec<Version>) {
         self.keys.push((id, versions));
-        if self.keys.len() > Self::LINEAR_MAX {
-            if self.index.is_empty() {
-                self.index = self.keys.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
-            } else {
-                let i = self.keys.len() - 1;
-                self.index.insert(self.keys[i].0.clone(), i);
-            }
+        let n = self.keys.len();
+        if n <= Self::LINEAR_MAX {
+            return;
+        }
+        // Index whatever is not indexed yet (all of it when the batch first grows past
+        // the linear search).
+        for i in self.chain.len()..n {
+            let (c, key) = (self.keys[i].0 .0, &self.keys[i].0 .1);
+            let hash = self.hash(c, key);
+            let previous = self.index.insert(hash, i).unwrap_or(Self::NONE);
+            self.chain.push(previous);
         }
     }
 }
@@ -2246,6 +2269,26 @@ mod tests {
             tombstone,
             expires_at_ms: (seq % 2 == 0).then_some(5_000),
             loc: Loc::Disk { file: 3, offset: 64 * seq as u32, len: 40 },
+        }
+    }
+
+    #[test]
+    fn a_large_batch_finds_its_keys_through_the_hash_index_even_when_hashes_collide() {
+        for hasher in [BuildKeyHasher::default(), BuildKeyHasher::colliding()] {
+            let mut staged = Staged { hasher, ..Staged::default() };
+            let key = |i: u32| format!("user{i:04}").into_bytes();
+            for i in 0..100u32 {
+                assert_eq!(staged.find(Collection::Users, &key(i)), None, "key {i} before it is staged");
+                staged.push(
+                    (Collection::Users, key(i).into_boxed_slice()),
+                    vec![version(7, u64::from(i) + 1, false)],
+                );
+            }
+            for i in 0..100u32 {
+                assert_eq!(staged.find(Collection::Users, &key(i)), Some(i as usize), "key {i}");
+            }
+            assert_eq!(staged.find(Collection::UserPolicies, &key(5)), None, "another collection");
+            assert_eq!(staged.find(Collection::Users, b"user9999"), None, "a key never staged");
         }
     }
 
