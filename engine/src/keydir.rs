@@ -103,15 +103,8 @@ impl Keydir {
         if let Some(order) = self.order.as_mut() {
             order.insert(id.clone());
         }
-        match self.map.entry(id) {
-            hash_map::Entry::Vacant(slot) => {
-                slot.insert(versions);
-            }
-            hash_map::Entry::Occupied(mut held) => {
-                debug_assert!(false, "insert_new of a key already held");
-                held.insert(versions);
-            }
-        }
+        let held = self.map.insert(id, versions);
+        debug_assert!(held.is_none(), "insert_new of a key already held");
     }
 
     /// Every key and its versions, in no particular order.

@@ -771,7 +771,7 @@ impl StreamStore {
         next.clone_from(&st.submitted);
         let mut heads = BTreeMap::new();
         // Keys this batch touches, with their versions after the batch.
-        let mut staged = Staged::with_capacity(drafts.len());
+        let mut staged = Staged::with_capacity(drafts.len(), *st.overlay.hasher());
         let mut encoded: Vec<(Entry, Arc<Vec<u8>>)> = Vec::with_capacity(drafts.len());
         for draft in drafts {
             let mut held: Option<Vec<Version>> = None;
@@ -1140,7 +1140,6 @@ impl StreamStore {
 /// Small batches search linearly; large ones (a peer's batch of 256, the batch API's
 /// 1,000) keep an index by hash, so a batch is not quadratic and indexing a key costs
 /// no copy of it.
-#[derive(Default)]
 struct Staged {
     keys: Vec<(KeyId, Vec<Version>)>,
     /// Once past [`Staged::LINEAR_MAX`] keys: a key's hash -> its last position with
@@ -1155,8 +1154,10 @@ impl Staged {
     /// The end of a chain.
     const NONE: usize = usize::MAX;
 
-    fn with_capacity(n: usize) -> Self {
-        Staged { keys: Vec::with_capacity(n), ..Staged::default() }
+    /// `hasher` is the overlay's: drawing a fresh seed for every submitted batch cost
+    /// two `RandomState`s per write.
+    fn with_capacity(n: usize, hasher: BuildKeyHasher) -> Self {
+        Staged { keys: Vec::with_capacity(n), index: HashMap::with_hasher(hasher), chain: Vec::new(), hasher }
     }
 
     fn hash(&self, c: Collection, key: &[u8]) -> u64 {
@@ -1256,6 +1257,24 @@ fn read_loc(files: &BTreeMap<u32, FileMeta>, loc: &Loc) -> Result<Entry> {
     read_entry(handle, loc)
 }
 
+/// The file handle and name of each segment `locs` point into, taken under the state
+/// lock so the records can be read after it (a handle keeps a segment readable even
+/// if a compaction removes it meanwhile).
+fn segment_handles<'a>(
+    files: &BTreeMap<u32, FileMeta>,
+    locs: impl Iterator<Item = &'a Loc>,
+) -> BTreeMap<u32, (Arc<dyn StorageFile>, String)> {
+    let mut handles = BTreeMap::new();
+    for loc in locs {
+        if let Loc::Disk { file, .. } = loc {
+            if let (btree_map::Entry::Vacant(slot), Some(m)) = (handles.entry(*file), files.get(file)) {
+                slot.insert((m.file.clone(), m.name.clone()));
+            }
+        }
+    }
+    handles
+}
+
 /// A location's segment is not open (the keydir points past what is on disk).
 fn segment_missing(file: u32, offset: u32) -> Error {
     Error::Corrupt(Corruption {
@@ -1346,15 +1365,7 @@ impl StreamStore {
             let st = lock(&self.state);
             let versions =
                 st.overlay.get(id).map(|(v, _)| v).or_else(|| st.keydir.get(id)).cloned().unwrap_or_default();
-            let handles: BTreeMap<u32, (Arc<dyn StorageFile>, String)> = versions
-                .iter()
-                .filter_map(|v| match v.loc {
-                    Loc::Disk { file, .. } => {
-                        st.files.get(&file).map(|m| (file, (m.file.clone(), m.name.clone())))
-                    }
-                    Loc::Pending(_) => None,
-                })
-                .collect();
+            let handles = segment_handles(&st.files, versions.iter().map(|v| &v.loc));
             (versions, handles)
         };
         let context = context_of(&versions);
@@ -1757,15 +1768,7 @@ impl StreamStore {
             }
             _ => Vec::new(),
         };
-        let mut handles: BTreeMap<u32, (Arc<dyn StorageFile>, String)> = BTreeMap::new();
-        for (loc, _) in &picked {
-            if let Loc::Disk { file, .. } = loc {
-                if let (btree_map::Entry::Vacant(slot), Some(m)) = (handles.entry(*file), st.files.get(file))
-                {
-                    slot.insert((m.file.clone(), m.name.clone()));
-                }
-            }
-        }
+        let handles = segment_handles(&st.files, picked.iter().map(|(loc, _)| loc));
         let vector = st.vector.clone();
         drop(st);
         let locs: Vec<Loc> = picked.iter().map(|(loc, _)| loc.clone()).collect();
@@ -1877,7 +1880,7 @@ impl StreamStore {
                 s.number,
                 FileMeta {
                     file: s.file.clone(),
-                    name: final_name,
+                    name: final_name.clone(),
                     kind: SegmentKind::Compacted,
                     end: s.end,
                     vector: at.clone(),
@@ -1889,11 +1892,11 @@ impl StreamStore {
             // have superseded: the walk below, and what it needs, are skipped.
             let fresh = before.is_empty();
             let mut held_there: HashSet<(KeyId, Dot), BuildKeyHasher> = HashSet::default();
-            let name = st.files.get(&s.number).map(|m| m.name.clone()).unwrap_or_default();
             for staged in s.staged.chunks(STAGED_READ_ENTRIES) {
                 let locs: Vec<Loc> =
                     staged.iter().map(|&(offset, len)| Loc::Disk { file: s.number, offset, len }).collect();
-                let entries = read_entries(&locs, |f| (f == s.number).then_some((&*s.file, name.as_str())))?;
+                let entries =
+                    read_entries(&locs, |f| (f == s.number).then_some((&*s.file, final_name.as_str())))?;
                 for (entry, loc) in entries.into_iter().zip(locs) {
                     if !fresh {
                         held_there.insert(((entry.collection, entry.key.as_slice().into()), entry.dot));
@@ -2275,7 +2278,7 @@ mod tests {
     #[test]
     fn a_large_batch_finds_its_keys_through_the_hash_index_even_when_hashes_collide() {
         for hasher in [BuildKeyHasher::default(), BuildKeyHasher::colliding()] {
-            let mut staged = Staged { hasher, ..Staged::default() };
+            let mut staged = Staged::with_capacity(0, hasher);
             let key = |i: u32| format!("user{i:04}").into_bytes();
             for i in 0..100u32 {
                 assert_eq!(staged.find(Collection::Users, &key(i)), None, "key {i} before it is staged");

@@ -291,6 +291,13 @@ struct StreamState {
 }
 
 impl StreamState {
+    /// The acknowledgement moved (or nothing is in flight): the retransmission timer
+    /// starts over from its first interval.
+    fn progressed(&mut self, now_ms: u64) {
+        self.progress_ms = now_ms;
+        self.backoff = 0;
+    }
+
     /// When entries still unacknowledged are sent again.
     fn retransmit_at(&self, config: &SyncConfig) -> u64 {
         self.progress_ms + (config.retransmit_ms << self.backoff)
@@ -615,8 +622,7 @@ impl PeerSync {
                     }
                     if !s.acked.descends(&vector) {
                         s.acked.merge(&vector);
-                        s.progress_ms = now_ms;
-                        s.backoff = 0;
+                        s.progressed(now_ms);
                     }
                     s.sent.merge(&s.acked);
                 }
@@ -1043,8 +1049,7 @@ impl PeerSync {
             batches.push(PeerMessage::Entries { stream, entries: batch });
         }
         if s.acked.descends(&s.sent) {
-            s.progress_ms = now_ms;
-            s.backoff = 0;
+            s.progressed(now_ms);
         }
         for m in batches {
             self.push(m);
@@ -1286,6 +1291,39 @@ mod tests {
         take_from(&sb, &sa, 1, 3);
         a.handle_local_durable(0, StreamId::Enterprise, &sa);
         assert_eq!(a.acked(StreamId::Enterprise).expect("sends").get(sb.incarnation()), 3);
+    }
+
+    #[test]
+    fn retransmissions_back_off_while_unacknowledged_and_start_over_after_an_ack() {
+        let (sa, sb) = (store(1), store(2));
+        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
+        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        let lose_all = |m: &mut PeerSync| while m.poll_transmit().is_some() {};
+        sa.put(Collection::Users, b"u1", b"x").expect("put");
+        a.handle_local_durable(0, StreamId::Enterprise, &sa);
+        lose_all(&mut a);
+        let retransmits_at = |a: &mut PeerSync, now: u64| {
+            a.handle_timeout(now, &sa);
+            while a.poll_transmit().is_some() {}
+            a.stats().retransmits
+        };
+        let base = SyncConfig::default().retransmit_ms;
+        assert_eq!(retransmits_at(&mut a, base - 1), 0);
+        assert_eq!(retransmits_at(&mut a, base), 1);
+        // The next waits twice as long, then four times.
+        assert_eq!(retransmits_at(&mut a, 3 * base - 1), 1);
+        assert_eq!(retransmits_at(&mut a, 3 * base), 2);
+        assert_eq!(retransmits_at(&mut a, 7 * base - 1), 2);
+        assert_eq!(retransmits_at(&mut a, 7 * base), 3);
+        // Delivered and acknowledged: the next loss waits the first interval again.
+        a.handle_timeout(15 * base, &sa);
+        exchange_at(15 * base, &mut a, &sa, &mut b, &sb);
+        assert_eq!(a.stats().retransmits, 4, "the fourth resend is the one delivered");
+        sa.put(Collection::Users, b"u2", b"y").expect("put");
+        a.handle_local_durable(15 * base, StreamId::Enterprise, &sa);
+        lose_all(&mut a);
+        assert_eq!(retransmits_at(&mut a, 16 * base), 5);
     }
 
     #[test]

@@ -123,7 +123,7 @@ async fn run_session(
     let mut woken = shared.wake.subscribe();
     let mut reader = FrameReader::new();
     let mut established = false;
-    let (mut entries_in, mut entries_out, mut bytes_base) = (0u64, 0u64, (0u64, 0u64));
+    let (mut entries_in, mut bytes_base) = (0u64, (0u64, 0u64));
     // The machine's counters as last added to the node's (they count per session).
     let mut published = crate::sync::SyncStats::default();
     // Sending never blocks reading: a writer task drains a small queue into the QUIC
@@ -183,12 +183,11 @@ async fn run_session(
             let now = now_ms();
             let mut state = shared.state();
             let p = state.peers.entry(peer.clone()).or_default();
-            p.entries_out += stats.entries_sent - entries_out;
+            p.entries_out += stats.entries_sent - published.entries_sent;
             p.entries_relayed += stats.entries_relayed - published.entries_relayed;
             p.rewinds += stats.rewinds - published.rewinds;
             p.retransmits += stats.retransmits - published.retransmits;
             published = stats;
-            entries_out = stats.entries_sent;
             p.entries_in += entries_in;
             entries_in = 0;
             p.bytes_in += udp - bytes_base.0;
