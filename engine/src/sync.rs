@@ -1139,6 +1139,15 @@ mod tests {
 
     /// Exchanges messages and fires timers until neither side waits for anything;
     /// returns the time that took. Fails if the pair never goes quiet.
+    /// Two stores and their machines, handshake done.
+    fn established_pair() -> (Store, Store, PeerSync, PeerSync) {
+        let (sa, sb) = (store(1), store(2));
+        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
+        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
+        exchange(&mut a, &sa, &mut b, &sb);
+        (sa, sb, a, b)
+    }
+
     fn settle(a: &mut PeerSync, sa: &Store, b: &mut PeerSync, sb: &Store) -> u64 {
         let mut now = 0;
         for _ in 0..100 {
@@ -1279,10 +1288,7 @@ mod tests {
 
     #[test]
     fn a_peers_own_writes_count_as_acknowledged_once_held() {
-        let (sa, sb) = (store(1), store(2));
-        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
-        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
-        exchange(&mut a, &sa, &mut b, &sb);
+        let (sa, sb, mut a, _b) = established_pair();
         for i in 0..3u32 {
             sb.put(Collection::Users, format!("b{i}").as_bytes(), b"y").expect("put");
         }
@@ -1295,10 +1301,7 @@ mod tests {
 
     #[test]
     fn retransmissions_back_off_while_unacknowledged_and_start_over_after_an_ack() {
-        let (sa, sb) = (store(1), store(2));
-        let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
-        let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
-        exchange(&mut a, &sa, &mut b, &sb);
+        let (sa, sb, mut a, mut b) = established_pair();
         let lose_all = |m: &mut PeerSync| while m.poll_transmit().is_some() {};
         sa.put(Collection::Users, b"u1", b"x").expect("put");
         a.handle_local_durable(0, StreamId::Enterprise, &sa);
