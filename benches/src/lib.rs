@@ -41,10 +41,40 @@ pub fn value_256(i: u64) -> [u8; 256] {
     v
 }
 
-/// The key of record `i`.
+/// The key of record `i`: `user-` and `i` in ten decimal digits (written without
+/// `format!`, whose cost would be counted in every put of the store benches).
+///
+/// ```
+/// assert_eq!(&repl_benches::key(42), b"user-0000000042\0");
+/// ```
 pub fn key(i: u64) -> [u8; 16] {
     let mut k = *b"user-0000000000\0";
-    k[5..15].copy_from_slice(format!("{:010}", i % 10_000_000_000).as_bytes());
+    let mut n = i % 10_000_000_000;
+    for d in k[5..15].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    k
+}
+
+/// The key of record `i` when keys are spread over the key space, as user and session
+/// ids are: `user-` and eleven hex digits of `i` times an odd constant modulo 2^44 (a
+/// bijection, so distinct records never share a key). Ascending keys are a B-tree's
+/// best case: every insert lands on its right edge.
+///
+/// ```
+/// let (a, b) = (repl_benches::key_spread(1), repl_benches::key_spread(2));
+/// assert_ne!(a, b);
+/// assert!(a.starts_with(b"user-") && b.starts_with(b"user-"));
+/// ```
+pub fn key_spread(i: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut k = *b"user-00000000000";
+    let mut n = i.wrapping_mul(0x9e37_79b9_7f4b) & ((1 << 44) - 1);
+    for d in k[5..16].iter_mut().rev() {
+        *d = HEX[(n & 15) as usize];
+        n >>= 4;
+    }
     k
 }
 
@@ -71,25 +101,35 @@ pub fn plain_log_append(dir: &Path, records: u64, sync_every: u64) -> std::io::R
     Ok(())
 }
 
-/// Baseline: redb alone, inserting `records` 256-byte values with a durable commit per
-/// `commit_every`.
-pub fn redb_insert(dir: &Path, records: u64, commit_every: u64) -> Result<(), Box<redb::Error>> {
+/// Baseline: redb alone, inserting records `base..base + records` (256-byte values,
+/// keys from `keys`) into `db` with a durable commit per `commit_every`.
+pub fn redb_insert(
+    db: &redb::Database,
+    keys: fn(u64) -> [u8; 16],
+    base: u64,
+    records: u64,
+    commit_every: u64,
+) -> Result<(), Box<redb::Error>> {
     const TABLE: redb::TableDefinition<'_, &[u8], &[u8]> = redb::TableDefinition::new("users");
-    let db = redb::Database::create(dir.join("redb.db")).map_err(|e| Box::new(e.into()))?;
-    let mut i = 0;
-    while i < records {
+    let mut i = base;
+    while i < base + records {
         let tx = db.begin_write().map_err(|e| Box::new(e.into()))?;
         {
             let mut table = tx.open_table(TABLE).map_err(|e| Box::new(e.into()))?;
-            let end = (i + commit_every).min(records);
+            let end = (i + commit_every).min(base + records);
             while i < end {
-                table.insert(&key(i)[..], &value_256(i)[..]).map_err(|e| Box::new(e.into()))?;
+                table.insert(&keys(i)[..], &value_256(i)[..]).map_err(|e| Box::new(e.into()))?;
                 i += 1;
             }
         }
         tx.commit().map_err(|e| Box::new(e.into()))?;
     }
     Ok(())
+}
+
+/// A new redb database in `dir`, for [`redb_insert`].
+pub fn redb_create(dir: &Path) -> Result<redb::Database, Box<redb::Error>> {
+    redb::Database::create(dir.join("redb.db")).map_err(|e| Box::new(e.into()))
 }
 
 /// Entries per batch message.
