@@ -162,6 +162,11 @@ struct State {
     submitted: VersionVector,
     /// The previous `submitted`, kept for its allocation (see `submit`).
     submitted_spare: VersionVector,
+    /// Emptied lists, kept for their allocations: a batch's staged keys, and the entry
+    /// lists of committed batches (handed back by the group commit), which submitting
+    /// batches take instead of allocating.
+    staged_spare: Vec<(KeyId, Vec<Version>)>,
+    entries_spare: Vec<Vec<(Entry, Arc<Vec<u8>>)>>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
     next_ticket: u64,
@@ -260,6 +265,9 @@ struct Staging {
 struct FrameScratch {
     frame: Vec<u8>,
     spans: Vec<(u32, u32)>,
+    /// The entry lists of the last group, emptied outside the state lock and handed
+    /// to `State::entries_spare` when the next group is taken.
+    emptied: Vec<Vec<(Entry, Arc<Vec<u8>>)>>,
 }
 
 impl FrameScratch {
@@ -771,8 +779,9 @@ impl StreamStore {
         next.clone_from(&st.submitted);
         let mut heads = BTreeMap::new();
         // Keys this batch touches, with their versions after the batch.
-        let mut staged = Staged::with_capacity(drafts.len(), *st.overlay.hasher());
-        let mut encoded: Vec<(Entry, Arc<Vec<u8>>)> = Vec::with_capacity(drafts.len());
+        let mut staged = Staged::new(std::mem::take(&mut st.staged_spare), *st.overlay.hasher());
+        let mut encoded = st.entries_spare.pop().unwrap_or_default();
+        encoded.reserve(drafts.len());
         for draft in drafts {
             let mut held: Option<Vec<Version>> = None;
             let (entry, encoding) = match draft {
@@ -803,7 +812,7 @@ impl StreamStore {
                         None => {
                             // Kept for staging below, so the key is looked up once.
                             let current = held_versions(&st, collection, &key);
-                            held = Some(current.to_vec());
+                            held = Some(versions_plus_one(current));
                             current
                         }
                     };
@@ -858,9 +867,9 @@ impl StreamStore {
                     merge(policy, &mut staged.keys[i].1, incoming, None);
                 }
                 None => {
-                    let mut versions = held
-                        .take()
-                        .unwrap_or_else(|| held_versions(&st, entry.collection, &entry.key).to_vec());
+                    let mut versions = held.take().unwrap_or_else(|| {
+                        versions_plus_one(held_versions(&st, entry.collection, &entry.key))
+                    });
                     merge(policy, &mut versions, incoming, None);
                     staged.push((entry.collection, entry.key.as_slice().into()), versions);
                 }
@@ -885,9 +894,10 @@ impl StreamStore {
         for (o, h) in heads {
             st.submitted_heads.insert(o, h);
         }
-        for (id, versions) in staged.keys {
+        for (id, versions) in staged.keys.drain(..) {
             st.overlay.insert(id, (versions, ticket));
         }
+        st.staged_spare = staged.keys;
         st.queued_bytes += bytes as usize;
         self.queued_bytes.store(st.queued_bytes, Ordering::Relaxed);
         let dots = encoded.iter().map(|(e, _)| e.dot).collect();
@@ -990,6 +1000,11 @@ impl StreamStore {
     /// others sleep and are woken after each group, so nobody queues behind the I/O
     /// just to learn that their write is already durable.
     pub(crate) fn wait(&self, ticket: u64) -> Result<()> {
+        // Most waits of a pipelined writer find their write already durable (it went
+        // in the group that woke them for an older one): no lock for those.
+        if self.durable_ticket.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
         loop {
             {
                 let mut leading = lock(&self.leader);
@@ -1028,6 +1043,13 @@ impl StreamStore {
         Ok(())
     }
 
+    /// Emptied entry lists kept for submitters to reuse (a group holds at most one per
+    /// batch; beyond this many they are freed).
+    const ENTRY_LISTS_KEPT: usize = 1024;
+    /// Only small lists are kept (single writes are the ones that pay most for an
+    /// allocation); a large batch's list is freed.
+    const ENTRY_LIST_KEPT_CAPACITY: usize = 16;
+
     /// Commits everything queued so far.
     pub(crate) fn flush(&self) -> Result<()> {
         let ticket = lock(&self.state).next_ticket;
@@ -1042,8 +1064,12 @@ impl StreamStore {
 
     /// Writes one frame to one segment and syncs it. Called with the `io` lock held.
     fn commit_one_group(&self, scratch: &mut FrameScratch) -> Result<()> {
-        let (file_no, meta_file, meta_name, offset, group, needs_dir_sync) = {
+        let (file_no, meta_file, meta_name, offset, mut group, needs_dir_sync) = {
             let mut st = lock(&self.state);
+            let room = Self::ENTRY_LISTS_KEPT.saturating_sub(st.entries_spare.len());
+            let handed = scratch.emptied.len().min(room);
+            st.entries_spare.extend(scratch.emptied.drain(..handed));
+            scratch.emptied.clear();
             let Some(mut active) = st.active else { return Ok(()) };
             let mut end = st.files.get(&active).map_or(HEADER_BYTES, |m| m.end);
             let cap = self.options.segment_bytes;
@@ -1132,6 +1158,16 @@ impl StreamStore {
             m.end = offset + frame.len() as u64;
         }
         self.durable_ticket.store(last_ticket, Ordering::Release);
+        drop(st);
+        // The entries are dropped here, outside the state lock; their lists go back to
+        // the submitters with the next group.
+        for q in &mut group {
+            let mut entries = std::mem::take(&mut q.entries);
+            if entries.capacity() <= Self::ENTRY_LIST_KEPT_CAPACITY {
+                entries.clear();
+                scratch.emptied.push(entries);
+            }
+        }
         Ok(())
     }
 }
@@ -1156,8 +1192,10 @@ impl Staged {
 
     /// `hasher` is the overlay's: drawing a fresh seed for every submitted batch cost
     /// two `RandomState`s per write.
-    fn with_capacity(n: usize, hasher: BuildKeyHasher) -> Self {
-        Staged { keys: Vec::with_capacity(n), index: HashMap::with_hasher(hasher), chain: Vec::new(), hasher }
+    /// `keys` is an empty list kept for its allocation.
+    fn new(keys: Vec<(KeyId, Vec<Version>)>, hasher: BuildKeyHasher) -> Self {
+        debug_assert!(keys.is_empty());
+        Staged { keys, index: HashMap::with_hasher(hasher), chain: Vec::new(), hasher }
     }
 
     fn hash(&self, c: Collection, key: &[u8]) -> u64 {
@@ -1201,6 +1239,14 @@ fn held_versions<'a>(st: &'a State, c: Collection, key: &[u8]) -> &'a [Version] 
     let id = (c, key);
     let id = &id as &dyn KeyView;
     st.overlay.get(id).map(|(v, _)| v).or_else(|| st.keydir.get(id)).map_or(&[], |v| v.as_slice())
+}
+
+/// A copy of `versions` with room for the one a write adds (a copy of an empty list
+/// would otherwise grow on the merge that follows).
+fn versions_plus_one(versions: &[Version]) -> Vec<Version> {
+    let mut copy = Vec::with_capacity(versions.len() + 1);
+    copy.extend_from_slice(versions);
+    copy
 }
 
 /// Whether `origin` appears for the first time in the current frame (and notes it).
@@ -2278,7 +2324,7 @@ mod tests {
     #[test]
     fn a_large_batch_finds_its_keys_through_the_hash_index_even_when_hashes_collide() {
         for hasher in [BuildKeyHasher::default(), BuildKeyHasher::colliding()] {
-            let mut staged = Staged::with_capacity(0, hasher);
+            let mut staged = Staged::new(Vec::new(), hasher);
             let key = |i: u32| format!("user{i:04}").into_bytes();
             for i in 0..100u32 {
                 assert_eq!(staged.find(Collection::Users, &key(i)), None, "key {i} before it is staged");
