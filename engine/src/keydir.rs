@@ -107,6 +107,32 @@ impl Keydir {
         debug_assert!(held.is_none(), "insert_new of a key already held");
     }
 
+    /// The versions held for `id`, or a new empty list for them (`spare`, emptied,
+    /// kept for its allocation) and `true`: one lookup for both. A new key left
+    /// without versions must be removed again ([`Keydir::remove`]).
+    pub(crate) fn slot(&mut self, id: KeyId, spare: Vec<Version>) -> (&mut Vec<Version>, bool) {
+        match self.map.entry(id) {
+            hash_map::Entry::Occupied(held) => (held.into_mut(), false),
+            hash_map::Entry::Vacant(place) => {
+                if let Some(order) = self.order.as_mut() {
+                    order.insert(place.key().clone());
+                }
+                let mut versions = spare;
+                versions.clear();
+                (place.insert(versions), true)
+            }
+        }
+    }
+
+    /// Removes `id` and its versions.
+    pub(crate) fn remove(&mut self, id: &dyn KeyView) {
+        if let Some((key, _)) = self.map.remove_entry(id) {
+            if let Some(order) = self.order.as_mut() {
+                order.remove(&key);
+            }
+        }
+    }
+
     /// Every key and its versions, in no particular order.
     pub(crate) fn iter(&self) -> hash_map::Iter<'_, KeyId, Vec<Version>> {
         self.map.iter()

@@ -607,7 +607,7 @@ impl StreamStore {
                     let loc = Loc::Disk { file: *n, offset: e.offset, len: e.len };
                     let index_at =
                         first_of_origin(&mut seen, e.entry.dot.origin).then_some(frame.offset as u32);
-                    self.apply_durable(&mut st, &e.entry, loc, index_at, None)?;
+                    self.apply_durable(&mut st, &e.entry, loc, index_at, None);
                     report.entries_replayed += 1;
                 }
             }
@@ -664,7 +664,7 @@ impl StreamStore {
         loc: Loc,
         index_at: Option<u32>,
         owned: Option<(KeyId, Vec<Version>)>,
-    ) -> Result<()> {
+    ) {
         let Loc::Disk { file, .. } = loc else { unreachable!("durable entries have a disk location") };
         let meta = st.files.get_mut(&file).expect("a durable entry's segment is open");
         meta.vector.advance(entry.dot);
@@ -688,7 +688,7 @@ impl StreamStore {
         loc: Loc,
         covered: Option<&VersionVector>,
         owned: Option<(KeyId, Vec<Version>)>,
-    ) -> Result<()> {
+    ) {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
         if let Some(t) = incoming.expires_at_ms {
@@ -704,6 +704,18 @@ impl StreamStore {
             }
         };
         let view = (entry.collection, entry.key.as_slice());
+        if let Some((key, spare)) = owned {
+            // The commit path holds the key: one lookup finds it or makes its place.
+            let (held, fresh) = st.keydir.slot(key, spare);
+            let old = if fresh { None } else { digest(held) };
+            let outcome = merge(policy, held, incoming, covered);
+            let (winner, new) = (held.first().map(|v| v.dot).filter(|_| !fresh), digest(held));
+            if held.is_empty() {
+                st.keydir.remove(&view as &dyn KeyView);
+            }
+            self.merged(st, entry, outcome, winner, old, new);
+            return;
+        }
         let (outcome, winner, old_digest, new_digest) = match st.keydir.get_mut(&view as &dyn KeyView) {
             Some(held) => {
                 let old = digest(held);
@@ -711,13 +723,8 @@ impl StreamStore {
                 (outcome, held.first().map(|v| v.dot), old, digest(held))
             }
             None => {
-                let (key, mut held) = match owned {
-                    Some((key, mut spare)) => {
-                        spare.clear();
-                        (key, spare)
-                    }
-                    None => ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1)),
-                };
+                let (key, mut held) =
+                    ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1));
                 let outcome = merge(policy, &mut held, incoming, covered);
                 let new = digest(&held);
                 if !held.is_empty() {
@@ -726,6 +733,21 @@ impl StreamStore {
                 (outcome, None, None, new)
             }
         };
+        self.merged(st, entry, outcome, winner, old_digest, new_digest);
+    }
+
+    /// What follows a merge into the keydir: the hash tree, conflict records, the
+    /// audit indexes. `winner` is the key's first version after the merge when it
+    /// held versions before.
+    fn merged(
+        &self,
+        st: &mut State,
+        entry: &Entry,
+        outcome: Merge,
+        winner: Option<Dot>,
+        old_digest: Option<[u64; 4]>,
+        new_digest: Option<[u64; 4]>,
+    ) {
         if let Some(tree) = st.tree.as_mut() {
             tree.update(entry.collection, &entry.key, old_digest, new_digest);
         }
@@ -760,7 +782,6 @@ impl StreamStore {
                 st.audit.heads.insert(entry.dot.origin, chain_hash(&prev, entry.dot, value));
             }
         }
-        Ok(())
     }
 
     // ----- submitting writes ----------------------------------------------------
@@ -1144,11 +1165,17 @@ impl StreamStore {
                 // then moves into the keydir.
                 let view = (entry.collection, entry.key.as_slice());
                 let view = &view as &dyn KeyView;
-                let owned = match st.overlay.get(view) {
-                    Some((_, t)) if *t == q.ticket => st.overlay.remove_entry(view).map(|(k, (v, _))| (k, v)),
-                    _ => None,
+                // One lookup when this was the key's last queued write (the usual case);
+                // else the entry goes back for the later one.
+                let owned = match st.overlay.remove_entry(view) {
+                    Some((k, (v, t))) if t == q.ticket => Some((k, v)),
+                    Some((k, later)) => {
+                        st.overlay.insert(k, later);
+                        None
+                    }
+                    None => None,
                 };
-                self.apply_durable(&mut st, entry, loc, index_at, owned)?;
+                self.apply_durable(&mut st, entry, loc, index_at, owned);
             }
             last_ticket = q.ticket;
         }
@@ -1947,7 +1974,7 @@ impl StreamStore {
                     if !fresh {
                         held_there.insert(((entry.collection, entry.key.as_slice().into()), entry.dot));
                     }
-                    self.merge_durable(&mut st, &entry, loc, Some(&before), None)?;
+                    self.merge_durable(&mut st, &entry, loc, Some(&before), None);
                 }
             }
             // Audit records are never superseded: their absence at the sender means

@@ -91,6 +91,12 @@ impl Collection {
         Collection::WriteAnswers,
     ];
 
+    /// The variant's position in the declaration, which is what serde encodes for it
+    /// (no variant has an explicit discriminant).
+    pub(crate) fn index(self) -> u32 {
+        self as u32
+    }
+
     /// The stream this collection replicates in.
     pub fn stream(self) -> StreamId {
         match self {
