@@ -47,6 +47,50 @@ pub(crate) enum Draft {
     Remote(Entry, Arc<Vec<u8>>),
 }
 
+/// What a draft will need under the state lock that can be allocated before it: the
+/// state lock serializes every writer and the group commit, so an allocation made
+/// there is paid by all of them.
+struct Prepared {
+    /// The key, as the overlay and keydir hold it (audit keys come from the dot).
+    id: Option<KeyId>,
+    /// A buffer for the entry's encoding, sized for it (a remote entry has one).
+    encoding: Option<Arc<Vec<u8>>>,
+    /// An empty list for the key's versions after the write.
+    versions: Vec<Version>,
+}
+
+impl Prepared {
+    /// Room for what an encoding adds to the key and value beyond the context: the
+    /// dot, HLC, lengths and tags take at most 56 bytes.
+    const ENCODING_SLACK: usize = 64;
+    /// Room for the context's dots (each at most 20 bytes) before the buffer grows.
+    const CONTEXT_DOTS_EXPECTED: usize = 3;
+
+    fn for_draft(draft: &Draft) -> Self {
+        match draft {
+            Draft::Local { collection, key, op, context, .. } => {
+                let value = match op {
+                    Op::Put { value, .. } => value.len(),
+                    _ => 0,
+                };
+                let dots = context.as_ref().map_or(Self::CONTEXT_DOTS_EXPECTED, |c| c.len() + 1);
+                let room = key.len() + value + Self::ENCODING_SLACK + 20 * dots;
+                Prepared {
+                    id: Some((*collection, key.as_slice().into())),
+                    encoding: Some(Arc::new(Vec::with_capacity(room))),
+                    versions: Vec::with_capacity(2),
+                }
+            }
+            Draft::Remote(entry, _) => Prepared {
+                id: Some((entry.collection, entry.key.as_slice().into())),
+                encoding: None,
+                versions: Vec::with_capacity(2),
+            },
+            Draft::Audit(_) => Prepared { id: None, encoding: None, versions: Vec::new() },
+        }
+    }
+}
+
 /// A value that lost a last-writer-wins resolution, kept so no write is lost silently.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConflictRecord {
@@ -794,6 +838,8 @@ impl StreamStore {
             return Err(Error::Poisoned);
         }
         let now_ms = self.options.clock.now_ms();
+        let prepared: Vec<Prepared> = drafts.iter().map(Prepared::for_draft).collect();
+        let mut dots = Vec::with_capacity(drafts.len());
         let mut st = lock(&self.state);
         // A copy of the submitted vector in an allocation kept between writes.
         let mut next = std::mem::take(&mut st.submitted_spare);
@@ -803,7 +849,9 @@ impl StreamStore {
         let mut staged = Staged::new(std::mem::take(&mut st.staged_spare), *st.overlay.hasher());
         let mut encoded = st.entries_spare.pop().unwrap_or_default();
         encoded.reserve(drafts.len());
-        for draft in drafts {
+        for (draft, prep) in drafts.into_iter().zip(prepared) {
+            let Prepared { id: prepared_id, encoding: buffer, versions: spare } = prep;
+            let mut spare = Some(spare);
             let mut held: Option<Vec<Version>> = None;
             let (entry, encoding) = match draft {
                 Draft::Remote(entry, encoding) => {
@@ -833,7 +881,7 @@ impl StreamStore {
                         None => {
                             // Kept for staging below, so the key is looked up once.
                             let current = held_versions(&st, collection, &key);
-                            held = Some(versions_plus_one(current));
+                            held = Some(versions_plus_one(current, spare.take()));
                             current
                         }
                     };
@@ -880,7 +928,18 @@ impl StreamStore {
             };
             entry.validate()?;
             next.advance(entry.dot);
-            let bytes = encoding.unwrap_or_else(|| Arc::new(entry.encode()));
+            let bytes = match (encoding, buffer) {
+                (Some(received), _) => received,
+                (None, Some(mut buffer)) => {
+                    // Just made, so not shared yet.
+                    match Arc::get_mut(&mut buffer) {
+                        Some(out) => entry.encode_into(out),
+                        None => buffer = Arc::new(entry.encode()),
+                    }
+                    buffer
+                }
+                (None, None) => Arc::new(entry.encode()),
+            };
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
             let policy = self.options.policy(entry.collection);
             match staged.find(entry.collection, &entry.key) {
@@ -889,10 +948,14 @@ impl StreamStore {
                 }
                 None => {
                     let mut versions = held.take().unwrap_or_else(|| {
-                        versions_plus_one(held_versions(&st, entry.collection, &entry.key))
+                        versions_plus_one(held_versions(&st, entry.collection, &entry.key), spare.take())
                     });
                     merge(policy, &mut versions, incoming, None);
-                    staged.push((entry.collection, entry.key.as_slice().into()), versions);
+                    let id = match prepared_id {
+                        Some(id) if id.0 == entry.collection && *id.1 == *entry.key => id,
+                        _ => (entry.collection, entry.key.as_slice().into()),
+                    };
+                    staged.push(id, versions);
                 }
             }
             encoded.push((entry, bytes));
@@ -921,7 +984,7 @@ impl StreamStore {
         st.staged_spare = staged.keys;
         st.queued_bytes += bytes as usize;
         self.queued_bytes.store(st.queued_bytes, Ordering::Relaxed);
-        let dots = encoded.iter().map(|(e, _)| e.dot).collect();
+        dots.extend(encoded.iter().map(|(e, _)| e.dot));
         st.queue.push_back(Queued { ticket, entries: encoded, bytes });
         Ok((ticket, dots))
     }
@@ -1269,9 +1332,11 @@ fn held_versions<'a>(st: &'a State, c: Collection, key: &[u8]) -> &'a [Version] 
 }
 
 /// A copy of `versions` with room for the one a write adds (a copy of an empty list
-/// would otherwise grow on the merge that follows).
-fn versions_plus_one(versions: &[Version]) -> Vec<Version> {
-    let mut copy = Vec::with_capacity(versions.len() + 1);
+/// would otherwise grow on the merge that follows), in `spare` if given.
+fn versions_plus_one(versions: &[Version], spare: Option<Vec<Version>>) -> Vec<Version> {
+    let mut copy = spare.unwrap_or_default();
+    copy.clear();
+    copy.reserve(versions.len() + 1);
     copy.extend_from_slice(versions);
     copy
 }
