@@ -33,6 +33,12 @@ impl StreamId {
         StreamId::ALL.into_iter().find(|s| s.code() == code)
     }
 
+    /// The variant's position in the declaration, which is what serde encodes for it
+    /// (no variant has an explicit discriminant).
+    pub(crate) fn index(self) -> u32 {
+        self as u32
+    }
+
     /// A short lowercase name, used in file names and logs.
     pub fn name(self) -> &'static str {
         match self {

@@ -1,0 +1,45 @@
+//! Profiling aid for the catch-up path, quicker than the criterion bench (which
+//! adds a million records per run to an ever larger pair): a G4 pair, B stopped, A
+//! takes `RECORDS` durable 256 B writes in batches of 1,000, B restarts; prints how
+//! long until B holds them. `cargo run --release -p repl-benches --example
+//! catch_up_probe -- [RECORDS] [RUNS]`
+
+use std::time::{Duration, Instant};
+
+use repl_benches::cluster::{Cluster, G4_PAIR};
+use repl_benches::{key_spread, value_256};
+use repl_engine::runtime::PairMode;
+use repl_engine::topology::Generation;
+use repl_engine::{Durability, WriteBatch};
+use repl_wire::{Collection, StreamId};
+
+fn main() {
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let records = args.first().copied().unwrap_or(200_000);
+    let runs = args.get(1).copied().unwrap_or(3);
+    let mut p = Cluster::start(Generation::G4, G4_PAIR, PairMode::Async);
+    let mut base = 0;
+    for _ in 0..runs {
+        p.stop(1);
+        let a = p.node(0).store();
+        for chunk in (base..base + records).step_by(1_000) {
+            let mut b = WriteBatch::new();
+            for i in chunk..(chunk + 1_000).min(base + records) {
+                b.put(Collection::Users, &key_spread(i), &value_256(i));
+            }
+            a.write(b, Durability::Durable).expect("write on A");
+        }
+        base += records;
+        let target = a.vector(StreamId::Enterprise).get(a.incarnation());
+        let start = Instant::now();
+        p.restart(1);
+        p.wait_held(1, StreamId::Enterprise, 0, target, Duration::from_secs(600));
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "catch-up of {records} records: {secs:.2} s, {:.0} records/s, {:.1} MB/s",
+            records as f64 / secs,
+            records as f64 * 256.0 / secs / 1e6
+        );
+    }
+    p.shutdown();
+}
