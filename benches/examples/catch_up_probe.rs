@@ -2,7 +2,8 @@
 //! adds a million records per run to an ever larger pair): a G4 pair, B stopped, A
 //! takes `RECORDS` durable 256 B writes in batches of 1,000, B restarts; prints how
 //! long until B holds them. `cargo run --release -p repl-benches --example
-//! catch_up_probe -- [RECORDS] [RUNS]`
+//! catch_up_probe -- [RECORDS] [RUNS]` (with `PROBE_PAUSE` set it prints `ready` and
+//! waits for a line on stdin before each catch-up, for a profiler to attach)
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,12 @@ fn main() {
         }
         base += records;
         let target = a.vector(StreamId::Enterprise).get(a.incarnation());
+        if std::env::var_os("PROBE_PAUSE").is_some() {
+            // Lets a profiler attach for the catch-up alone: go on at a line on stdin.
+            println!("ready");
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).expect("stdin");
+        }
         let start = Instant::now();
         p.restart(1);
         p.wait_held(1, StreamId::Enterprise, 0, target, Duration::from_secs(600));
