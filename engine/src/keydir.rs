@@ -1,17 +1,19 @@
 //! The keydir: every key of a stream with its durable versions.
 //!
 //! Point lookups (two per write: one when it is submitted, one when it commits, and
-//! one per read) go through a hash map. In a B-tree each of them cost about 30 key
+//! one per read) go through a hash map, with the key's hash computed once per write
+//! ([`KeyMap`]). In a B-tree each of them cost about 30 key
 //! comparisons, a third of a durable put's instructions (callgrind, 40,000 puts of 8
 //! writers). The key order that listings and snapshot chunks need comes from an
 //! ordered index of the keys, built at the first ordered use and kept current from
 //! then on (as the anti-entropy hash tree is): a store that is never listed nor asked
 //! for a snapshot does not pay for it on every new key.
 
-use std::collections::hash_map::{self, HashMap};
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 use std::ops::Bound;
+
+use hashbrown::hash_table::{self, HashTable};
 
 use repl_wire::Collection;
 
@@ -76,10 +78,116 @@ impl std::hash::Hash for dyn KeyView + '_ {
     }
 }
 
+/// A hash map from keys to `V` that takes a key's hash from its caller when the
+/// caller has it: a write hashes its key once, before the state lock, and the overlay
+/// and the keydir (two lookups when it is submitted, two when it commits) reuse it.
+/// All maps use the process's [`BuildKeyHasher::shared`], so their hashes agree.
+#[derive(Debug)]
+pub(crate) struct KeyMap<V> {
+    table: HashTable<(KeyId, V)>,
+}
+
+impl<V> Default for KeyMap<V> {
+    fn default() -> Self {
+        KeyMap { table: HashTable::new() }
+    }
+}
+
+/// The hash every key map gives `id`.
+pub(crate) fn key_hash(id: &dyn KeyView) -> u64 {
+    BuildKeyHasher::shared().hash_one(id)
+}
+
+fn rehash<V>(entry: &(KeyId, V)) -> u64 {
+    key_hash(&entry.0)
+}
+
+fn same_key<V>(id: &dyn KeyView) -> impl Fn(&(KeyId, V)) -> bool + '_ {
+    let (c, key) = id.view();
+    move |(held, _)| held.0 == c && *held.1 == *key
+}
+
+impl<V> KeyMap<V> {
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        KeyMap { table: HashTable::with_capacity(n) }
+    }
+
+    /// `hash` is [`key_hash`] of `id`.
+    pub(crate) fn get_hashed(&self, hash: u64, id: &dyn KeyView) -> Option<&V> {
+        self.table.find(hash, same_key(id)).map(|(_, v)| v)
+    }
+
+    pub(crate) fn get(&self, id: &dyn KeyView) -> Option<&V> {
+        self.get_hashed(key_hash(id), id)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut V> {
+        self.table.find_mut(key_hash(id), same_key(id)).map(|(_, v)| v)
+    }
+
+    /// Sets `id`'s value; returns the one it replaces.
+    pub(crate) fn insert_hashed(&mut self, hash: u64, id: KeyId, value: V) -> Option<V> {
+        match self.table.entry(hash, same_key(&id), rehash) {
+            hash_table::Entry::Occupied(mut held) => Some(std::mem::replace(&mut held.get_mut().1, value)),
+            hash_table::Entry::Vacant(place) => {
+                place.insert((id, value));
+                None
+            }
+        }
+    }
+
+    pub(crate) fn insert(&mut self, id: KeyId, value: V) -> Option<V> {
+        self.insert_hashed(key_hash(&id), id, value)
+    }
+
+    pub(crate) fn remove_entry_hashed(&mut self, hash: u64, id: &dyn KeyView) -> Option<(KeyId, V)> {
+        self.table.find_entry(hash, same_key(id)).ok().map(|held| held.remove().0)
+    }
+
+    pub(crate) fn remove_entry(&mut self, id: &dyn KeyView) -> Option<(KeyId, V)> {
+        self.remove_entry_hashed(key_hash(id), id)
+    }
+
+    /// `id` as held and its value, or `make()`'s inserted for it and `true`: one
+    /// lookup for both.
+    pub(crate) fn slot_hashed(
+        &mut self,
+        hash: u64,
+        id: KeyId,
+        make: impl FnOnce() -> V,
+    ) -> (&KeyId, &mut V, bool) {
+        let (held, fresh) = match self.table.entry(hash, same_key(&id), rehash) {
+            hash_table::Entry::Occupied(held) => (held.into_mut(), false),
+            hash_table::Entry::Vacant(place) => (place.insert((id, make())).into_mut(), true),
+        };
+        (&held.0, &mut held.1, fresh)
+    }
+
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = (&KeyId, &V)> + '_ {
+        self.table.iter().map(|(id, v)| (id, v))
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &KeyId> + '_ {
+        self.table.iter().map(|(id, _)| id)
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> + '_ {
+        self.table.iter().map(|(_, v)| v)
+    }
+
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut V> + '_ {
+        self.table.iter_mut().map(|(_, v)| v)
+    }
+
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&KeyId, &mut V) -> bool) {
+        self.table.retain(|(id, v)| keep(id, v));
+    }
+}
+
 /// Every key of a stream and its durable versions; no key is held without a version.
 #[derive(Debug, Default)]
 pub(crate) struct Keydir {
-    map: HashMap<KeyId, Vec<Version>, BuildKeyHasher>,
+    map: KeyMap<Vec<Version>>,
     /// The keys in order, once something needed them so (`None` until then).
     order: Option<BTreeSet<KeyId>>,
 }
@@ -89,12 +197,17 @@ impl Keydir {
         self.map.get(id)
     }
 
+    /// `hash` is [`key_hash`] of `id`.
+    pub(crate) fn get_hashed(&self, hash: u64, id: &dyn KeyView) -> Option<&Vec<Version>> {
+        self.map.get_hashed(hash, id)
+    }
+
     pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut Vec<Version>> {
         self.map.get_mut(id)
     }
 
     pub(crate) fn contains_key(&self, id: &dyn KeyView) -> bool {
-        self.map.contains_key(id)
+        self.map.get(id).is_some()
     }
 
     /// Adds a key that is not held yet, with its (non-empty) versions.
@@ -107,21 +220,20 @@ impl Keydir {
         debug_assert!(held.is_none(), "insert_new of a key already held");
     }
 
-    /// The versions held for `id`, or a new empty list for them (`spare`, emptied,
-    /// kept for its allocation) and `true`: one lookup for both. A new key left
-    /// without versions must be removed again ([`Keydir::remove`]).
-    pub(crate) fn slot(&mut self, id: KeyId, spare: Vec<Version>) -> (&mut Vec<Version>, bool) {
-        match self.map.entry(id) {
-            hash_map::Entry::Occupied(held) => (held.into_mut(), false),
-            hash_map::Entry::Vacant(place) => {
-                if let Some(order) = self.order.as_mut() {
-                    order.insert(place.key().clone());
-                }
-                let mut versions = spare;
-                versions.clear();
-                (place.insert(versions), true)
+    /// The versions held for `id` (whose [`key_hash`] is `hash`), or a new empty list
+    /// for them (`spare`, emptied, kept for its allocation) and `true`: one lookup
+    /// for both. A new key left without versions must be removed again
+    /// ([`Keydir::remove`]).
+    pub(crate) fn slot(&mut self, hash: u64, id: KeyId, spare: Vec<Version>) -> (&mut Vec<Version>, bool) {
+        let Keydir { map, order } = self;
+        let (key, held, fresh) = map.slot_hashed(hash, id, || spare);
+        if fresh {
+            held.clear();
+            if let Some(order) = order.as_mut() {
+                order.insert(key.clone());
             }
         }
+        (held, fresh)
     }
 
     /// Removes `id` and its versions.
@@ -134,15 +246,15 @@ impl Keydir {
     }
 
     /// Every key and its versions, in no particular order.
-    pub(crate) fn iter(&self) -> hash_map::Iter<'_, KeyId, Vec<Version>> {
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = (&KeyId, &Vec<Version>)> + '_ {
         self.map.iter()
     }
 
-    pub(crate) fn values(&self) -> hash_map::Values<'_, KeyId, Vec<Version>> {
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Vec<Version>> + '_ {
         self.map.values()
     }
 
-    pub(crate) fn values_mut(&mut self) -> hash_map::ValuesMut<'_, KeyId, Vec<Version>> {
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut Vec<Version>> + '_ {
         self.map.values_mut()
     }
 
@@ -189,15 +301,15 @@ impl FromIterator<(KeyId, Vec<Version>)> for Keydir {
     /// to build from the sorted keys); in the order of the slot each key hashes to,
     /// the writes sweep the table once from start to end.
     fn from_iter<I: IntoIterator<Item = (KeyId, Vec<Version>)>>(iter: I) -> Self {
-        let build = BuildKeyHasher::default();
         let mut items: Vec<(u64, KeyId, Vec<Version>)> =
-            iter.into_iter().map(|(id, versions)| (build.hash_one(&id), id, versions)).collect();
+            iter.into_iter().map(|(id, versions)| (key_hash(&id), id, versions)).collect();
         // The table starts probing at the hash's low bits under its power-of-two mask.
         let buckets = (items.len().saturating_mul(8) / 7).next_power_of_two().max(1) as u64;
         items.sort_unstable_by_key(|(hash, _, _)| hash & (buckets - 1));
-        let mut map = HashMap::with_capacity_and_hasher(items.len(), build);
-        for (_, id, versions) in items {
-            map.insert(id, versions);
+        let mut map = KeyMap::with_capacity(items.len());
+        for (hash, id, versions) in items {
+            // A hint holds each key once (its writer held them in a map).
+            map.insert_hashed(hash, id, versions);
         }
         Keydir { map, order: None }
     }

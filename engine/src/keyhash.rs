@@ -1,8 +1,9 @@
 //! A fast keyed hasher for the store's in-memory maps of keys (the keydir and the
 //! overlay of queued writes). std's SipHash cost about 300 instructions per lookup of
 //! a 17-byte key (callgrind), several lookups per write. This one folds a word at a
-//! time through a 64x64->128-bit multiply by a secret drawn once per map (the
-//! "folded multiply" of wyhash and foldhash) and ends with an avalanche. The keydir
+//! time through a 64x64->128-bit multiply by a secret (drawn once per process for
+//! the store's maps, [`BuildKeyHasher::shared`]; the "folded multiply" of wyhash
+//! and foldhash) and ends with an avalanche. The keydir
 //! holds keys clients choose (user names, session ids); with the multiplier secret, a
 //! difference in a key does not reach the state in a way that can be planned without
 //! it, so keys cannot be aimed at one bucket from outside. (The multiply-rotate mixing
@@ -30,11 +31,12 @@ impl Default for BuildKeyHasher {
 }
 
 impl BuildKeyHasher {
-    /// A degenerate hasher under which all keys of one length collide (a zero
-    /// multiplier folds every word away), for testing collision handling.
-    #[cfg(test)]
-    pub(crate) fn colliding() -> Self {
-        BuildKeyHasher { seed: 0, multiplier: 0 }
+    /// The hasher of every key map of this process, drawn once: the keydir, the
+    /// overlay and a batch's index then agree on a key's hash, which a write computes
+    /// once, before it takes the state lock.
+    pub(crate) fn shared() -> Self {
+        static SHARED: std::sync::OnceLock<BuildKeyHasher> = std::sync::OnceLock::new();
+        *SHARED.get_or_init(BuildKeyHasher::default)
     }
 }
 

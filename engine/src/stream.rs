@@ -9,7 +9,6 @@
 //! first. Only the commit path moves a write into the keydir, after its fdatasync.
 
 use std::collections::{btree_map, BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -19,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
-use crate::keydir::Keydir;
+use crate::keydir::{key_hash, KeyMap, Keydir};
 use crate::keyhash::BuildKeyHasher;
 use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
 use crate::segment::{
@@ -53,6 +52,8 @@ pub(crate) enum Draft {
 struct Prepared {
     /// The key, as the overlay and keydir hold it (audit keys come from the dot).
     id: Option<KeyId>,
+    /// The key's [`key_hash`].
+    hash: Option<u64>,
     /// A buffer for the entry's encoding, sized for it (a remote entry has one).
     encoding: Option<Arc<Vec<u8>>>,
     /// An empty list for the key's versions after the write.
@@ -77,16 +78,18 @@ impl Prepared {
                 let room = key.len() + value + Self::ENCODING_SLACK + 20 * dots;
                 Prepared {
                     id: Some((*collection, key.as_slice().into())),
+                    hash: Some(key_hash(&(*collection, key.as_slice()))),
                     encoding: Some(Arc::new(Vec::with_capacity(room))),
                     versions: Vec::with_capacity(2),
                 }
             }
             Draft::Remote(entry, _) => Prepared {
                 id: Some((entry.collection, entry.key.as_slice().into())),
+                hash: Some(key_hash(&(entry.collection, entry.key.as_slice()))),
                 encoding: None,
                 versions: Vec::with_capacity(2),
             },
-            Draft::Audit(_) => Prepared { id: None, encoding: None, versions: Vec::new() },
+            Draft::Audit(_) => Prepared { id: None, hash: None, encoding: None, versions: Vec::new() },
         }
     }
 }
@@ -106,10 +109,13 @@ pub struct ConflictRecord {
     pub winner: Dot,
 }
 
+/// A queued entry, its encoding, and its key's [`key_hash`].
+type QueuedEntry = (Entry, Arc<Vec<u8>>, u64);
+
 #[derive(Debug)]
 struct Queued {
     ticket: u64,
-    entries: Vec<(Entry, Arc<Vec<u8>>)>,
+    entries: Vec<QueuedEntry>,
     bytes: u64,
 }
 
@@ -201,7 +207,7 @@ struct State {
     /// the last queued write touching them.
     /// (Hashed: each write looks it up four times, and in a B-tree those searches
     /// were most of the key comparisons of a write.)
-    overlay: HashMap<KeyId, (Vec<Version>, u64), BuildKeyHasher>,
+    overlay: KeyMap<(Vec<Version>, u64)>,
     vector: VersionVector,
     submitted: VersionVector,
     /// The previous `submitted`, kept for its allocation (see `submit`).
@@ -209,8 +215,8 @@ struct State {
     /// Emptied lists, kept for their allocations: a batch's staged keys, and the entry
     /// lists of committed batches (handed back by the group commit), which submitting
     /// batches take instead of allocating.
-    staged_spare: Vec<(KeyId, Vec<Version>)>,
-    entries_spare: Vec<Vec<(Entry, Arc<Vec<u8>>)>>,
+    staged_spare: Vec<(u64, KeyId, Vec<Version>)>,
+    entries_spare: Vec<Vec<QueuedEntry>>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
     next_ticket: u64,
@@ -311,7 +317,7 @@ struct FrameScratch {
     spans: Vec<(u32, u32)>,
     /// The entry lists of the last group, emptied outside the state lock and handed
     /// to `State::entries_spare` when the next group is taken.
-    emptied: Vec<Vec<(Entry, Arc<Vec<u8>>)>>,
+    emptied: Vec<Vec<QueuedEntry>>,
 }
 
 impl FrameScratch {
@@ -707,7 +713,7 @@ impl StreamStore {
         entry: &Entry,
         loc: Loc,
         index_at: Option<u32>,
-        owned: Option<(KeyId, Vec<Version>)>,
+        owned: Option<(u64, KeyId, Vec<Version>)>,
     ) {
         let Loc::Disk { file, .. } = loc else { unreachable!("durable entries have a disk location") };
         let meta = st.files.get_mut(&file).expect("a durable entry's segment is open");
@@ -731,7 +737,7 @@ impl StreamStore {
         entry: &Entry,
         loc: Loc,
         covered: Option<&VersionVector>,
-        owned: Option<(KeyId, Vec<Version>)>,
+        owned: Option<(u64, KeyId, Vec<Version>)>,
     ) {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
@@ -748,9 +754,10 @@ impl StreamStore {
             }
         };
         let view = (entry.collection, entry.key.as_slice());
-        if let Some((key, spare)) = owned {
-            // The commit path holds the key: one lookup finds it or makes its place.
-            let (held, fresh) = st.keydir.slot(key, spare);
+        if let Some((hash, key, spare)) = owned {
+            // The commit path holds the key and its hash: one lookup finds it or makes
+            // its place.
+            let (held, fresh) = st.keydir.slot(hash, key, spare);
             let old = if fresh { None } else { digest(held) };
             let outcome = merge(policy, held, incoming, covered);
             let (winner, new) = (held.first().map(|v| v.dot).filter(|_| !fresh), digest(held));
@@ -846,11 +853,11 @@ impl StreamStore {
         next.clone_from(&st.submitted);
         let mut heads = BTreeMap::new();
         // Keys this batch touches, with their versions after the batch.
-        let mut staged = Staged::new(std::mem::take(&mut st.staged_spare), *st.overlay.hasher());
+        let mut staged = Staged::new(std::mem::take(&mut st.staged_spare));
         let mut encoded = st.entries_spare.pop().unwrap_or_default();
         encoded.reserve(drafts.len());
         for (draft, prep) in drafts.into_iter().zip(prepared) {
-            let Prepared { id: prepared_id, encoding: buffer, versions: spare } = prep;
+            let Prepared { id: prepared_id, hash: prepared_hash, encoding: buffer, versions: spare } = prep;
             let mut spare = Some(spare);
             let mut held: Option<Vec<Version>> = None;
             let (entry, encoding) = match draft {
@@ -876,11 +883,12 @@ impl StreamStore {
                     if collection.stream() != self.stream {
                         return Err(Error::Request("collection belongs to another stream"));
                     }
-                    let current = match staged.find(collection, &key) {
-                        Some(i) => &staged.keys[i].1[..],
+                    let hash = prepared_hash.unwrap_or_else(|| key_hash(&(collection, key.as_slice())));
+                    let current = match staged.find(hash, collection, &key) {
+                        Some(i) => &staged.keys[i].2[..],
                         None => {
                             // Kept for staging below, so the key is looked up once.
-                            let current = held_versions(&st, collection, &key);
+                            let current = held_versions(&st, hash, collection, &key);
                             held = Some(versions_plus_one(current, spare.take()));
                             current
                         }
@@ -942,29 +950,33 @@ impl StreamStore {
             };
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
             let policy = self.options.policy(entry.collection);
-            match staged.find(entry.collection, &entry.key) {
+            let hash = prepared_hash.unwrap_or_else(|| key_hash(&(entry.collection, entry.key.as_slice())));
+            match staged.find(hash, entry.collection, &entry.key) {
                 Some(i) => {
-                    merge(policy, &mut staged.keys[i].1, incoming, None);
+                    merge(policy, &mut staged.keys[i].2, incoming, None);
                 }
                 None => {
                     let mut versions = held.take().unwrap_or_else(|| {
-                        versions_plus_one(held_versions(&st, entry.collection, &entry.key), spare.take())
+                        versions_plus_one(
+                            held_versions(&st, hash, entry.collection, &entry.key),
+                            spare.take(),
+                        )
                     });
                     merge(policy, &mut versions, incoming, None);
                     let id = match prepared_id {
                         Some(id) if id.0 == entry.collection && *id.1 == *entry.key => id,
                         _ => (entry.collection, entry.key.as_slice().into()),
                     };
-                    staged.push(id, versions);
+                    staged.push(hash, id, versions);
                 }
             }
-            encoded.push((entry, bytes));
+            encoded.push((entry, bytes, hash));
         }
         if encoded.is_empty() {
             // Every remote entry was a duplicate: nothing to wait for beyond what is queued.
             return Ok((st.next_ticket, Vec::new()));
         }
-        let bytes = frame_bytes(encoded.iter().map(|(_, b)| b.len()));
+        let bytes = frame_bytes(encoded.iter().map(|(_, b, _)| b.len()));
         if bytes > self.frame_max() {
             return Err(Error::BatchTooLarge { bytes, max: self.frame_max() });
         }
@@ -978,13 +990,13 @@ impl StreamStore {
         for (o, h) in heads {
             st.submitted_heads.insert(o, h);
         }
-        for (id, versions) in staged.keys.drain(..) {
-            st.overlay.insert(id, (versions, ticket));
+        for (hash, id, versions) in staged.keys.drain(..) {
+            st.overlay.insert_hashed(hash, id, (versions, ticket));
         }
         st.staged_spare = staged.keys;
         st.queued_bytes += bytes as usize;
         self.queued_bytes.store(st.queued_bytes, Ordering::Relaxed);
-        dots.extend(encoded.iter().map(|(e, _)| e.dot));
+        dots.extend(encoded.iter().map(|(e, _, _)| e.dot));
         st.queue.push_back(Queued { ticket, entries: encoded, bytes });
         Ok((ticket, dots))
     }
@@ -1190,7 +1202,7 @@ impl StreamStore {
             (active, meta.file.clone(), meta.name.clone(), end, group, !meta.dir_synced)
         };
 
-        let refs: Vec<&[u8]> = group.iter().flat_map(|q| q.entries.iter().map(|(_, b)| &b[..])).collect();
+        let refs: Vec<&[u8]> = group.iter().flat_map(|q| q.entries.iter().map(|(_, b, _)| &b[..])).collect();
         build_frame_into(&refs, &mut scratch.frame, &mut scratch.spans);
         let (frame, spans) = (&scratch.frame, &scratch.spans);
         let io = || -> std::io::Result<()> {
@@ -1220,7 +1232,7 @@ impl StreamStore {
         let mut last_ticket = 0;
         let mut seen: Vec<Incarnation> = Vec::new();
         for q in &group {
-            for (entry, _) in &q.entries {
+            for (entry, _, hash) in &q.entries {
                 let &(rel, len) = span.next().expect("one span per entry");
                 let loc = Loc::Disk { file: file_no, offset: offset as u32 + rel, len };
                 let index_at = first_of_origin(&mut seen, entry.dot.origin).then_some(offset as u32);
@@ -1230,10 +1242,10 @@ impl StreamStore {
                 let view = &view as &dyn KeyView;
                 // One lookup when this was the key's last queued write (the usual case);
                 // else the entry goes back for the later one.
-                let owned = match st.overlay.remove_entry(view) {
-                    Some((k, (v, t))) if t == q.ticket => Some((k, v)),
+                let owned = match st.overlay.remove_entry_hashed(*hash, view) {
+                    Some((k, (v, t))) if t == q.ticket => Some((*hash, k, v)),
                     Some((k, later)) => {
-                        st.overlay.insert(k, later);
+                        st.overlay.insert_hashed(*hash, k, later);
                         None
                     }
                     None => None,
@@ -1267,12 +1279,12 @@ impl StreamStore {
 /// 1,000) keep an index by hash, so a batch is not quadratic and indexing a key costs
 /// no copy of it.
 struct Staged {
-    keys: Vec<(KeyId, Vec<Version>)>,
+    /// (the key's hash, the key, its versions)
+    keys: Vec<(u64, KeyId, Vec<Version>)>,
     /// Once past [`Staged::LINEAR_MAX`] keys: a key's hash -> its last position with
     /// that hash; `chain[i]` is the position before `i` with the same hash.
     index: HashMap<u64, usize, BuildKeyHasher>,
     chain: Vec<usize>,
-    hasher: BuildKeyHasher,
 }
 
 impl Staged {
@@ -1280,25 +1292,20 @@ impl Staged {
     /// The end of a chain.
     const NONE: usize = usize::MAX;
 
-    /// `hasher` is the overlay's: drawing a fresh seed for every submitted batch cost
-    /// two `RandomState`s per write.
     /// `keys` is an empty list kept for its allocation.
-    fn new(keys: Vec<(KeyId, Vec<Version>)>, hasher: BuildKeyHasher) -> Self {
+    fn new(keys: Vec<(u64, KeyId, Vec<Version>)>) -> Self {
         debug_assert!(keys.is_empty());
-        Staged { keys, index: HashMap::with_hasher(hasher), chain: Vec::new(), hasher }
+        Staged { keys, index: HashMap::with_hasher(BuildKeyHasher::shared()), chain: Vec::new() }
     }
 
-    fn hash(&self, c: Collection, key: &[u8]) -> u64 {
-        self.hasher.hash_one(&(c, key) as &dyn KeyView)
-    }
-
-    fn find(&self, c: Collection, key: &[u8]) -> Option<usize> {
+    /// The position of the key whose [`key_hash`] is `hash`.
+    fn find(&self, hash: u64, c: Collection, key: &[u8]) -> Option<usize> {
         if self.keys.len() <= Self::LINEAR_MAX {
-            return self.keys.iter().rposition(|(id, _)| id.0 == c && *id.1 == *key);
+            return self.keys.iter().rposition(|(_, id, _)| id.0 == c && *id.1 == *key);
         }
-        let mut at = self.index.get(&self.hash(c, key)).copied().unwrap_or(Self::NONE);
+        let mut at = self.index.get(&hash).copied().unwrap_or(Self::NONE);
         while at != Self::NONE {
-            let (id, _) = &self.keys[at];
+            let (_, id, _) = &self.keys[at];
             if id.0 == c && *id.1 == *key {
                 return Some(at);
             }
@@ -1307,8 +1314,8 @@ impl Staged {
         None
     }
 
-    fn push(&mut self, id: KeyId, versions: Vec<Version>) {
-        self.keys.push((id, versions));
+    fn push(&mut self, hash: u64, id: KeyId, versions: Vec<Version>) {
+        self.keys.push((hash, id, versions));
         let n = self.keys.len();
         if n <= Self::LINEAR_MAX {
             return;
@@ -1316,19 +1323,21 @@ impl Staged {
         // Index whatever is not indexed yet (all of it when the batch first grows past
         // the linear search).
         for i in self.chain.len()..n {
-            let (c, key) = (self.keys[i].0 .0, &self.keys[i].0 .1);
-            let hash = self.hash(c, key);
-            let previous = self.index.insert(hash, i).unwrap_or(Self::NONE);
+            let previous = self.index.insert(self.keys[i].0, i).unwrap_or(Self::NONE);
             self.chain.push(previous);
         }
     }
 }
 
 /// The versions of a key before the batch being submitted: queued, else durable.
-fn held_versions<'a>(st: &'a State, c: Collection, key: &[u8]) -> &'a [Version] {
+fn held_versions<'a>(st: &'a State, hash: u64, c: Collection, key: &[u8]) -> &'a [Version] {
     let id = (c, key);
     let id = &id as &dyn KeyView;
-    st.overlay.get(id).map(|(v, _)| v).or_else(|| st.keydir.get(id)).map_or(&[], |v| v.as_slice())
+    st.overlay
+        .get_hashed(hash, id)
+        .map(|(v, _)| v)
+        .or_else(|| st.keydir.get_hashed(hash, id))
+        .map_or(&[], |v| v.as_slice())
 }
 
 /// A copy of `versions` with room for the one a write adds (a copy of an empty list
@@ -1613,7 +1622,7 @@ impl StreamStore {
                 seen.advance(e.dot);
             }
             let st = lock(&self.state);
-            for (e, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
+            for (e, _, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
                 if out.len() < max && !seen.contains(e.dot) && e.dot.seq == seen.get(e.dot.origin) + 1 {
                     seen.advance(e.dot);
                     out.push(e.clone());
@@ -2415,21 +2424,27 @@ mod tests {
 
     #[test]
     fn a_large_batch_finds_its_keys_through_the_hash_index_even_when_hashes_collide() {
-        for hasher in [BuildKeyHasher::default(), BuildKeyHasher::colliding()] {
-            let mut staged = Staged::new(Vec::new(), hasher);
-            let key = |i: u32| format!("user{i:04}").into_bytes();
+        let key = |i: u32| format!("user{i:04}").into_bytes();
+        let real = |c: Collection, k: &[u8]| key_hash(&(c, k));
+        for hash in [real, |_: Collection, _: &[u8]| 7] {
+            let mut staged = Staged::new(Vec::new());
             for i in 0..100u32 {
-                assert_eq!(staged.find(Collection::Users, &key(i)), None, "key {i} before it is staged");
+                let h = hash(Collection::Users, &key(i));
+                assert_eq!(staged.find(h, Collection::Users, &key(i)), None, "key {i} before it is staged");
                 staged.push(
+                    h,
                     (Collection::Users, key(i).into_boxed_slice()),
                     vec![version(7, u64::from(i) + 1, false)],
                 );
             }
             for i in 0..100u32 {
-                assert_eq!(staged.find(Collection::Users, &key(i)), Some(i as usize), "key {i}");
+                let h = hash(Collection::Users, &key(i));
+                assert_eq!(staged.find(h, Collection::Users, &key(i)), Some(i as usize), "key {i}");
             }
-            assert_eq!(staged.find(Collection::UserPolicies, &key(5)), None, "another collection");
-            assert_eq!(staged.find(Collection::Users, b"user9999"), None, "a key never staged");
+            let h = hash(Collection::UserPolicies, &key(5));
+            assert_eq!(staged.find(h, Collection::UserPolicies, &key(5)), None, "another collection");
+            let h = hash(Collection::Users, b"user9999");
+            assert_eq!(staged.find(h, Collection::Users, b"user9999"), None, "a key never staged");
         }
     }
 
