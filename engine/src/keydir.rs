@@ -121,8 +121,8 @@ impl<V> KeyMap<V> {
         self.get_hashed(key_hash(id), id)
     }
 
-    pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut V> {
-        self.table.find_mut(key_hash(id), same_key(id)).map(|(_, v)| v)
+    pub(crate) fn get_mut_hashed(&mut self, hash: u64, id: &dyn KeyView) -> Option<&mut V> {
+        self.table.find_mut(hash, same_key(id)).map(|(_, v)| v)
     }
 
     /// Sets `id`'s value; returns the one it replaces.
@@ -134,10 +134,6 @@ impl<V> KeyMap<V> {
                 None
             }
         }
-    }
-
-    pub(crate) fn insert(&mut self, id: KeyId, value: V) -> Option<V> {
-        self.insert_hashed(key_hash(&id), id, value)
     }
 
     pub(crate) fn remove_entry_hashed(&mut self, hash: u64, id: &dyn KeyView) -> Option<(KeyId, V)> {
@@ -202,8 +198,8 @@ impl Keydir {
         self.map.get_hashed(hash, id)
     }
 
-    pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut Vec<Version>> {
-        self.map.get_mut(id)
+    pub(crate) fn get_mut_hashed(&mut self, hash: u64, id: &dyn KeyView) -> Option<&mut Vec<Version>> {
+        self.map.get_mut_hashed(hash, id)
     }
 
     pub(crate) fn contains_key(&self, id: &dyn KeyView) -> bool {
@@ -211,12 +207,18 @@ impl Keydir {
     }
 
     /// Adds a key that is not held yet, with its (non-empty) versions.
+    #[cfg(test)]
     pub(crate) fn insert_new(&mut self, id: KeyId, versions: Vec<Version>) {
+        self.insert_new_hashed(key_hash(&id), id, versions);
+    }
+
+    /// [`Keydir::insert_new`] of a key whose [`key_hash`] is `hash`.
+    pub(crate) fn insert_new_hashed(&mut self, hash: u64, id: KeyId, versions: Vec<Version>) {
         debug_assert!(!versions.is_empty(), "the keydir holds no key without versions");
         if let Some(order) = self.order.as_mut() {
             order.insert(id.clone());
         }
-        let held = self.map.insert(id, versions);
+        let held = self.map.insert_hashed(hash, id, versions);
         debug_assert!(held.is_none(), "insert_new of a key already held");
     }
 

@@ -767,23 +767,26 @@ impl StreamStore {
             self.merged(st, entry, outcome, winner, old, new);
             return;
         }
-        let (outcome, winner, old_digest, new_digest) = match st.keydir.get_mut(&view as &dyn KeyView) {
-            Some(held) => {
-                let old = digest(held);
-                let outcome = merge(policy, held, incoming, covered);
-                (outcome, held.first().map(|v| v.dot), old, digest(held))
-            }
-            None => {
-                let (key, mut held) =
-                    ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1));
-                let outcome = merge(policy, &mut held, incoming, covered);
-                let new = digest(&held);
-                if !held.is_empty() {
-                    st.keydir.insert_new(key, held);
+        // Recovery and snapshots: the key is hashed once for the lookup and the insert.
+        let hash = key_hash(&view as &dyn KeyView);
+        let (outcome, winner, old_digest, new_digest) =
+            match st.keydir.get_mut_hashed(hash, &view as &dyn KeyView) {
+                Some(held) => {
+                    let old = digest(held);
+                    let outcome = merge(policy, held, incoming, covered);
+                    (outcome, held.first().map(|v| v.dot), old, digest(held))
                 }
-                (outcome, None, None, new)
-            }
-        };
+                None => {
+                    let (key, mut held) =
+                        ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1));
+                    let outcome = merge(policy, &mut held, incoming, covered);
+                    let new = digest(&held);
+                    if !held.is_empty() {
+                        st.keydir.insert_new_hashed(hash, key, held);
+                    }
+                    (outcome, None, None, new)
+                }
+            };
         self.merged(st, entry, outcome, winner, old_digest, new_digest);
     }
 
