@@ -121,10 +121,6 @@ impl<V> KeyMap<V> {
         self.get_hashed(key_hash(id), id)
     }
 
-    pub(crate) fn get_mut_hashed(&mut self, hash: u64, id: &dyn KeyView) -> Option<&mut V> {
-        self.table.find_mut(hash, same_key(id)).map(|(_, v)| v)
-    }
-
     /// Sets `id`'s value; returns the one it replaces.
     pub(crate) fn insert_hashed(&mut self, hash: u64, id: KeyId, value: V) -> Option<V> {
         match self.table.entry(hash, same_key(&id), rehash) {
@@ -144,17 +140,17 @@ impl<V> KeyMap<V> {
         self.remove_entry_hashed(key_hash(id), id)
     }
 
-    /// `id` as held and its value, or `make()`'s inserted for it and `true`: one
-    /// lookup for both.
+    /// `id` as held and its value, or the key and value `make()` gives inserted for
+    /// it and `true`: one lookup for both.
     pub(crate) fn slot_hashed(
         &mut self,
         hash: u64,
-        id: KeyId,
-        make: impl FnOnce() -> V,
+        id: &dyn KeyView,
+        make: impl FnOnce() -> (KeyId, V),
     ) -> (&KeyId, &mut V, bool) {
-        let (held, fresh) = match self.table.entry(hash, same_key(&id), rehash) {
+        let (held, fresh) = match self.table.entry(hash, same_key(id), rehash) {
             hash_table::Entry::Occupied(held) => (held.into_mut(), false),
-            hash_table::Entry::Vacant(place) => (place.insert((id, make())).into_mut(), true),
+            hash_table::Entry::Vacant(place) => (place.insert(make()).into_mut(), true),
         };
         (&held.0, &mut held.1, fresh)
     }
@@ -189,17 +185,9 @@ pub(crate) struct Keydir {
 }
 
 impl Keydir {
-    pub(crate) fn get(&self, id: &dyn KeyView) -> Option<&Vec<Version>> {
-        self.map.get(id)
-    }
-
     /// `hash` is [`key_hash`] of `id`.
     pub(crate) fn get_hashed(&self, hash: u64, id: &dyn KeyView) -> Option<&Vec<Version>> {
         self.map.get_hashed(hash, id)
-    }
-
-    pub(crate) fn get_mut_hashed(&mut self, hash: u64, id: &dyn KeyView) -> Option<&mut Vec<Version>> {
-        self.map.get_mut_hashed(hash, id)
     }
 
     pub(crate) fn contains_key(&self, id: &dyn KeyView) -> bool {
@@ -209,26 +197,24 @@ impl Keydir {
     /// Adds a key that is not held yet, with its (non-empty) versions.
     #[cfg(test)]
     pub(crate) fn insert_new(&mut self, id: KeyId, versions: Vec<Version>) {
-        self.insert_new_hashed(key_hash(&id), id, versions);
-    }
-
-    /// [`Keydir::insert_new`] of a key whose [`key_hash`] is `hash`.
-    pub(crate) fn insert_new_hashed(&mut self, hash: u64, id: KeyId, versions: Vec<Version>) {
         debug_assert!(!versions.is_empty(), "the keydir holds no key without versions");
-        if let Some(order) = self.order.as_mut() {
-            order.insert(id.clone());
-        }
-        let held = self.map.insert_hashed(hash, id, versions);
-        debug_assert!(held.is_none(), "insert_new of a key already held");
+        let (held, fresh) = self.slot(key_hash(&id), &id.view(), || (id.clone(), Vec::new()));
+        debug_assert!(fresh, "insert_new of a key already held");
+        *held = versions;
     }
 
     /// The versions held for `id` (whose [`key_hash`] is `hash`), or a new empty list
-    /// for them (`spare`, emptied, kept for its allocation) and `true`: one lookup
-    /// for both. A new key left without versions must be removed again
-    /// ([`Keydir::remove`]).
-    pub(crate) fn slot(&mut self, hash: u64, id: KeyId, spare: Vec<Version>) -> (&mut Vec<Version>, bool) {
+    /// for them, with the key, from `make` (a spare list is emptied, kept for its
+    /// allocation) and `true`: one lookup for both. A new key left without versions
+    /// must be removed again ([`Keydir::remove`]).
+    pub(crate) fn slot(
+        &mut self,
+        hash: u64,
+        id: &dyn KeyView,
+        make: impl FnOnce() -> (KeyId, Vec<Version>),
+    ) -> (&mut Vec<Version>, bool) {
         let Keydir { map, order } = self;
-        let (key, held, fresh) = map.slot_hashed(hash, id, || spare);
+        let (key, held, fresh) = map.slot_hashed(hash, id, make);
         if fresh {
             held.clear();
             if let Some(order) = order.as_mut() {
@@ -360,7 +346,7 @@ mod tests {
         let after: Vec<u64> = kd.range(Bound::Excluded(&from)).map(|(_, v)| v[0].dot.seq).collect();
         assert_eq!(after, [3, 9]);
         let view = (Collection::Users, &b"x"[..]);
-        assert_eq!(kd.get(&view as &dyn KeyView).map(|v| v[0].dot.seq), Some(3));
+        assert_eq!(kd.get_hashed(key_hash(&view), &view).map(|v| v[0].dot.seq), Some(3));
         assert_eq!(kd.iter().count(), 4);
     }
 }

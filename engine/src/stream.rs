@@ -754,39 +754,24 @@ impl StreamStore {
             }
         };
         let view = (entry.collection, entry.key.as_slice());
-        if let Some((hash, key, spare)) = owned {
-            // The commit path holds the key and its hash: one lookup finds it or makes
-            // its place.
-            let (held, fresh) = st.keydir.slot(hash, key, spare);
-            let old = if fresh { None } else { digest(held) };
-            let outcome = merge(policy, held, incoming, covered);
-            let (winner, new) = (held.first().map(|v| v.dot).filter(|_| !fresh), digest(held));
-            if held.is_empty() {
-                st.keydir.remove(&view as &dyn KeyView);
-            }
-            self.merged(st, entry, outcome, winner, old, new);
-            return;
+        let view = &view as &dyn KeyView;
+        // One lookup finds the key or makes its place: the commit path gives the key's
+        // hash, the key and a spare list from the overlay; recovery and snapshots
+        // hash here and copy the key only when it is new.
+        let (hash, owned) = match owned {
+            Some((hash, key, spare)) => (hash, Some((key, spare))),
+            None => (key_hash(view), None),
+        };
+        let make = || {
+            owned.unwrap_or_else(|| ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1)))
+        };
+        let (held, fresh) = st.keydir.slot(hash, view, make);
+        let old_digest = if fresh { None } else { digest(held) };
+        let outcome = merge(policy, held, incoming, covered);
+        let (winner, new_digest) = (held.first().map(|v| v.dot).filter(|_| !fresh), digest(held));
+        if held.is_empty() {
+            st.keydir.remove(view);
         }
-        // Recovery and snapshots: the key is hashed once for the lookup and the insert.
-        let hash = key_hash(&view as &dyn KeyView);
-        let (outcome, winner, old_digest, new_digest) =
-            match st.keydir.get_mut_hashed(hash, &view as &dyn KeyView) {
-                Some(held) => {
-                    let old = digest(held);
-                    let outcome = merge(policy, held, incoming, covered);
-                    (outcome, held.first().map(|v| v.dot), old, digest(held))
-                }
-                None => {
-                    let (key, mut held) =
-                        ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1));
-                    let outcome = merge(policy, &mut held, incoming, covered);
-                    let new = digest(&held);
-                    if !held.is_empty() {
-                        st.keydir.insert_new_hashed(hash, key, held);
-                    }
-                    (outcome, None, None, new)
-                }
-            };
         self.merged(st, entry, outcome, winner, old_digest, new_digest);
     }
 
@@ -939,18 +924,12 @@ impl StreamStore {
             };
             entry.validate()?;
             next.advance(entry.dot);
-            let bytes = match (encoding, buffer) {
-                (Some(received), _) => received,
-                (None, Some(mut buffer)) => {
-                    // Just made, so not shared yet.
-                    match Arc::get_mut(&mut buffer) {
-                        Some(out) => entry.encode_into(out),
-                        None => buffer = Arc::new(entry.encode()),
-                    }
-                    buffer
-                }
-                (None, None) => Arc::new(entry.encode()),
-            };
+            let bytes = encoding.unwrap_or_else(|| {
+                // The prepared buffer is not shared yet, so this writes in place.
+                let mut buffer = buffer.unwrap_or_default();
+                entry.encode_into(Arc::make_mut(&mut buffer));
+                buffer
+            });
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
             let policy = self.options.policy(entry.collection);
             let hash = prepared_hash.unwrap_or_else(|| key_hash(&(entry.collection, entry.key.as_slice())));
@@ -966,10 +945,9 @@ impl StreamStore {
                         )
                     });
                     merge(policy, &mut versions, incoming, None);
-                    let id = match prepared_id {
-                        Some(id) if id.0 == entry.collection && *id.1 == *entry.key => id,
-                        _ => (entry.collection, entry.key.as_slice().into()),
-                    };
+                    // Prepared from the draft, whose key the entry carries (audit keys
+                    // come from the dot).
+                    let id = prepared_id.unwrap_or_else(|| (entry.collection, entry.key.as_slice().into()));
                     staged.push(hash, id, versions);
                 }
             }
@@ -1284,55 +1262,44 @@ impl StreamStore {
 struct Staged {
     /// (the key's hash, the key, its versions)
     keys: Vec<(u64, KeyId, Vec<Version>)>,
-    /// Once past [`Staged::LINEAR_MAX`] keys: a key's hash -> its last position with
-    /// that hash; `chain[i]` is the position before `i` with the same hash.
-    index: HashMap<u64, usize, BuildKeyHasher>,
-    chain: Vec<usize>,
+    /// Once past [`Staged::LINEAR_MAX`] keys: their positions in `keys`, by hash.
+    index: hashbrown::HashTable<usize>,
 }
 
 impl Staged {
     const LINEAR_MAX: usize = 16;
-    /// The end of a chain.
-    const NONE: usize = usize::MAX;
 
     /// `keys` is an empty list kept for its allocation.
     fn new(keys: Vec<(u64, KeyId, Vec<Version>)>) -> Self {
         debug_assert!(keys.is_empty());
-        Staged { keys, index: HashMap::with_hasher(BuildKeyHasher::shared()), chain: Vec::new() }
+        Staged { keys, index: hashbrown::HashTable::new() }
     }
 
     /// The position of the key whose [`key_hash`] is `hash`.
     fn find(&self, hash: u64, c: Collection, key: &[u8]) -> Option<usize> {
+        let same = |i: usize| self.keys[i].1 .0 == c && *self.keys[i].1 .1 == *key;
         if self.keys.len() <= Self::LINEAR_MAX {
-            return self.keys.iter().rposition(|(_, id, _)| id.0 == c && *id.1 == *key);
+            return (0..self.keys.len()).rev().find(|&i| same(i));
         }
-        let mut at = self.index.get(&hash).copied().unwrap_or(Self::NONE);
-        while at != Self::NONE {
-            let (_, id, _) = &self.keys[at];
-            if id.0 == c && *id.1 == *key {
-                return Some(at);
-            }
-            at = self.chain[at];
-        }
-        None
+        self.index.find(hash, |&i| same(i)).copied()
     }
 
     fn push(&mut self, hash: u64, id: KeyId, versions: Vec<Version>) {
         self.keys.push((hash, id, versions));
-        let n = self.keys.len();
-        if n <= Self::LINEAR_MAX {
+        if self.keys.len() <= Self::LINEAR_MAX {
             return;
         }
         // Index whatever is not indexed yet (all of it when the batch first grows past
-        // the linear search).
-        for i in self.chain.len()..n {
-            let previous = self.index.insert(self.keys[i].0, i).unwrap_or(Self::NONE);
-            self.chain.push(previous);
+        // the linear search). A key is staged once, so each position is new.
+        let Staged { keys, index } = self;
+        for i in index.len()..keys.len() {
+            index.insert_unique(keys[i].0, i, |&j| keys[j].0);
         }
     }
 }
 
-/// The versions of a key before the batch being submitted: queued, else durable.
+/// The versions of a key: queued, else durable (before the batch being submitted, for
+/// `submit`).
 fn held_versions<'a>(st: &'a State, hash: u64, c: Collection, key: &[u8]) -> &'a [Version] {
     let id = (c, key);
     let id = &id as &dyn KeyView;
@@ -1513,8 +1480,7 @@ impl StreamStore {
     pub(crate) fn read(&self, id: &KeyId, now_ms: u64) -> Result<(Vec<ReadVersion>, VersionVector)> {
         let (versions, handles) = {
             let st = lock(&self.state);
-            let versions =
-                st.overlay.get(id).map(|(v, _)| v).or_else(|| st.keydir.get(id)).cloned().unwrap_or_default();
+            let versions = held_versions(&st, key_hash(id), id.0, &id.1).to_vec();
             let handles = segment_handles(&st.files, versions.iter().map(|v| &v.loc));
             (versions, handles)
         };
