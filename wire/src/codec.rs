@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::entry::{put_varint, Entry};
+use crate::entry::{put_bytes, put_varint, put_vector, Entry};
 use crate::error::DecodeError;
 use crate::limits::{
     BATCH_ENTRIES_MAX, FRAME_BYTES_MAX, KEY_BYTES_MAX, LIST_ITEMS_MAX, STRING_BYTES_MAX, VALUE_BYTES_MAX,
@@ -69,10 +69,6 @@ impl WireMessage for PeerMessage {
             out.reserve(entries.iter().map(Entry::encoded_len).sum());
             entries.iter().for_each(|e| e.write_to(out));
         };
-        let bytes = |out: &mut Vec<u8>, bytes: &[u8]| {
-            put_varint(out, bytes.len() as u64);
-            out.extend_from_slice(bytes);
-        };
         match self {
             PeerMessage::Entries { stream, entries } => {
                 put_varint(out, ENTRIES);
@@ -86,15 +82,11 @@ impl WireMessage for PeerMessage {
             PeerMessage::SnapshotChunk { stream, at, from, entries, checksum, resume, last } => {
                 put_varint(out, SNAPSHOT_CHUNK);
                 put_varint(out, u64::from(stream.index()));
-                put_varint(out, at.len() as u64);
-                for dot in at.iter() {
-                    put_varint(out, dot.origin.0);
-                    put_varint(out, dot.seq);
-                }
-                bytes(out, from);
+                put_vector(out, at);
+                put_bytes(out, from);
                 list(out, entries);
                 out.extend_from_slice(checksum);
-                bytes(out, resume);
+                put_bytes(out, resume);
                 out.push(u8::from(*last));
             }
             _ => return false,

@@ -53,6 +53,21 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
+/// Appends `bytes` as postcard writes a byte string: its length, then the bytes.
+pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Appends `vector` as postcard writes it: its length, then each (origin, seq).
+pub(crate) fn put_vector(out: &mut Vec<u8>, vector: &VersionVector) {
+    put_varint(out, vector.len() as u64);
+    for dot in vector.iter() {
+        put_varint(out, dot.origin.0);
+        put_varint(out, dot.seq);
+    }
+}
+
 /// The bytes a varint of `n` takes: one per started group of seven significant
 /// bits, at least one (`(bits * 9 + 64) / 64` is `ceil(bits / 7)` for 1..=64).
 fn varint_len(n: u64) -> usize {
@@ -83,18 +98,12 @@ impl Entry {
         put_varint(out, self.hlc.wall_ms);
         put_varint(out, u64::from(self.hlc.logical));
         put_varint(out, u64::from(self.collection.index()));
-        put_varint(out, self.key.len() as u64);
-        out.extend_from_slice(&self.key);
-        put_varint(out, self.context.len() as u64);
-        for dot in self.context.iter() {
-            put_varint(out, dot.origin.0);
-            put_varint(out, dot.seq);
-        }
+        put_bytes(out, &self.key);
+        put_vector(out, &self.context);
         match &self.op {
             Op::Put { value, expires_at_ms } => {
                 out.push(0);
-                put_varint(out, value.len() as u64);
-                out.extend_from_slice(value);
+                put_bytes(out, value);
                 match expires_at_ms {
                     None => out.push(0),
                     Some(t) => {
