@@ -45,6 +45,7 @@ pub struct Entry {
 
 /// Appends `n` as postcard writes an unsigned integer: seven bits per byte, low
 /// bits first, the top bit set on every byte but the last.
+#[inline]
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
@@ -54,12 +55,14 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Appends `bytes` as postcard writes a byte string: its length, then the bytes.
+#[inline]
 pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }
 
 /// Appends `vector` as postcard writes it: its length, then each (origin, seq).
+#[inline]
 pub(crate) fn put_vector(out: &mut Vec<u8>, vector: &VersionVector) {
     put_varint(out, vector.len() as u64);
     for dot in vector.iter() {
