@@ -3,7 +3,9 @@
 //! takes `RECORDS` durable 256 B writes in batches of 1,000, B restarts; prints how
 //! long until B holds them. `cargo run --release -p repl-benches --example
 //! catch_up_probe -- [RECORDS] [RUNS]` (with `PROBE_PAUSE` set it prints `ready` and
-//! waits for a line on stdin before each catch-up, for a profiler to attach)
+//! waits for a line on stdin before each catch-up, for a profiler to attach).
+//! With `PROBE_BOOTSTRAP` set, B restarts empty and A keeps no log beyond its active
+//! segment, so B is bootstrapped by snapshot instead.
 
 use std::time::{Duration, Instant};
 
@@ -11,14 +13,27 @@ use repl_benches::cluster::{Cluster, G4_PAIR};
 use repl_benches::{key_spread, value_256};
 use repl_engine::runtime::PairMode;
 use repl_engine::topology::Generation;
-use repl_engine::{Durability, WriteBatch};
+use repl_engine::{Durability, StoreOptions, WriteBatch};
 use repl_wire::{Collection, StreamId};
 
 fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The appliances' own log (repairs, sessions) on stderr, for reading a profile.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let records = args.first().copied().unwrap_or(200_000);
     let runs = args.get(1).copied().unwrap_or(3);
-    let mut p = Cluster::start(Generation::G4, G4_PAIR, PairMode::Async);
+    let bootstrap = std::env::var_os("PROBE_BOOTSTRAP").is_some();
+    let options = if bootstrap {
+        StoreOptions { log_retained_bytes_max: 0, segment_bytes: 1 << 20, ..StoreOptions::default() }
+    } else {
+        StoreOptions::default()
+    };
+    let mut p = Cluster::start_with(Generation::G4, G4_PAIR, PairMode::Async, options);
     let mut base = 0;
     for _ in 0..runs {
         p.stop(1);
@@ -32,6 +47,9 @@ fn main() {
         }
         base += records;
         let target = a.vector(StreamId::Enterprise).get(a.incarnation());
+        if bootstrap {
+            a.compact(StreamId::Enterprise, &a.vector(StreamId::Enterprise)).expect("compact A");
+        }
         if std::env::var_os("PROBE_PAUSE").is_some() {
             // Lets a profiler attach for the catch-up alone: go on at a line on stdin.
             println!("ready");
@@ -39,11 +57,16 @@ fn main() {
             std::io::stdin().read_line(&mut line).expect("stdin");
         }
         let start = Instant::now();
-        p.restart(1);
+        if bootstrap {
+            p.restart_empty(1);
+        } else {
+            p.restart(1);
+        }
         p.wait_held(1, StreamId::Enterprise, 0, target, Duration::from_secs(600));
         let secs = start.elapsed().as_secs_f64();
         println!(
-            "catch-up of {records} records: {secs:.2} s, {:.0} records/s, {:.1} MB/s",
+            "{} of {records} records: {secs:.2} s, {:.0} records/s, {:.1} MB/s",
+            if bootstrap { "bootstrap" } else { "catch-up" },
             records as f64 / secs,
             records as f64 * 256.0 / secs / 1e6
         );

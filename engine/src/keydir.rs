@@ -121,6 +121,14 @@ impl<V> KeyMap<V> {
         self.get_hashed(key_hash(id), id)
     }
 
+    pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut V> {
+        self.table.find_mut(key_hash(id), same_key(id)).map(|(_, v)| v)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
     /// Sets `id`'s value; returns the one it replaces.
     pub(crate) fn insert_hashed(&mut self, hash: u64, id: KeyId, value: V) -> Option<V> {
         match self.table.entry(hash, same_key(&id), rehash) {
@@ -192,6 +200,16 @@ impl Keydir {
 
     pub(crate) fn contains_key(&self, id: &dyn KeyView) -> bool {
         self.map.get(id).is_some()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.table.len()
+    }
+
+    /// The versions of `id`; a caller that empties them must remove the key
+    /// ([`Keydir::remove`]).
+    pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut Vec<Version>> {
+        self.map.get_mut(id)
     }
 
     /// Adds a key that is not held yet, with its (non-empty) versions.

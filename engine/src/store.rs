@@ -575,6 +575,11 @@ impl Store {
         self.stream(stream).vector()
     }
 
+    /// How many keys `stream` holds (with a durable version, tombstones included).
+    pub fn key_count(&self, stream: StreamId) -> usize {
+        self.stream(stream).key_count()
+    }
+
     /// Per origin, the lowest sequence number the stream's log still holds.
     pub fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64> {
         self.stream(stream).log_floors()

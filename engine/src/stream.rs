@@ -8,7 +8,7 @@
 //! not yet durable live in `state.overlay`, which reads and compare-and-set consult
 //! first. Only the commit path moves a write into the keydir, after its fdatasync.
 
-use std::collections::{btree_map, BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{btree_map, BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
 use crate::keydir::{key_hash, KeyMap, Keydir};
-use crate::keyhash::BuildKeyHasher;
 use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
 use crate::segment::{
     self, build_frame, build_frame_into, frame_bytes, SegmentHeader, SegmentKind, Wanted, FRAME_BYTES_MAX,
@@ -790,6 +789,7 @@ impl StreamStore {
         if let Some(tree) = st.tree.as_mut() {
             tree.update(entry.collection, &entry.key, old_digest, new_digest);
         }
+        let applied = matches!(outcome, Merge::Applied { .. });
         if let Merge::Applied { losers } = outcome {
             let winner = winner.unwrap_or(entry.dot);
             for loser in losers {
@@ -812,12 +812,20 @@ impl StreamStore {
                 }
             }
         }
-        if entry.collection == Collection::Audit {
+        // A record merged again (a snapshot brings what is held, or what was pruned
+        // here) is indexed and chained already: chaining it again would make its
+        // origin's head the hash of no record, and this appliance's next record would
+        // break its own chain. The head is the hash of the newest record merged.
+        if entry.collection == Collection::Audit && applied {
             if let Op::Put { value, .. } = &entry.op {
-                if let Ok(record) = postcard::from_bytes::<AuditRecord>(value) {
+                let record = postcard::from_bytes::<AuditRecord>(value).ok();
+                if let Some(record) = &record {
                     st.audit.insert(entry.dot, &record.event);
                 }
-                let prev = st.audit.heads.get(&entry.dot.origin).copied().unwrap_or([0; 32]);
+                let prev = match record {
+                    Some(r) => r.prev_hash,
+                    None => st.audit.heads.get(&entry.dot.origin).copied().unwrap_or([0; 32]),
+                };
                 st.audit.heads.insert(entry.dot.origin, chain_hash(&prev, entry.dot, value));
             }
         }
@@ -1348,16 +1356,27 @@ fn retain_versions(st: &mut State, mut keep: impl FnMut(&KeyId, &Version) -> boo
         if versions.iter().all(|v| keep(id, v)) {
             return true;
         }
-        let before = versions.len();
-        let old = tree.as_ref().and_then(|_| key_digest(id.0, &id.1, versions, 0));
-        versions.retain(|v| keep(id, v));
-        dropped += before - versions.len();
-        if let Some(t) = tree.as_mut() {
-            t.update(id.0, &id.1, old, key_digest(id.0, &id.1, versions, 0));
-        }
+        dropped += prune_key(tree, id, versions, |v| keep(id, v));
         !versions.is_empty()
     });
     dropped
+}
+
+/// Keeps the versions of `id` that `keep` accepts, and the hash tree current; returns
+/// how many went. A key left without versions must be removed from the keydir.
+fn prune_key(
+    tree: &mut Option<HashTree>,
+    id: &KeyId,
+    versions: &mut Vec<Version>,
+    keep: impl FnMut(&Version) -> bool,
+) -> usize {
+    let before = versions.len();
+    let old = tree.as_ref().and_then(|_| key_digest(id.0, &id.1, versions, 0));
+    versions.retain(keep);
+    if let Some(t) = tree.as_mut() {
+        t.update(id.0, &id.1, old, key_digest(id.0, &id.1, versions, 0));
+    }
+    before - versions.len()
 }
 
 /// Staged snapshot entries read back and merged at a time when a snapshot is installed.
@@ -1562,6 +1581,11 @@ impl StreamStore {
     /// The durable vector of the stream.
     pub(crate) fn vector(&self) -> VersionVector {
         lock(&self.state).vector.clone()
+    }
+
+    /// Keys held (with at least one durable version).
+    pub(crate) fn key_count(&self) -> usize {
+        lock(&self.state).keydir.len()
     }
 
     /// Per origin, the lowest sequence number the log still holds.
@@ -2004,36 +2028,52 @@ impl StreamStore {
                 },
             );
             let before = st.vector.clone();
-            // A store that held nothing of the stream has no version the snapshot could
-            // have superseded: the walk below, and what it needs, are skipped.
-            let fresh = before.is_empty();
-            let mut held_there: HashSet<(KeyId, Dot), BuildKeyHasher> = HashSet::default();
+            // Audit records are never superseded: their absence at the sender means
+            // only that it forwarded and dropped them (a non-holder), so none go.
+            let audit = self.stream == StreamId::Audit;
+            let covers = |id: &KeyId| match &s.buckets {
+                None => true,
+                Some(b) => b.binary_search(&leaf_of(id.0, &id.1)).is_ok(),
+            };
+            // The local versions of covered keys that the peer has seen (`at` covers
+            // them): those the snapshot does not bring, the peer no longer holds.
+            // Listed before the merge (a store that held little lists little) and
+            // struck off as the snapshot's versions go in.
+            let mut doubtful: KeyMap<Vec<Dot>> = KeyMap::default();
+            // Tracking the hash tree through an install larger than what is held costs
+            // two digests per key it brings; built anew when next asked for, one.
+            if s.staged.len() > st.keydir.len() {
+                st.tree = None;
+            }
+            if !audit {
+                for (id, versions) in st.keydir.iter() {
+                    let dots: Vec<Dot> = versions.iter().map(|v| v.dot).filter(|&d| at.contains(d)).collect();
+                    if !dots.is_empty() && covers(id) {
+                        doubtful.insert_hashed(key_hash(id), id.clone(), dots);
+                    }
+                }
+            }
             for staged in s.staged.chunks(STAGED_READ_ENTRIES) {
                 let locs: Vec<Loc> =
                     staged.iter().map(|&(offset, len)| Loc::Disk { file: s.number, offset, len }).collect();
                 let entries =
                     read_entries(&locs, |f| (f == s.number).then_some((&*s.file, final_name.as_str())))?;
                 for (entry, loc) in entries.into_iter().zip(locs) {
-                    if !fresh {
-                        held_there.insert(((entry.collection, entry.key.as_slice().into()), entry.dot));
+                    if !doubtful.is_empty() {
+                        if let Some(dots) = doubtful.get_mut(&(entry.collection, entry.key.as_slice())) {
+                            dots.retain(|&d| d != entry.dot);
+                        }
                     }
                     self.merge_durable(&mut st, &entry, loc, Some(&before), None);
                 }
             }
-            // Audit records are never superseded: their absence at the sender means
-            // only that it forwarded and dropped them (a non-holder), so none go.
-            let audit = self.stream == StreamId::Audit;
-            let covers = |id: &KeyId| {
-                !audit
-                    && match &s.buckets {
-                        None => true,
-                        Some(b) => b.binary_search(&leaf_of(id.0, &id.1)).is_ok(),
-                    }
-            };
-            if !fresh {
-                retain_versions(&mut st, |id, v| {
-                    !(at.contains(v.dot) && covers(id) && !held_there.contains(&(id.clone(), v.dot)))
-                });
+            for (id, dots) in doubtful.iter() {
+                let State { keydir, tree, .. } = &mut *st;
+                let Some(versions) = keydir.get_mut(id).filter(|_| !dots.is_empty()) else { continue };
+                prune_key(tree, id, versions, |v| !dots.contains(&v.dot));
+                if versions.is_empty() {
+                    keydir.remove(id);
+                }
             }
             // Audit records are never superseded, and a non-holder drops the ones every
             // holder acknowledged: claim only what is here without a gap (the rest comes

@@ -51,6 +51,8 @@ pub trait Replica {
     fn incarnation(&self) -> Incarnation;
     /// The durable vector of a stream.
     fn vector(&self, stream: StreamId) -> VersionVector;
+    /// How many keys a stream holds.
+    fn key_count(&self, stream: StreamId) -> usize;
     /// Per origin, the lowest sequence the stream's log holds.
     fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64>;
     /// Durable entries above `from` in log order, at most `max`.
@@ -91,6 +93,9 @@ impl Replica for Store {
     }
     fn vector(&self, stream: StreamId) -> VersionVector {
         Store::vector(self, stream)
+    }
+    fn key_count(&self, stream: StreamId) -> usize {
+        Store::key_count(self, stream)
     }
     fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64> {
         Store::log_floors(self, stream)
@@ -770,13 +775,15 @@ impl PeerSync {
     // ----- repair: anti-entropy and bootstrap, as the receiver ---------------------
 
     /// Starts repairing `stream` from the peer unless a repair runs: a replica that
-    /// holds nothing of the stream fetches every bucket (a bootstrap); any other
-    /// compares hash trees from the root down and fetches only differing leaves.
+    /// holds at most a chunk of keys fetches every bucket (a bootstrap: comparing trees
+    /// could spare at most the keys it holds, and costs four round trips and the
+    /// peer's tree); any other compares hash trees from the root down and fetches only
+    /// differing leaves.
     fn start_repair(&mut self, now_ms: u64, stream: StreamId, replica: &dyn Replica) {
         if self.repairs.contains_key(&stream) || !self.streams.get(&stream).is_some_and(|s| s.receive) {
             return;
         }
-        let step = if replica.vector(stream).is_empty() {
+        let step = if replica.key_count(stream) <= self.config.snapshot_chunk_entries {
             RepairStep::Fetch { buckets: Vec::new(), resume: Vec::new(), begun: false }
         } else {
             RepairStep::Tree { level: 0, asked: vec![0] }
@@ -837,6 +844,11 @@ impl PeerSync {
                 level: level + 1,
                 asked: differing.iter().flat_map(|&b| children(b)).collect(),
             }
+        } else if differing.len() as u32 > TREE_LEAVES / 2 {
+            // Most leaves differ (a replica that holds little): fetching every key costs
+            // at most about twice the bytes, and the sender walks its keys without
+            // testing each against a list of tens of thousands of buckets.
+            RepairStep::Fetch { buckets: Vec::new(), resume: Vec::new(), begun: false }
         } else {
             RepairStep::Fetch { buckets: differing, resume: Vec::new(), begun: false }
         };
@@ -1065,17 +1077,24 @@ const NOT_COVERED_REPEAT: u64 = 4;
 const ACK_REPEATS: u8 = 2;
 const ACK_REPEAT_INTERVALS: u64 = 3;
 
-/// blake3 over a chunk's encoded entries, in order.
+/// blake3 over a chunk's encoded entries, in order. The encodings are hashed in runs of
+/// [`CHECKSUM_RUN_BYTES`]: blake3 hashes a long input several 1 KiB chunks at a time
+/// (SIMD), an entry at a time one chunk at a time; the digest is the same.
 fn chunk_checksum(entries: &[Entry]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    let mut buf = Vec::new();
+    let mut buf = Vec::with_capacity(CHECKSUM_RUN_BYTES + 4096);
     for e in entries {
-        buf.clear();
         e.encode_into(&mut buf);
-        h.update(&buf);
+        if buf.len() >= CHECKSUM_RUN_BYTES {
+            h.update(&buf);
+            buf.clear();
+        }
     }
+    h.update(&buf);
     *h.finalize().as_bytes()
 }
+
+const CHECKSUM_RUN_BYTES: usize = 64 * 1024;
 
 /// Retention feedback: the vector every peer a stream is sent to has acknowledged (the
 /// meet of their acknowledged vectors). The log may be compacted below it; with no

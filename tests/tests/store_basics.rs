@@ -115,6 +115,32 @@ fn remote_entries_apply_in_order_only() {
 }
 
 #[test]
+fn a_snapshot_drops_what_the_peer_saw_and_no_longer_holds_and_keeps_the_rest() {
+    let (_disk, store, _clock) = sim_store(5);
+    let users = |k: &[u8]| store.get(Collection::Users, k).expect("read").value().map(<[u8]>::to_vec);
+    // From the peer (origin 9): "gone" (which the peer later deleted and collected),
+    // "same" (still there) and "late".
+    let entries = vec![
+        remote(9, 1, 10, b"gone", b"a", VersionVector::new()),
+        remote(9, 2, 11, b"same", b"b", VersionVector::new()),
+        remote(9, 3, 12, b"late", b"c", VersionVector::new()),
+    ];
+    store.apply_remote(StreamId::Enterprise, entries.clone()).expect("apply").wait().expect("durable");
+    // A local write the peer has not seen.
+    store.put(Collection::Users, b"mine", b"m").expect("put");
+    // The peer's snapshot at {9: 2} holds "same" only; "late" (9:3) is above what it
+    // had seen when it took it.
+    let at: VersionVector = [Dot { origin: Incarnation(9), seq: 2 }].into_iter().collect();
+    store.begin_snapshot(StreamId::Enterprise, "peer", None).expect("begin");
+    store.stage_snapshot(StreamId::Enterprise, "peer", &entries[1..2]).expect("stage");
+    store.finish_snapshot(StreamId::Enterprise, "peer", &at).expect("finish");
+    assert_eq!(users(b"gone"), None, "the peer saw it and no longer holds it");
+    assert_eq!(users(b"same"), Some(b"b".to_vec()));
+    assert_eq!(users(b"late"), Some(b"c".to_vec()), "the peer had not seen it");
+    assert_eq!(users(b"mine"), Some(b"m".to_vec()), "the peer had not seen it");
+}
+
+#[test]
 fn entries_since_ships_in_order_and_floors_rise_after_compaction() {
     let (_disk, store, _clock) = sim_store(5);
     let me = store.incarnation();
@@ -323,6 +349,37 @@ fn audit_chain_indexes_and_tamper_evidence() {
         other => panic!("expected a broken chain, got {other:?}"),
     }
     drop(disk);
+}
+
+#[test]
+fn an_audit_snapshot_that_brings_back_held_records_leaves_the_chain_whole() {
+    // A holder repairs its audit stream from the other holder: the snapshot carries
+    // some of the holder's own records again (the other holder had the first two when
+    // it took it). After a restart (the chain head comes from the checkpoint the
+    // repair wrote), its next record must still link to its last.
+    let (disk, store, clock) = sim_store(81);
+    let event = |i: u64| AuditEvent {
+        time_ms: 2_000 + i,
+        user: "user".into(),
+        appliance: "a1".into(),
+        action: "login".into(),
+        detail: format!("event {i}"),
+    };
+    for i in 0..3 {
+        store.append_audit(event(i)).expect("append");
+    }
+    let held = store.entries_since(StreamId::Audit, &VersionVector::new(), 100).expect("own records");
+    assert_eq!(held.len(), 3);
+    let at = store.vector(StreamId::Audit);
+    store.begin_snapshot(StreamId::Audit, "a2", None).expect("begin");
+    store.stage_snapshot(StreamId::Audit, "a2", &held[..2]).expect("stage");
+    store.finish_snapshot(StreamId::Audit, "a2", &at).expect("finish");
+    drop(store);
+    let store = Store::open(Arc::new(disk.crash()), options(&clock, 16 * 1024)).expect("reopen");
+    let next = store.append_audit(event(3)).expect("append after the repair");
+    assert_eq!(next.seq, 4);
+    assert_eq!(store.audit_verify().expect("the chain links across the repair"), 4);
+    assert_eq!(store.audit_query(&AuditQuery::default()).expect("query").len(), 4, "no record indexed twice");
 }
 
 #[test]

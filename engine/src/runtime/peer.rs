@@ -161,6 +161,10 @@ async fn run_session(
                     conn.close(quinn::VarInt::from_u32(4), b"retired incarnation");
                     return closed(shared, &peer, established);
                 }
+                SyncEvent::NeedAntiEntropy { stream, origin, floor } => {
+                    let origin = format!("{:016x}", origin.0);
+                    tracing::info!(%peer, %stream, %origin, floor, "the peer's log starts above what we hold: repairing")
+                }
                 SyncEvent::Repaired { stream, buckets_fetched, entries } => {
                     tracing::info!(%peer, %stream, buckets_fetched, entries, "repair from the peer completed")
                 }
