@@ -256,6 +256,24 @@ enum RepairStep {
     Fetch { buckets: Vec<u32>, resume: Vec<u8>, begun: bool },
 }
 
+/// A snapshot being sent, as the sender: up to [`SNAPSHOT_CHUNKS_AHEAD`] chunks go
+/// before the receiver asks for the next, so reading a chunk here, the wire and
+/// staging one there overlap (one chunk per round trip would leave a WAN link idle
+/// most of the time). The receiver's requests are unchanged: it asks for the chunk
+/// after each one it took, which acknowledges that one; a request for anything else
+/// (a chunk was lost, a new repair) starts over from where it asks.
+#[derive(Debug, Clone)]
+struct Serving {
+    buckets: Vec<u32>,
+    /// The resume token of each chunk sent and not yet acknowledged, oldest first.
+    outstanding: VecDeque<Vec<u8>>,
+    /// Where the next chunk starts; `None` once the last was sent.
+    next: Option<Vec<u8>>,
+}
+
+/// Snapshot chunks sent ahead of the receiver's requests.
+const SNAPSHOT_CHUNKS_AHEAD: usize = 4;
+
 #[derive(Debug, Clone)]
 struct Repair {
     step: RepairStep,
@@ -363,6 +381,8 @@ pub struct PeerSync {
     events: VecDeque<SyncEvent>,
     stats: SyncStats,
     repairs: BTreeMap<StreamId, Repair>,
+    /// Snapshots being sent to the peer, per stream.
+    serving: BTreeMap<StreamId, Serving>,
     /// Whether received entries are queued rather than applied durably in place.
     queued_apply: bool,
     /// Whether entries were queued since the driver last asked.
@@ -399,6 +419,7 @@ impl PeerSync {
             events: VecDeque::new(),
             stats: SyncStats::default(),
             repairs: BTreeMap::new(),
+            serving: BTreeMap::new(),
             queued_apply: false,
             queued: false,
         };
@@ -694,6 +715,8 @@ impl PeerSync {
         // sure it has our handshake (it may have restarted and lost it).
         self.peer_session = Some(h.session);
         self.peer_incarnation = Some(h.incarnation);
+        // What it had been sent of a snapshot is gone with its old session.
+        self.serving.clear();
         if h.topology_epoch != self.epoch {
             self.events.push_back(SyncEvent::EpochDiffers { ours: self.epoch, theirs: h.topology_epoch });
             // Views differ: a stream flows only if the peer's view has it in scope too.
@@ -948,21 +971,56 @@ impl PeerSync {
         if buckets.windows(2).any(|w| w[0] >= w[1]) || buckets.iter().any(|&b| b >= TREE_LEAVES) {
             return self.refuse("snapshot request buckets must be ascending leaf buckets".into());
         }
-        match replica.snapshot_chunk(stream, &buckets, &resume, self.config.snapshot_chunk_entries) {
-            Ok((at, entries, next)) => {
-                let checksum = chunk_checksum(&entries);
-                let last = next.is_empty();
-                self.push(PeerMessage::SnapshotChunk {
-                    stream,
-                    at,
-                    from: resume,
-                    entries,
-                    checksum,
-                    resume: next,
-                    last,
-                });
+        let acknowledged =
+            self.serving.get_mut(&stream).filter(|s| s.buckets == buckets && s.outstanding.contains(&resume));
+        match acknowledged {
+            Some(s) => {
+                // The receiver took the chunk that ends at `resume` (and any before it).
+                while s.outstanding.pop_front().is_some_and(|t| t != resume) {}
             }
-            Err(e) => self.events.push_back(SyncEvent::ApplyFailed(format!("snapshot of {stream}: {e}"))),
+            None => {
+                let fresh = Serving { buckets, outstanding: VecDeque::new(), next: Some(resume) };
+                self.serving.insert(stream, fresh);
+            }
+        }
+        self.serve(stream, replica);
+    }
+
+    /// Sends snapshot chunks of `stream` until [`SNAPSHOT_CHUNKS_AHEAD`] are
+    /// unacknowledged or the last is sent.
+    fn serve(&mut self, stream: StreamId, replica: &dyn Replica) {
+        let Some(s) = self.serving.get_mut(&stream) else { return };
+        while s.outstanding.len() < SNAPSHOT_CHUNKS_AHEAD {
+            let Some(from) = s.next.take() else { break };
+            match replica.snapshot_chunk(stream, &s.buckets, &from, self.config.snapshot_chunk_entries) {
+                Ok((at, entries, next)) => {
+                    let checksum = chunk_checksum(&entries);
+                    let last = next.is_empty();
+                    if !last {
+                        s.outstanding.push_back(next.clone());
+                        s.next = Some(next.clone());
+                    }
+                    let chunk = PeerMessage::SnapshotChunk {
+                        stream,
+                        at,
+                        from,
+                        entries,
+                        checksum,
+                        resume: next,
+                        last,
+                    };
+                    self.stats.messages_sent += 1;
+                    self.transmit.push_back(chunk);
+                }
+                Err(e) => {
+                    self.events.push_back(SyncEvent::ApplyFailed(format!("snapshot of {stream}: {e}")));
+                    s.outstanding.clear();
+                    break;
+                }
+            }
+        }
+        if s.next.is_none() && s.outstanding.is_empty() {
+            self.serving.remove(&stream);
         }
     }
 
@@ -1456,13 +1514,16 @@ mod tests {
         };
         let mut a = PeerSync::new(setup("a", "c", 1), 0, &sa);
         let mut c = PeerSync::new(setup("c", "a", 2), 0, &sc);
-        let (mut now, mut chunks, mut dropped) = (0u64, 0, false);
+        let (mut now, mut chunks, mut dropped, mut most_ahead) = (0u64, 0, false, 0);
         for _ in 0..10_000 {
             let mut moved = false;
+            let mut ahead = 0;
             while let Some(m) = a.poll_transmit() {
                 moved = true;
                 if matches!(m, PeerMessage::SnapshotChunk { .. }) {
                     chunks += 1;
+                    ahead += 1;
+                    most_ahead = most_ahead.max(ahead);
                     if chunks == 5 && !dropped {
                         dropped = true;
                         continue; // lost in transit
@@ -1485,6 +1546,9 @@ mod tests {
             }
         }
         assert!(dropped && chunks > 10, "{chunks} chunks");
+        // The sender keeps chunks in flight rather than one per round trip, and no
+        // more than its window.
+        assert!((2..=SNAPSHOT_CHUNKS_AHEAD).contains(&most_ahead), "{most_ahead} chunks sent at once");
         assert!(digests_equal(&sa, &sc));
         assert_eq!(sc.get(Collection::Users, b"user3").expect("read").value(), None);
         assert_eq!(sc.get(Collection::Users, b"user1499").expect("read").value(), Some(&b"v1499"[..]));
