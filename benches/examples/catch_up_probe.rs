@@ -9,12 +9,21 @@
 
 use std::time::{Duration, Instant};
 
+use repl_benches::cluster::process_cpu_seconds;
 use repl_benches::cluster::{Cluster, G4_PAIR};
 use repl_benches::{key_spread, value_256};
 use repl_engine::runtime::PairMode;
 use repl_engine::topology::Generation;
 use repl_engine::{Durability, StoreOptions, WriteBatch};
 use repl_wire::{Collection, StreamId};
+
+/// Marks the start of a measurement among the appliances' log lines (with `RUST_LOG`).
+fn tracing_log_start() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        eprintln!("probe: restarting B at {:.6} s since the epoch", now.as_secs_f64());
+    }
+}
 
 fn main() {
     if std::env::var_os("RUST_LOG").is_some() {
@@ -56,7 +65,9 @@ fn main() {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line).expect("stdin");
         }
+        let cpu = process_cpu_seconds();
         let start = Instant::now();
+        tracing_log_start();
         if bootstrap {
             p.restart_empty(1);
         } else {
@@ -64,9 +75,11 @@ fn main() {
         }
         p.wait_held(1, StreamId::Enterprise, 0, target, Duration::from_secs(600));
         let secs = start.elapsed().as_secs_f64();
+        let cpu = process_cpu_seconds() - cpu;
         println!(
-            "{} of {records} records: {secs:.2} s, {:.0} records/s, {:.1} MB/s",
+            "{} of {records} records: {secs:.2} s ({cpu:.2} s CPU, {:.1} us per record), {:.0} records/s, {:.1} MB/s",
             if bootstrap { "bootstrap" } else { "catch-up" },
+            cpu / records as f64 * 1e6,
             records as f64 / secs,
             records as f64 * 256.0 / secs / 1e6
         );
