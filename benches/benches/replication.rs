@@ -22,80 +22,17 @@
 //! every part once on small data.
 #![allow(missing_docs)] // criterion_group! and criterion_main! generate undocumented public items
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use repl_benches::cluster::{process_cpu_seconds, Cluster, G3_MESH, G4_PAIR, G4_PAIR_AND_SERVICE};
-use repl_benches::{batch, key, link, quick, wanted, BATCH};
+use repl_benches::{batch, link, quick, user, wanted, write_all, write_pipelined, BATCH, IN_FLIGHT};
 use repl_engine::runtime::PairMode;
 use repl_engine::topology::Generation;
 use repl_engine::{AuditEvent, Store, StoreOptions, WriteBatch};
-use repl_wire::{encode_frame, Collection, StreamId};
-
-/// Writes each of the eight pipelined writers keeps in flight.
-const IN_FLIGHT: usize = 128;
-
-/// What one writer thread writes: record `i` as a batch.
-type Make<'a> = &'a (dyn Fn(u64) -> WriteBatch + Sync);
-
-/// `writers` threads write records `base..base + records` to `store`, record `i` made
-/// by `make`; one writer waits for each write before the next, several writers each
-/// keep up to [`IN_FLIGHT`] in flight. `after_write` runs after each durable write
-/// (the node's notify when replicating).
-fn write_all(
-    store: &Store,
-    writers: u64,
-    records: u64,
-    base: u64,
-    make: Make<'_>,
-    after_write: &(dyn Fn() + Sync),
-) {
-    let in_flight = if writers == 1 { 1 } else { IN_FLIGHT };
-    write_pipelined(store, writers, in_flight, records, base, make, after_write);
-}
-
-/// [`write_all`] with each writer keeping up to `in_flight` writes in flight.
-fn write_pipelined(
-    store: &Store,
-    writers: u64,
-    in_flight: usize,
-    records: u64,
-    base: u64,
-    make: Make<'_>,
-    after_write: &(dyn Fn() + Sync),
-) {
-    std::thread::scope(|s| {
-        for w in 0..writers {
-            s.spawn(move || {
-                let mut pending = VecDeque::with_capacity(in_flight);
-                let mut i = w;
-                while i < records {
-                    pending.push_back(store.submit(make(base + i)).expect("submit"));
-                    if pending.len() == in_flight {
-                        pending.pop_front().expect("non-empty").wait().expect("durable");
-                        after_write();
-                    }
-                    i += writers;
-                }
-                for p in pending {
-                    p.wait().expect("durable");
-                    after_write();
-                }
-            });
-        }
-    });
-}
-
-/// A user record of `size` bytes.
-fn user(size: usize) -> impl Fn(u64) -> WriteBatch + Sync {
-    move |i| {
-        let mut b = WriteBatch::new();
-        b.put(Collection::Users, &key(i), &vec![(i as u8).wrapping_mul(31); size]);
-        b
-    }
-}
+use repl_wire::{encode_frame, StreamId};
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();

@@ -3,11 +3,13 @@
 
 pub mod cluster;
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use repl_engine::{Store, WriteBatch};
 use repl_wire::transport::{
     accept, client_endpoint, connect, recv_message, server_endpoint, AllowedPeers, CertificateAuthority,
     Identity, TlsSetup, Validity,
@@ -221,5 +223,69 @@ impl Link {
             send.finish().expect("finish");
         });
         self.rt.block_on(self.done.recv()).expect("server reported")
+    }
+}
+
+/// Writes each of the eight pipelined writers of the replication benches keeps in
+/// flight.
+pub const IN_FLIGHT: usize = 128;
+
+/// What one writer thread writes: record `i` as a batch.
+pub type Make<'a> = &'a (dyn Fn(u64) -> WriteBatch + Sync);
+
+/// `writers` threads write records `base..base + records` to `store`, record `i` made
+/// by `make`; one writer waits for each write before the next, several writers each
+/// keep up to [`IN_FLIGHT`] in flight. `after_write` runs after each durable write
+/// (the node's notify when replicating).
+pub fn write_all(
+    store: &Store,
+    writers: u64,
+    records: u64,
+    base: u64,
+    make: Make<'_>,
+    after_write: &(dyn Fn() + Sync),
+) {
+    let in_flight = if writers == 1 { 1 } else { IN_FLIGHT };
+    write_pipelined(store, writers, in_flight, records, base, make, after_write);
+}
+
+/// [`write_all`] with each writer keeping up to `in_flight` writes in flight.
+pub fn write_pipelined(
+    store: &Store,
+    writers: u64,
+    in_flight: usize,
+    records: u64,
+    base: u64,
+    make: Make<'_>,
+    after_write: &(dyn Fn() + Sync),
+) {
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            s.spawn(move || {
+                let mut pending = VecDeque::with_capacity(in_flight);
+                let mut i = w;
+                while i < records {
+                    pending.push_back(store.submit(make(base + i)).expect("submit"));
+                    if pending.len() == in_flight {
+                        pending.pop_front().expect("non-empty").wait().expect("durable");
+                        after_write();
+                    }
+                    i += writers;
+                }
+                for p in pending {
+                    p.wait().expect("durable");
+                    after_write();
+                }
+            });
+        }
+    });
+}
+
+/// A user record of `size` bytes.
+pub fn user(size: usize) -> impl Fn(u64) -> WriteBatch + Sync {
+    move |i| {
+        let mut b = WriteBatch::new();
+        b.put(Collection::Users, &key(i), &vec![(i as u8).wrapping_mul(31); size]);
+        b
     }
 }

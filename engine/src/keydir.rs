@@ -125,6 +125,10 @@ impl<V> KeyMap<V> {
         self.table.find_mut(key_hash(id), same_key(id)).map(|(_, v)| v)
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
@@ -203,7 +207,7 @@ impl Keydir {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.table.len()
+        self.map.len()
     }
 
     /// The versions of `id`; a caller that empties them must remove the key

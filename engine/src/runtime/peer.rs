@@ -154,15 +154,13 @@ async fn run_session(
                     }
                 }
                 SyncEvent::PeerSession { incarnation } if super::is_retired(&store, &peer, incarnation) => {
-                    let inc = format!("{:016x}", incarnation.0);
-                    tracing::warn!(%peer, incarnation = %inc, "refused a retired incarnation (restored from a backup)");
+                    tracing::warn!(%peer, %incarnation, "refused a retired incarnation (restored from a backup)");
                     shared.state().refused += 1;
-                    shared.error(format!("{peer}: refused retired incarnation {inc}"));
+                    shared.error(format!("{peer}: refused retired incarnation {incarnation}"));
                     conn.close(quinn::VarInt::from_u32(4), b"retired incarnation");
                     return closed(shared, &peer, established);
                 }
                 SyncEvent::NeedAntiEntropy { stream, origin, floor } => {
-                    let origin = format!("{:016x}", origin.0);
                     tracing::info!(%peer, %stream, %origin, floor, "the peer's log starts above what we hold: repairing")
                 }
                 SyncEvent::Repaired { stream, buckets_fetched, entries } => {
