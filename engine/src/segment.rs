@@ -265,28 +265,22 @@ fn entry_body(bytes: &[u8]) -> Option<(&[u8], usize)> {
     Some((bytes.get(ENTRY_HEADER_BYTES as usize..total)?, total))
 }
 
-/// Verifies one whole frame read at file offset `at` (header included; `checked`: it
-/// was verified when it was read, and is not again) and decodes only the entries
-/// `want` asks for, by dot, until it says stop: shipping reads frames of up to a
-/// thousand entries to send a few hundred, and the dot (the first field of an entry)
-/// is read without decoding the rest.
+/// Verifies one whole frame read at file offset `at` (header included) and decodes
+/// only the entries `want` asks for, by dot, until it says stop: shipping reads
+/// frames of up to a thousand entries to send a few hundred, and the dot (the first
+/// field of an entry) is read without decoding the rest.
 pub(crate) fn scan_frame_wanted(
     buf: &[u8],
     file: &str,
     at: u64,
     frame_max: u64,
-    checked: bool,
     mut want: impl FnMut(Dot) -> Wanted,
     out: &mut Vec<Entry>,
 ) -> Result<(), Error> {
     let corrupt = |what| Error::Corrupt(Corruption { file: file.to_string(), offset: at, what });
-    let len = if checked {
-        buf.len()
-    } else {
-        valid_frame_at(buf, 0, frame_max)
-            .filter(|&l| l == buf.len())
-            .ok_or_else(|| corrupt("frame checksum"))?
-    };
+    let len = valid_frame_at(buf, 0, frame_max)
+        .filter(|&l| l == buf.len())
+        .ok_or_else(|| corrupt("frame checksum"))?;
     let payload_start = FRAME_HEADER_BYTES as usize;
     let count = read_u32(buf, payload_start).ok_or_else(|| corrupt("frame payload is malformed"))? as usize;
     let mut p = payload_start + FRAME_COUNT_BYTES as usize;

@@ -297,44 +297,6 @@ pub(crate) struct StreamStore {
     queued_bytes: std::sync::atomic::AtomicUsize,
     /// Snapshots being received, by the peer sending them.
     staging: Mutex<BTreeMap<String, Staging>>,
-    /// Frames replication read lately (see [`RecentFrames`]).
-    recent_frames: Mutex<RecentFrames>,
-}
-
-/// The frames `entries_since` read last, checked, by (segment, offset). A frame
-/// below its segment's end never changes. Each read for a peer starts at the frame
-/// holding the peer's position, which the read before it left part-way as often as
-/// not, and every peer reads the same frames: without these, a frame of 1,000 entries
-/// of 2 KiB was read and checked again for each message's worth shipped from it.
-#[derive(Debug, Default)]
-struct RecentFrames {
-    frames: VecDeque<(u32, u64, Arc<Vec<u8>>)>,
-    bytes: usize,
-}
-
-impl RecentFrames {
-    /// Held at most (per stream); a frame larger than half of it is not kept.
-    const BYTES_MAX: usize = 16 * 1024 * 1024;
-
-    fn get(&mut self, file: u32, offset: u64) -> Option<Arc<Vec<u8>>> {
-        let i = self.frames.iter().rposition(|(f, o, _)| *f == file && *o == offset)?;
-        let hit = self.frames.remove(i)?;
-        let frame = hit.2.clone();
-        self.frames.push_back(hit);
-        Some(frame)
-    }
-
-    fn put(&mut self, file: u32, offset: u64, frame: Arc<Vec<u8>>) {
-        if frame.len() > Self::BYTES_MAX / 2 {
-            return;
-        }
-        self.bytes += frame.len();
-        self.frames.push_back((file, offset, frame));
-        while self.bytes > Self::BYTES_MAX {
-            let Some((_, _, old)) = self.frames.pop_front() else { break };
-            self.bytes -= old.len();
-        }
-    }
 }
 
 /// A snapshot being received: a compacted segment under a temporary name, and where
@@ -463,7 +425,6 @@ impl StreamStore {
             hlc_drift_alarms: AtomicU64::new(0),
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             staging: Mutex::new(BTreeMap::new()),
-            recent_frames: Mutex::new(RecentFrames::default()),
         };
         let report = s.recover(names)?;
         Ok((s, report))
@@ -1725,19 +1686,11 @@ impl StreamStore {
         for (n, file, name, end) in files {
             let mut at = if n == start.0 { start.1 as u64 } else { HEADER_BYTES };
             while at < end && out.len() < max {
-                let recent = lock(&self.recent_frames).get(n, at);
-                let checked = recent.is_some();
-                let buf = match recent {
-                    Some(frame) => frame,
-                    None => {
-                        let mut head = [0u8; FRAME_HEADER_BYTES as usize];
-                        file.read_exact_at(&mut head, at).map_err(io_err(&name, "read frame"))?;
-                        let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
-                        let mut buf = vec![0u8; (FRAME_HEADER_BYTES + len) as usize];
-                        file.read_exact_at(&mut buf, at).map_err(io_err(&name, "read frame"))?;
-                        Arc::new(buf)
-                    }
-                };
+                let mut head = [0u8; FRAME_HEADER_BYTES as usize];
+                file.read_exact_at(&mut head, at).map_err(io_err(&name, "read frame"))?;
+                let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
+                let mut buf = vec![0u8; (FRAME_HEADER_BYTES + len) as usize];
+                file.read_exact_at(&mut buf, at).map_err(io_err(&name, "read frame"))?;
                 let mut skipped: Option<Dot> = None;
                 let want = |dot: Dot| {
                     if out_len >= max {
@@ -1757,10 +1710,7 @@ impl StreamStore {
                     Wanted::Take
                 };
                 let frame_max = self.frame_max().max(FRAME_BYTES_MAX);
-                segment::scan_frame_wanted(&buf, &name, at, frame_max, checked, want, &mut out)?;
-                if !checked {
-                    lock(&self.recent_frames).put(n, at, buf.clone());
-                }
+                segment::scan_frame_wanted(&buf, &name, at, frame_max, want, &mut out)?;
                 if let Some(dot) = skipped {
                     return Err(Error::NotCovered {
                         stream: self.stream,

@@ -171,48 +171,6 @@ fn entries_since_ships_in_order_and_floors_rise_after_compaction() {
 }
 
 #[test]
-fn shipping_in_small_parts_reads_the_same_entries_from_recent_frames_as_from_the_log() {
-    // Frames of 100 entries shipped 7 at a time: every part after a frame's first is
-    // served from the frames read lately; a reopened store reads the log afresh.
-    let disk = SimStorage::new(SimConfig { seed: 11, ..SimConfig::default() });
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let open = || Store::open(Arc::new(disk.clone()), options(&clock, 1024 * 1024)).expect("open");
-    let store = open();
-    for b in 0..5u32 {
-        let mut batch = WriteBatch::new();
-        for i in 0..100u32 {
-            batch.put(Collection::Users, format!("user{b}-{i:03}").as_bytes(), &[b as u8 + 1; 64]);
-        }
-        store.write(batch, Durability::Durable).expect("write a frame");
-    }
-    let ship = |store: &Store| {
-        let mut from = VersionVector::new();
-        let mut shipped = Vec::new();
-        loop {
-            let part = store.entries_since(StreamId::Enterprise, &from, 7).expect("ship");
-            if part.is_empty() {
-                return shipped;
-            }
-            for e in &part {
-                assert_eq!(e.dot.seq, from.get(e.dot.origin) + 1, "{} out of order", e.dot);
-                from.advance(e.dot);
-            }
-            shipped.extend(part);
-        }
-    };
-    let first = ship(&store);
-    assert_eq!(first.len(), 500);
-    for (n, e) in first.iter().enumerate() {
-        let (b, i) = (n / 100, n % 100);
-        assert_eq!(e.key, format!("user{b}-{i:03}").into_bytes(), "entry {n}");
-        assert!(matches!(&e.op, Op::Put { value, .. } if value[..] == [b as u8 + 1; 64]), "entry {n}");
-    }
-    assert_eq!(ship(&store), first, "the same entries again, from recent frames");
-    drop(store);
-    assert_eq!(ship(&open()), first, "the same entries from the log alone");
-}
-
-#[test]
 fn remote_batches_larger_than_a_frame_are_split_and_shipped_back_in_part() {
     // Segments of 16 KiB: 300 remote entries of 200 B from two origins need several
     // frames; each frame then holds both origins interleaved.
