@@ -311,6 +311,10 @@ struct StreamState {
     /// wait on it; repeated a bounded number of times so an idle pair goes quiet).
     told_at_ms: u64,
     ack_repeats_left: u8,
+    /// When we last rewound our cursor at the peer's request (as the sender).
+    rewound_ms: Option<u64>,
+    /// When we last asked the peer to rewind (as the receiver).
+    rewind_asked_ms: Option<u64>,
 }
 
 impl StreamState {
@@ -325,6 +329,17 @@ impl StreamState {
     fn retransmit_at(&self, config: &SyncConfig) -> u64 {
         self.progress_ms + (config.retransmit_ms << self.backoff)
     }
+}
+
+/// Whether a rewind last done (or asked for) at `last` still stands at `now_ms`: one
+/// per retransmission interval and stream. A receiver that finds a gap finds one in
+/// every message that was in flight behind it, and each rewind makes the sender queue
+/// its whole window again: in the soak, 173 rewinds in 100 s left one appliance with
+/// some 200 MB of entries queued for a peer that was still reading the first copy.
+/// The resent entries are on their way after the first rewind, and should they be
+/// lost, the retransmission timer sends them again.
+fn rewind_stands(last: Option<u64>, now_ms: u64, config: &SyncConfig) -> bool {
+    last.is_some_and(|at| now_ms < at.saturating_add(config.retransmit_ms))
 }
 
 /// Most doublings of the retransmission wait (200 ms grows to 3.2 s by default).
@@ -655,11 +670,16 @@ impl PeerSync {
                 self.pump(now_ms, stream, replica);
             }
             PeerMessage::Rewind { stream, vector } => {
-                self.stats.rewinds += 1;
                 if let Some(s) = self.streams.get_mut(&stream) {
                     s.acked.merge(&vector);
-                    s.sent = s.acked.clone();
-                    s.progress_ms = now_ms;
+                    if rewind_stands(s.rewound_ms, now_ms, &self.config) {
+                        s.sent.merge(&s.acked);
+                    } else {
+                        self.stats.rewinds += 1;
+                        s.sent = s.acked.clone();
+                        s.progress_ms = now_ms;
+                        s.rewound_ms = Some(now_ms);
+                    }
                 }
                 self.pump(now_ms, stream, replica);
             }
@@ -775,21 +795,27 @@ impl PeerSync {
                     self.queued = true;
                 }
             }
-            return self.applied(stream, result, replica);
+            return self.applied(now_ms, stream, result, replica);
         }
         let result = replica.apply(stream, entries);
         if result.is_ok() {
             self.tell(now_ms, stream, replica.vector(stream));
         }
-        self.applied(stream, result, replica)
+        self.applied(now_ms, stream, result, replica)
     }
 
-    /// Answers a failed apply: a gap asks the peer to rewind to what we hold.
-    fn applied(&mut self, stream: StreamId, result: Result<(), Error>, replica: &dyn Replica) {
+    /// Answers a failed apply: a gap asks the peer to rewind to what we hold (once per
+    /// retransmission interval: the messages behind the first gap are gaps too).
+    fn applied(&mut self, now_ms: u64, stream: StreamId, result: Result<(), Error>, replica: &dyn Replica) {
         match result {
             Ok(()) => {}
             Err(Error::Gap { .. }) => {
-                self.push(PeerMessage::Rewind { stream, vector: replica.vector(stream) })
+                let config = self.config;
+                let Some(s) = self.streams.get_mut(&stream) else { return };
+                if !rewind_stands(s.rewind_asked_ms, now_ms, &config) {
+                    s.rewind_asked_ms = Some(now_ms);
+                    self.push(PeerMessage::Rewind { stream, vector: replica.vector(stream) })
+                }
             }
             Err(e) => self.events.push_back(SyncEvent::ApplyFailed(e.to_string())),
         }
@@ -1404,6 +1430,50 @@ mod tests {
         a.handle_local_durable(15 * base, StreamId::Enterprise, &sa);
         lose_all(&mut a);
         assert_eq!(retransmits_at(&mut a, 16 * base), 5);
+    }
+
+    /// Entries of stream Enterprise in what `m` transmits, and how many `Rewind`s.
+    fn drain_counts(m: &mut PeerSync) -> (usize, usize) {
+        let (mut entries, mut rewinds) = (0, 0);
+        while let Some(msg) = m.poll_transmit() {
+            match msg {
+                PeerMessage::Entries { entries: e, .. } => entries += e.len(),
+                PeerMessage::Rewind { .. } => rewinds += 1,
+                _ => {}
+            }
+        }
+        (entries, rewinds)
+    }
+
+    #[test]
+    fn a_burst_of_rewinds_resends_the_window_once_per_interval() {
+        let (sa, sb, mut a, mut b) = established_pair();
+        for i in 0..600u32 {
+            sa.put(Collection::Users, format!("k{i}").as_bytes(), b"x").expect("put");
+        }
+        a.handle_local_durable(0, StreamId::Enterprise, &sa);
+        assert_eq!(drain_counts(&mut a).0, 600, "the first window");
+        // The receiver finds a gap in every message of the window that was in flight
+        // behind the first one (here: all of them skip the first entry).
+        let since: VersionVector = [Dot { origin: sa.incarnation(), seq: 1 }].into_iter().collect();
+        let late = sa.entries_since(StreamId::Enterprise, &since, 256).expect("entries");
+        for _ in 0..5 {
+            let m = PeerMessage::Entries { stream: StreamId::Enterprise, entries: late.clone() };
+            b.handle_message(10, m, &sb);
+        }
+        assert_eq!(drain_counts(&mut b).1, 1, "the receiver asks once per interval");
+        let rewind = PeerMessage::Rewind { stream: StreamId::Enterprise, vector: VersionVector::new() };
+        for _ in 0..5 {
+            a.handle_message(20, rewind.clone(), &sa);
+        }
+        assert_eq!(drain_counts(&mut a).0, 600, "five rewinds at once resend the window once");
+        assert_eq!(a.stats().rewinds, 1);
+        // An interval later a rewind is a new one (the resent window may have been lost).
+        let later = 20 + SyncConfig::default().retransmit_ms;
+        a.handle_message(later, rewind, &sa);
+        assert_eq!(drain_counts(&mut a).0, 600);
+        b.handle_message(later, PeerMessage::Entries { stream: StreamId::Enterprise, entries: late }, &sb);
+        assert_eq!(drain_counts(&mut b).1, 1, "and the receiver asks again");
     }
 
     #[test]
