@@ -1113,7 +1113,10 @@ impl PeerSync {
         let mut in_flight: u64 = s.sent.iter().map(|d| d.seq.saturating_sub(s.acked.get(d.origin))).sum();
         let mut batches = Vec::new();
         while in_flight < config.window_entries {
-            let room = (config.window_entries - in_flight).min(config.batch_entries as u64) as usize;
+            // All the window's room in one read, cut into messages below: a read
+            // starts at the frame holding `from`, so reading a message's worth at a
+            // time read a frame of 1,000 entries four times.
+            let room = (config.window_entries - in_flight) as usize;
             let batch = match replica.entries_since(stream, &from, room) {
                 Ok(b) => b,
                 Err(Error::NotCovered { origin, floor, .. }) => {
@@ -1142,7 +1145,13 @@ impl PeerSync {
             }
             in_flight += batch.len() as u64;
             self.stats.entries_sent += batch.len() as u64;
-            batches.push(PeerMessage::Entries { stream, entries: batch });
+            let mut rest = batch;
+            while rest.len() > config.batch_entries.max(1) {
+                let tail = rest.split_off(config.batch_entries.max(1));
+                batches.push(PeerMessage::Entries { stream, entries: rest });
+                rest = tail;
+            }
+            batches.push(PeerMessage::Entries { stream, entries: rest });
         }
         if s.acked.descends(&s.sent) {
             s.progressed(now_ms);
