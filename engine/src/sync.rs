@@ -1441,48 +1441,39 @@ mod tests {
         assert_eq!(retransmits_at(&mut a, 16 * base), 5);
     }
 
-    /// Entries of stream Enterprise in what `m` transmits, and how many `Rewind`s.
-    fn drain_counts(m: &mut PeerSync) -> (usize, usize) {
-        let (mut entries, mut rewinds) = (0, 0);
-        while let Some(msg) = m.poll_transmit() {
-            match msg {
-                PeerMessage::Entries { entries: e, .. } => entries += e.len(),
-                PeerMessage::Rewind { .. } => rewinds += 1,
-                _ => {}
-            }
-        }
-        (entries, rewinds)
-    }
-
     #[test]
     fn a_burst_of_rewinds_resends_the_window_once_per_interval() {
         let (sa, sb, mut a, mut b) = established_pair();
+        let o = sa.incarnation();
+        let rewinds_asked = |m: &mut PeerSync| {
+            relayed_sent(m, o).1.iter().filter(|m| matches!(m, PeerMessage::Rewind { .. })).count()
+        };
         for i in 0..600u32 {
             sa.put(Collection::Users, format!("k{i}").as_bytes(), b"x").expect("put");
         }
         a.handle_local_durable(0, StreamId::Enterprise, &sa);
-        assert_eq!(drain_counts(&mut a).0, 600, "the first window");
+        assert_eq!(relayed_sent(&mut a, o).0, 600, "the first window");
         // The receiver finds a gap in every message of the window that was in flight
         // behind the first one (here: all of them skip the first entry).
-        let since: VersionVector = [Dot { origin: sa.incarnation(), seq: 1 }].into_iter().collect();
+        let since: VersionVector = [Dot { origin: o, seq: 1 }].into_iter().collect();
         let late = sa.entries_since(StreamId::Enterprise, &since, 256).expect("entries");
         for _ in 0..5 {
             let m = PeerMessage::Entries { stream: StreamId::Enterprise, entries: late.clone() };
             b.handle_message(10, m, &sb);
         }
-        assert_eq!(drain_counts(&mut b).1, 1, "the receiver asks once per interval");
+        assert_eq!(rewinds_asked(&mut b), 1, "the receiver asks once per interval");
         let rewind = PeerMessage::Rewind { stream: StreamId::Enterprise, vector: VersionVector::new() };
         for _ in 0..5 {
             a.handle_message(20, rewind.clone(), &sa);
         }
-        assert_eq!(drain_counts(&mut a).0, 600, "five rewinds at once resend the window once");
+        assert_eq!(relayed_sent(&mut a, o).0, 600, "five rewinds at once resend the window once");
         assert_eq!(a.stats().rewinds, 1);
         // An interval later a rewind is a new one (the resent window may have been lost).
         let later = 20 + SyncConfig::default().retransmit_ms;
         a.handle_message(later, rewind, &sa);
-        assert_eq!(drain_counts(&mut a).0, 600);
+        assert_eq!(relayed_sent(&mut a, o).0, 600);
         b.handle_message(later, PeerMessage::Entries { stream: StreamId::Enterprise, entries: late }, &sb);
-        assert_eq!(drain_counts(&mut b).1, 1, "and the receiver asks again");
+        assert_eq!(rewinds_asked(&mut b), 1, "and the receiver asks again");
     }
 
     #[test]
