@@ -588,7 +588,35 @@ impl Store {
     /// Durable entries above `from` in log order (at most `max`): what to ship a peer
     /// whose vector is `from`. [`Error::NotCovered`] when compaction removed some.
     pub fn entries_since(&self, stream: StreamId, from: &VersionVector, max: usize) -> Result<Vec<Entry>> {
-        self.stream(stream).entries_since(from, max)
+        self.stream(stream).entries_since(from, None, max)
+    }
+
+    /// [`Store::entries_since`], bounded above: per origin only the entries at or below
+    /// `upto`'s sequence (none of an origin `upto` lacks). What a sender decided to
+    /// ship from a vector it read earlier: entries that became durable since (a
+    /// commit running meanwhile) are left for its next look, not shipped to a peer it
+    /// meant to send none of that origin.
+    ///
+    /// ```
+    /// use repl_engine::{Store, StoreOptions};
+    /// use repl_wire::{Collection, StreamId, VersionVector};
+    /// let dir = tempfile::tempdir()?;
+    /// let store = Store::open_dir(dir.path(), StoreOptions::default())?;
+    /// store.put(Collection::Users, b"alice", b"v1")?;
+    /// let upto = store.vector(StreamId::Enterprise);
+    /// store.put(Collection::Users, b"bob", b"v1")?;
+    /// let shipped = store.entries_between(StreamId::Enterprise, &VersionVector::new(), &upto, 100)?;
+    /// assert_eq!(shipped.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn entries_between(
+        &self,
+        stream: StreamId,
+        from: &VersionVector,
+        upto: &VersionVector,
+        max: usize,
+    ) -> Result<Vec<Entry>> {
+        self.stream(stream).entries_since(from, Some(upto), max)
     }
 
     // ----- anti-entropy ------------------------------------------------------------------

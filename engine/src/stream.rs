@@ -1633,10 +1633,16 @@ impl StreamStore {
             .collect()
     }
 
-    /// Durable entries above `from`, in log order, at most `max` of them: what
-    /// replication ships next. Each origin's entries come in sequence order.
-    pub(crate) fn entries_since(&self, from: &VersionVector, max: usize) -> Result<Vec<Entry>> {
-        let mut out = self.durable_entries_since(from, max)?;
+    /// Durable entries above `from` (and, given `upto`, at or below it), in log order,
+    /// at most `max` of them: what replication ships next. Each origin's entries come
+    /// in sequence order.
+    pub(crate) fn entries_since(
+        &self,
+        from: &VersionVector,
+        upto: Option<&VersionVector>,
+        max: usize,
+    ) -> Result<Vec<Entry>> {
+        let mut out = self.durable_entries_since(from, upto, max)?;
         if self.options.unsafe_ship_buffered && out.len() < max {
             // The planted bug: hand out queued entries that are not yet durable.
             let mut seen = from.clone();
@@ -1654,13 +1660,19 @@ impl StreamStore {
         Ok(out)
     }
 
-    fn durable_entries_since(&self, from: &VersionVector, max: usize) -> Result<Vec<Entry>> {
+    fn durable_entries_since(
+        &self,
+        from: &VersionVector,
+        upto: Option<&VersionVector>,
+        max: usize,
+    ) -> Result<Vec<Entry>> {
+        let last = |origin: Incarnation, held: u64| upto.map_or(held, |u| u.get(origin).min(held));
         let (start, files) = {
             let st = lock(&self.state);
             let mut start: Option<(u32, u32)> = None;
             for d in st.vector.iter() {
                 let want = from.get(d.origin) + 1;
-                if want > d.seq {
+                if want > last(d.origin, d.seq) {
                     continue;
                 }
                 let index = st.origin_index.get(&d.origin);
@@ -1696,7 +1708,7 @@ impl StreamStore {
                     if out_len >= max {
                         return Wanted::Stop;
                     }
-                    if seen.contains(dot) {
+                    if seen.contains(dot) || upto.is_some_and(|u| !u.contains(dot)) {
                         return Wanted::Skip;
                     }
                     if dot.seq != seen.get(dot.origin) + 1 {

@@ -55,8 +55,15 @@ pub trait Replica {
     fn key_count(&self, stream: StreamId) -> usize;
     /// Per origin, the lowest sequence the stream's log holds.
     fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64>;
-    /// Durable entries above `from` in log order, at most `max`.
-    fn entries_since(&self, stream: StreamId, from: &VersionVector, max: usize) -> Result<Vec<Entry>, Error>;
+    /// Durable entries above `from` and at or below `upto` (per origin; none of an
+    /// origin `upto` lacks) in log order, at most `max`.
+    fn entries_between(
+        &self,
+        stream: StreamId,
+        from: &VersionVector,
+        upto: &VersionVector,
+        max: usize,
+    ) -> Result<Vec<Entry>, Error>;
     /// Applies entries from a peer durably (duplicates skipped, gaps refused).
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error>;
     /// Applies entries from a peer like [`Replica::apply`] but returns before they are
@@ -100,8 +107,14 @@ impl Replica for Store {
     fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64> {
         Store::log_floors(self, stream)
     }
-    fn entries_since(&self, stream: StreamId, from: &VersionVector, max: usize) -> Result<Vec<Entry>, Error> {
-        Store::entries_since(self, stream, from, max)
+    fn entries_between(
+        &self,
+        stream: StreamId,
+        from: &VersionVector,
+        upto: &VersionVector,
+        max: usize,
+    ) -> Result<Vec<Entry>, Error> {
+        Store::entries_between(self, stream, from, upto, max)
     }
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error> {
         self.apply_remote(stream, entries)?.wait().map(|_| ())
@@ -1117,7 +1130,13 @@ impl PeerSync {
             // starts at the frame holding `from`, so reading a message's worth at a
             // time read a frame of 1,000 entries four times.
             let room = (config.window_entries - in_flight) as usize;
-            let batch = match replica.entries_since(stream, &from, room) {
+            // Bounded by `ours`: an origin left out above is left out by setting its
+            // `from` to what we held then, and a commit running meanwhile (entries
+            // from another peer) may have made more of it durable since. Read
+            // unbounded, those were sent to a peer that lacked the origin's earlier
+            // entries: a gap at the receiver, which refused the whole message (the
+            // soak's bursts of rewinds), and a relay the rules above did not allow.
+            let batch = match replica.entries_between(stream, &from, &ours, room) {
                 Ok(b) => b,
                 Err(Error::NotCovered { origin, floor, .. }) => {
                     if let btree_map::Entry::Vacant(v) = s.not_covered.entry(origin) {
@@ -1355,19 +1374,25 @@ mod tests {
         (n, out)
     }
 
-    #[test]
-    fn an_origin_is_relayed_only_while_the_peers_acknowledgement_of_it_stands_still() {
+    /// A pair A-B, handshake done, and a third appliance O that made `writes` writes:
+    /// A holds the first `held` of them, B none.
+    fn pair_and_an_origin(writes: u32, held: u64) -> (Store, Store, Store, PeerSync, PeerSync) {
         let (sa, sb, so) = (store(1), store(2), store(3));
-        let o = so.incarnation();
-        for i in 0..20u32 {
+        for i in 0..writes {
             so.put(Collection::Users, format!("o{i}").as_bytes(), b"x").expect("put");
         }
-        // A holds O's first ten writes; B none.
-        take_from(&so, &sa, 1, 10);
+        take_from(&so, &sa, 1, held);
         let mut a = machine("a", "b", 10, Some(sb.incarnation()), &sa);
         let mut b = machine("b", "a", 20, Some(sa.incarnation()), &sb);
         exchange(&mut a, &sa, &mut b, &sb);
         assert_eq!(a.stats().entries_relayed, 0, "nothing is relayed at once");
+        (sa, sb, so, a, b)
+    }
+
+    #[test]
+    fn an_origin_is_relayed_only_while_the_peers_acknowledgement_of_it_stands_still() {
+        let (sa, sb, so, mut a, mut b) = pair_and_an_origin(20, 10);
+        let o = so.incarnation();
         let delay = SyncConfig::default().relay_delay_ms;
 
         // B gets O's writes 1-5 from elsewhere and says so: it is behind, but moving.
@@ -1439,6 +1464,103 @@ mod tests {
         a.handle_local_durable(15 * base, StreamId::Enterprise, &sa);
         lose_all(&mut a);
         assert_eq!(retransmits_at(&mut a, 16 * base), 5);
+    }
+
+    /// A store whose durable vector moves while the sync machine reads it: the first
+    /// read of the log first applies `late` (another origin's entries a commit made
+    /// durable meanwhile), as the node's commit task may at any moment.
+    struct Racing<'a> {
+        store: &'a Store,
+        late: std::cell::RefCell<Vec<Entry>>,
+    }
+
+    impl Replica for Racing<'_> {
+        fn incarnation(&self) -> Incarnation {
+            self.store.incarnation()
+        }
+        fn vector(&self, stream: StreamId) -> VersionVector {
+            self.store.vector(stream)
+        }
+        fn key_count(&self, stream: StreamId) -> usize {
+            self.store.key_count(stream)
+        }
+        fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64> {
+            self.store.log_floors(stream)
+        }
+        fn entries_between(
+            &self,
+            stream: StreamId,
+            from: &VersionVector,
+            upto: &VersionVector,
+            max: usize,
+        ) -> Result<Vec<Entry>, Error> {
+            let late = std::mem::take(&mut *self.late.borrow_mut());
+            if !late.is_empty() {
+                self.store.apply(stream, late)?;
+            }
+            Replica::entries_between(self.store, stream, from, upto, max)
+        }
+        fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error> {
+            Replica::apply(self.store, stream, entries)
+        }
+        fn queue_apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error> {
+            self.store.queue_apply(stream, entries)
+        }
+        fn tree_hashes(
+            &self,
+            stream: StreamId,
+            cutoff_ms: u64,
+            level: u8,
+            buckets: &[u32],
+        ) -> (VersionVector, Vec<BucketHash>) {
+            self.store.tree_hashes(stream, cutoff_ms, level, buckets)
+        }
+        fn snapshot_chunk(
+            &self,
+            stream: StreamId,
+            buckets: &[u32],
+            resume: &[u8],
+            max_entries: usize,
+        ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>), Error> {
+            self.store.snapshot_chunk(stream, buckets, resume, max_entries)
+        }
+        fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error> {
+            self.store.begin_snapshot(stream, peer, buckets)
+        }
+        fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<(), Error> {
+            self.store.stage_snapshot(stream, peer, entries)
+        }
+        fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<(), Error> {
+            self.store.finish_snapshot(stream, peer, at)
+        }
+    }
+
+    #[test]
+    fn an_origin_made_durable_while_pumping_is_not_sent_to_a_peer_that_lacks_its_start() {
+        // B is not behind on O for the relay delay yet: A sends it nothing of O.
+        let (sa, sb, so, mut a, mut b) = pair_and_an_origin(10, 5);
+        let o = so.incarnation();
+
+        // A writes, and while its machine reads the log for the peer, O's writes 6-10
+        // become durable on A (from another peer).
+        sa.put(Collection::Users, b"a1", b"y").expect("put");
+        let since: VersionVector = [Dot { origin: o, seq: 5 }].into_iter().collect();
+        let late = so.entries_since(StreamId::Enterprise, &since, 5).expect("ship");
+        let racing = Racing { store: &sa, late: std::cell::RefCell::new(late) };
+        a.handle_local_durable(0, StreamId::Enterprise, &racing);
+        assert_eq!(sa.vector(StreamId::Enterprise).get(o), 10, "the late entries landed mid-pump");
+        let (relayed, messages) = relayed_sent(&mut a, o);
+        assert_eq!(relayed, 0, "O's 6-10 went to a peer that lacks O's 1-5");
+        for m in messages {
+            b.handle_message(0, m, &sb);
+        }
+        // B applied A's write without a gap, and asks for no rewind.
+        assert_eq!(sb.vector(StreamId::Enterprise).get(sa.incarnation()), 1);
+        let (_, answers) = relayed_sent(&mut b, o);
+        assert!(
+            answers.iter().all(|m| !matches!(m, PeerMessage::Rewind { .. })),
+            "B found a gap: {answers:?}"
+        );
     }
 
     #[test]
