@@ -243,6 +243,8 @@ pub fn decode_frame<M: WireMessage>(payload: &[u8]) -> Result<M, DecodeError> {
 #[derive(Debug, Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
+    /// Where the bytes not yet returned start in `buf` (those before were returned).
+    start: usize,
 }
 
 impl FrameReader {
@@ -253,19 +255,32 @@ impl FrameReader {
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            // Returned bytes are dropped once they are at least half the buffer: each
+            // byte moves at most about once, not once per frame after it.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes buffered and not yet returned.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The next complete frame's payload, `None` if more bytes are needed, or an error
     /// if the length prefix is zero or over [`FRAME_BYTES_MAX`] (the stream is then
     /// unusable and must be closed).
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, DecodeError> {
-        let Some(Ok(prefix)) = self.buf.get(..FRAME_PREFIX_BYTES).map(<[u8; 4]>::try_from) else {
+        self.next_frame_with(<[u8]>::to_vec)
+    }
+
+    /// [`FrameReader::next_frame`], handing the payload to `read` where it lies in the
+    /// buffer instead of copying it out (a decoder reads it in place).
+    pub fn next_frame_with<T>(&mut self, read: impl FnOnce(&[u8]) -> T) -> Result<Option<T>, DecodeError> {
+        let pending = self.buf.get(self.start..).unwrap_or_default();
+        let Some(Ok(prefix)) = pending.get(..FRAME_PREFIX_BYTES).map(<[u8; 4]>::try_from) else {
             return Ok(None);
         };
         let len = u32::from_le_bytes(prefix) as usize;
@@ -275,12 +290,16 @@ impl FrameReader {
         if len > FRAME_BYTES_MAX {
             return Err(DecodeError::TooLarge { what: "frame", actual: len, limit: FRAME_BYTES_MAX });
         }
-        if self.buf.len() < FRAME_PREFIX_BYTES + len {
+        let Some(payload) = pending.get(FRAME_PREFIX_BYTES..FRAME_PREFIX_BYTES + len) else {
             return Ok(None);
+        };
+        let out = read(payload);
+        self.start += FRAME_PREFIX_BYTES + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
         }
-        let payload = self.buf.get(FRAME_PREFIX_BYTES..FRAME_PREFIX_BYTES + len).map(<[u8]>::to_vec);
-        self.buf.drain(..FRAME_PREFIX_BYTES + len);
-        Ok(payload)
+        Ok(Some(out))
     }
 }
 
@@ -517,6 +536,29 @@ mod tests {
 
         #[test]
         fn client_replies_round_trip(m in reply()) { round_trip(&m)?; }
+
+        #[test]
+        fn a_stream_cut_anywhere_yields_its_messages_in_order(
+            ms in proptest::collection::vec(peer(), 1..12),
+            cuts in proptest::collection::vec(1usize..300, 1..40),
+        ) {
+            let stream: Vec<u8> = ms.iter().flat_map(|m| encode_frame(m).expect("encodes")).collect();
+            let mut r = FrameReader::new();
+            let (mut got, mut at) = (Vec::new(), 0);
+            for cut in cuts.iter().cycle() {
+                if at == stream.len() {
+                    break;
+                }
+                let end = (at + cut).min(stream.len());
+                r.push(&stream[at..end]);
+                at = end;
+                while let Some(m) = r.next_frame_with(decode_frame::<PeerMessage>).expect("valid frames") {
+                    got.push(m.expect("decodes"));
+                }
+            }
+            prop_assert_eq!(got, ms);
+            prop_assert_eq!(r.buffered(), 0);
+        }
 
         #[test]
         fn random_bytes_never_panic(b in bytes(600)) {

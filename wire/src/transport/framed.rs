@@ -20,8 +20,8 @@ pub async fn recv_message<M: WireMessage>(
     reader: &mut FrameReader,
 ) -> Result<Option<M>, TransportError> {
     loop {
-        if let Some(payload) = reader.next_frame()? {
-            return Ok(Some(decode_frame(&payload)?));
+        if let Some(message) = reader.next_frame_with(decode_frame::<M>)? {
+            return Ok(Some(message?));
         }
         match recv.read_chunk(crate::limits::FRAME_BYTES_MAX, true).await? {
             Some(chunk) => reader.push(&chunk.bytes),
