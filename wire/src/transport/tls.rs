@@ -301,6 +301,16 @@ fn initial_suite() -> Result<rustls::quic::Suite, TransportError> {
         .ok_or(TransportError::Tls(rustls::Error::General("no QUIC initial suite".into())))
 }
 
+/// Bytes a peer may send on one stream beyond what the application has read. quinn's
+/// default (1.25 MB, sized for 100 Mbit/s at 100 ms) holds two messages of 256 entries
+/// of 2 KiB, so a sender waited on each credit update of a receiver busy applying the
+/// one before. Memory stays bounded by the sync window (entries in flight), not by
+/// this.
+const STREAM_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+/// Bytes sent and not yet acknowledged, over all streams of a connection (quinn's
+/// default is 10 MB).
+const SEND_WINDOW: u64 = 32 * 1024 * 1024;
+
 fn transport_config() -> Result<Arc<quinn::TransportConfig>, TransportError> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
@@ -309,6 +319,8 @@ fn transport_config() -> Result<Arc<quinn::TransportConfig>, TransportError> {
             .map_err(|_| TransportError::Tls(rustls::Error::General("idle timeout".into())))?,
     ));
     t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    t.send_window(SEND_WINDOW);
     Ok(Arc::new(t))
 }
 
