@@ -135,7 +135,9 @@ async fn run_session(
     let _writer = AbortOnDrop(tokio::spawn(write_messages(send, out_rx)));
     let mut outbox: VecDeque<PeerMessage> = VecDeque::new();
     loop {
-        outbox.extend(std::iter::from_fn(|| machine.poll_transmit()));
+        while let Some(m) = machine.poll_transmit() {
+            queue_coalesced(&mut outbox, m);
+        }
         while let Some(event) = machine.poll_event() {
             match event {
                 SyncEvent::PeerError(e) => {
@@ -265,6 +267,23 @@ async fn run_session(
     }
 }
 
+/// Queues `m` for the peer, folding an acknowledgement into one of the same stream that
+/// is still waiting in `outbox`: each is the whole durable vector, so the newer says
+/// all the older did. A peer that reads slowly was otherwise owed one per local commit.
+fn queue_coalesced(outbox: &mut VecDeque<PeerMessage>, m: PeerMessage) {
+    if let PeerMessage::Ack { stream, vector } = &m {
+        let waiting = outbox.iter_mut().find_map(|q| match q {
+            PeerMessage::Ack { stream: s, vector: v } if s == stream => Some(v),
+            _ => None,
+        });
+        if let Some(waiting) = waiting {
+            waiting.merge(vector);
+            return;
+        }
+    }
+    outbox.push_back(m);
+}
+
 /// Messages queued for the writer task beyond the one it is writing.
 const OUT_QUEUE: usize = 64;
 
@@ -292,5 +311,35 @@ fn closed(shared: &Shared, peer: &NodeId, established: bool) {
         if let Some(p) = shared.state().peers.get_mut(peer) {
             p.live = p.live.saturating_sub(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use repl_wire::{Dot, Entry, Incarnation, PeerMessage, StreamId, VersionVector};
+
+    use super::*;
+
+    fn ack(stream: StreamId, seq: u64) -> PeerMessage {
+        let vector: VersionVector = [Dot { origin: Incarnation(7), seq }].into_iter().collect();
+        PeerMessage::Ack { stream, vector }
+    }
+
+    #[test]
+    fn a_waiting_acknowledgement_takes_in_later_ones_of_its_stream_only() {
+        let mut outbox = VecDeque::new();
+        let entries = PeerMessage::Entries { stream: StreamId::Enterprise, entries: Vec::<Entry>::new() };
+        for m in [
+            ack(StreamId::Enterprise, 1),
+            entries.clone(),
+            ack(StreamId::Audit, 4),
+            ack(StreamId::Enterprise, 2),
+            ack(StreamId::Enterprise, 3),
+            entries.clone(),
+        ] {
+            queue_coalesced(&mut outbox, m);
+        }
+        let want = vec![ack(StreamId::Enterprise, 3), entries.clone(), ack(StreamId::Audit, 4), entries];
+        assert_eq!(Vec::from(outbox), want);
     }
 }
