@@ -696,6 +696,11 @@ impl PeerSync {
                 }
                 self.pump(now_ms, stream, replica);
             }
+            // Stale when we hold the origin up to just below the floor: the peer had
+            // not yet heard of what we gained since (a repair that just finished), and
+            // its log follows on from what we hold. A repair then is wasted work.
+            PeerMessage::NotCovered { stream, origin, floor }
+                if replica.vector(stream).get(origin).saturating_add(1) >= floor => {}
             PeerMessage::NotCovered { stream, origin, floor } => {
                 self.events.push_back(SyncEvent::NeedAntiEntropy { stream, origin, floor });
                 self.start_repair(now_ms, stream, replica);
@@ -1683,6 +1688,36 @@ mod tests {
         a.handle_local_durable(0, StreamId::Enterprise, &sa);
         exchange(&mut a, &sa, &mut b, &sb);
         assert!(digests_equal(&sa, &sb));
+    }
+
+    #[test]
+    fn a_not_covered_behind_what_the_receiver_holds_starts_no_repair() {
+        let (sa, sb, mut a, mut b) = established_pair();
+        for i in 0..10u32 {
+            sa.put(Collection::Users, format!("user{i}").as_bytes(), b"x").expect("put");
+        }
+        a.handle_local_durable(0, StreamId::Enterprise, &sa);
+        exchange(&mut a, &sa, &mut b, &sb);
+        let origin = sa.incarnation();
+        assert_eq!(sb.vector(StreamId::Enterprise).get(origin), 10);
+        let repair_asked = |b: &mut PeerSync| {
+            std::iter::from_fn(|| b.poll_transmit())
+                .filter(|m| {
+                    matches!(m, PeerMessage::TreeRequest { .. } | PeerMessage::SnapshotRequest { .. })
+                })
+                .count()
+        };
+        // The peer's log starts at 11 (or lower): it follows on from what b holds.
+        for floor in [3, 11] {
+            let stale = PeerMessage::NotCovered { stream: StreamId::Enterprise, origin, floor };
+            b.handle_message(0, stale, &sb);
+            assert_eq!(repair_asked(&mut b), 0, "a repair for a log floor of {floor}");
+        }
+        // A floor past what b holds leaves a gap: that one repairs.
+        let gap = PeerMessage::NotCovered { stream: StreamId::Enterprise, origin, floor: 12 };
+        b.handle_message(0, gap, &sb);
+        assert_eq!(repair_asked(&mut b), 1);
+        assert!(std::iter::from_fn(|| b.poll_event()).any(|e| matches!(e, SyncEvent::NeedAntiEntropy { .. })));
     }
 
     #[test]
