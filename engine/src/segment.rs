@@ -265,17 +265,20 @@ fn entry_body(bytes: &[u8]) -> Option<(&[u8], usize)> {
     Some((bytes.get(ENTRY_HEADER_BYTES as usize..total)?, total))
 }
 
-/// Verifies one whole frame read at file offset `at` (header included) and decodes
-/// only the entries `want` asks for, by dot, until it says stop: shipping reads
+/// Verifies one whole frame read at file offset `at` (header included) and hands
+/// `take` only the entries `want` asks for, by dot, until it says stop: shipping reads
 /// frames of up to a thousand entries to send a few hundred, and the dot (the first
-/// field of an entry) is read without decoding the rest.
-pub(crate) fn scan_frame_wanted(
+/// field of an entry) is read without decoding the rest. `take` gets an entry's dot
+/// and encoding (the frame's checksum covered it) and gives what to return, or `None`
+/// for an encoding that does not decode.
+pub(crate) fn scan_frame_wanted<T>(
     buf: &[u8],
     file: &str,
     at: u64,
     frame_max: u64,
     mut want: impl FnMut(Dot) -> Wanted,
-    out: &mut Vec<Entry>,
+    mut take: impl FnMut(Dot, &[u8]) -> Option<T>,
+    out: &mut Vec<T>,
 ) -> Result<(), Error> {
     let corrupt = |what| Error::Corrupt(Corruption { file: file.to_string(), offset: at, what });
     let len = valid_frame_at(buf, 0, frame_max)
@@ -293,10 +296,7 @@ pub(crate) fn scan_frame_wanted(
             postcard::take_from_bytes::<Dot>(body).map_err(|_| corrupt("frame payload is malformed"))?;
         match want(dot) {
             Wanted::Skip => {}
-            Wanted::Take => {
-                let (entry, _) = parse_entry(bytes).ok_or_else(|| corrupt("frame payload is malformed"))?;
-                out.push(entry);
-            }
+            Wanted::Take => out.push(take(dot, body).ok_or_else(|| corrupt("frame payload is malformed"))?),
             Wanted::Stop => return Ok(()),
         }
         p += total;
@@ -313,7 +313,7 @@ pub(crate) fn scan_frame_wanted(
 pub(crate) enum Wanted {
     /// Not needed: skipped without decoding.
     Skip,
-    /// Decoded (its checksum verified) and returned.
+    /// Handed to the caller's `take` and returned.
     Take,
     /// Nothing more is needed from this frame.
     Stop,

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use repl_wire::{Collection, Dot, Entry, Hlc, HlcClock, Incarnation, Op, StreamId, VersionVector};
+use repl_wire::{
+    Collection, Dot, EncodedEntry, Entry, Hlc, HlcClock, Incarnation, Op, StreamId, VersionVector,
+};
 
 use crate::audit::{AuditEvent, AuditQuery, StoredAudit};
 use crate::error::{io_err, Corruption, Error, Result};
@@ -616,6 +618,19 @@ impl Store {
         upto: &VersionVector,
         max: usize,
     ) -> Result<Vec<Entry>> {
+        self.stream(stream).entries_since(from, Some(upto), max)
+    }
+
+    /// [`Store::entries_between`] with each entry in its encoding, as the log holds it:
+    /// what the sync machine ships, framed by [`repl_wire::encode_entries_frame`]
+    /// without decoding an entry only to encode it again.
+    pub fn encoded_between(
+        &self,
+        stream: StreamId,
+        from: &VersionVector,
+        upto: &VersionVector,
+        max: usize,
+    ) -> Result<Vec<EncodedEntry>> {
         self.stream(stream).entries_since(from, Some(upto), max)
     }
 

@@ -13,7 +13,7 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use repl_wire::{Collection, Dot, Entry, HlcClock, Incarnation, Op, StreamId, VersionVector};
+use repl_wire::{Collection, Dot, EncodedEntry, Entry, HlcClock, Incarnation, Op, StreamId, VersionVector};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
@@ -1513,6 +1513,41 @@ fn read_entries<'a>(
     Ok(read.into_iter().map(|e| e.expect("every location was read")).collect())
 }
 
+/// How a read of the log hands out each entry: decoded, or in its encoding (what a
+/// sender ships, without decoding it only to encode it again).
+pub(crate) trait LogItem: Sized {
+    /// From a log frame whose checksum held: the entry's dot and encoding; `None` when
+    /// the encoding does not decode.
+    fn from_log(dot: Dot, bytes: &[u8]) -> Option<Self>;
+    /// From a queued entry and its encoding (only the planted bug hands these out).
+    fn queued(entry: &Entry, bytes: &[u8]) -> Self;
+    fn dot(&self) -> Dot;
+}
+
+impl LogItem for Entry {
+    fn from_log(_: Dot, bytes: &[u8]) -> Option<Self> {
+        Entry::decode(bytes).ok()
+    }
+    fn queued(entry: &Entry, _: &[u8]) -> Self {
+        entry.clone()
+    }
+    fn dot(&self) -> Dot {
+        self.dot
+    }
+}
+
+impl LogItem for EncodedEntry {
+    fn from_log(_: Dot, bytes: &[u8]) -> Option<Self> {
+        EncodedEntry::new(bytes.to_vec()).ok()
+    }
+    fn queued(entry: &Entry, _: &[u8]) -> Self {
+        EncodedEntry::from(entry)
+    }
+    fn dot(&self) -> Dot {
+        EncodedEntry::dot(self)
+    }
+}
+
 /// A version read back with its value.
 #[derive(Debug, Clone)]
 pub(crate) struct ReadVersion {
@@ -1635,37 +1670,37 @@ impl StreamStore {
 
     /// Durable entries above `from` (and, given `upto`, at or below it), in log order,
     /// at most `max` of them: what replication ships next. Each origin's entries come
-    /// in sequence order.
-    pub(crate) fn entries_since(
+    /// in sequence order. `T` is how each is handed out: decoded, or in its encoding.
+    pub(crate) fn entries_since<T: LogItem>(
         &self,
         from: &VersionVector,
         upto: Option<&VersionVector>,
         max: usize,
-    ) -> Result<Vec<Entry>> {
-        let mut out = self.durable_entries_since(from, upto, max)?;
+    ) -> Result<Vec<T>> {
+        let mut out: Vec<T> = self.durable_entries_since(from, upto, max)?;
         if self.options.unsafe_ship_buffered && out.len() < max {
             // The planted bug: hand out queued entries that are not yet durable.
             let mut seen = from.clone();
             for e in &out {
-                seen.advance(e.dot);
+                seen.advance(e.dot());
             }
             let st = lock(&self.state);
-            for (e, _, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
+            for (e, bytes, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
                 if out.len() < max && !seen.contains(e.dot) && e.dot.seq == seen.get(e.dot.origin) + 1 {
                     seen.advance(e.dot);
-                    out.push(e.clone());
+                    out.push(T::queued(e, bytes));
                 }
             }
         }
         Ok(out)
     }
 
-    fn durable_entries_since(
+    fn durable_entries_since<T: LogItem>(
         &self,
         from: &VersionVector,
         upto: Option<&VersionVector>,
         max: usize,
-    ) -> Result<Vec<Entry>> {
+    ) -> Result<Vec<T>> {
         let last = |origin: Incarnation, held: u64| upto.map_or(held, |u| u.get(origin).min(held));
         let (start, files) = {
             let st = lock(&self.state);
@@ -1722,7 +1757,7 @@ impl StreamStore {
                     Wanted::Take
                 };
                 let frame_max = self.frame_max().max(FRAME_BYTES_MAX);
-                segment::scan_frame_wanted(&buf, &name, at, frame_max, want, &mut out)?;
+                segment::scan_frame_wanted(&buf, &name, at, frame_max, want, T::from_log, &mut out)?;
                 if let Some(dot) = skipped {
                     return Err(Error::NotCovered {
                         stream: self.stream,

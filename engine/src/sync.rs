@@ -7,9 +7,11 @@
 //!   [`PeerSync::handle_local_durable`] whenever new entries became durable in a
 //!   stream (local writes or entries applied from other peers), and
 //!   [`PeerSync::handle_timeout`] once [`PeerSync::poll_timeout`]'s time has come;
-//! - outputs: [`PeerSync::poll_transmit`] until `None` after every input (messages to
-//!   send to the peer, in order), [`PeerSync::poll_event`] for what the driver must
-//!   act on, and [`PeerSync::poll_timeout`] for when to call back.
+//! - outputs: [`PeerSync::poll_outgoing`] until `None` after every input (what to
+//!   send to the peer, in order; entries from the log stay in their encoding, framed
+//!   by [`Outgoing::encode_frame`]; [`PeerSync::poll_transmit`] gives the same as
+//!   decoded messages), [`PeerSync::poll_event`] for what the driver must act on, and
+//!   [`PeerSync::poll_timeout`] for when to call back.
 //!
 //! Time is wall-clock milliseconds passed in, monotonic per machine. The machine reads
 //! and writes the local store only through [`Replica`], synchronously; it never
@@ -36,8 +38,9 @@
 use std::collections::{btree_map, BTreeMap, VecDeque};
 
 use repl_wire::{
-    BucketHash, Dot, Entry, ErrorCode, Handshake, Incarnation, NodeId, PeerMessage, ProtocolError, StreamId,
-    StreamPosition, VersionVector, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    encode_entries_frame, encode_frame, BucketHash, DecodeError, Dot, EncodedEntry, Entry, ErrorCode,
+    Handshake, Incarnation, NodeId, PeerMessage, ProtocolError, StreamId, StreamPosition, VersionVector,
+    PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 
 use crate::error::Error;
@@ -56,14 +59,14 @@ pub trait Replica {
     /// Per origin, the lowest sequence the stream's log holds.
     fn log_floors(&self, stream: StreamId) -> BTreeMap<Incarnation, u64>;
     /// Durable entries above `from` and at or below `upto` (per origin; none of an
-    /// origin `upto` lacks) in log order, at most `max`.
+    /// origin `upto` lacks) in log order, at most `max`, each in its encoding.
     fn entries_between(
         &self,
         stream: StreamId,
         from: &VersionVector,
         upto: &VersionVector,
         max: usize,
-    ) -> Result<Vec<Entry>, Error>;
+    ) -> Result<Vec<EncodedEntry>, Error>;
     /// Applies entries from a peer durably (duplicates skipped, gaps refused).
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error>;
     /// Applies entries from a peer like [`Replica::apply`] but returns before they are
@@ -113,8 +116,8 @@ impl Replica for Store {
         from: &VersionVector,
         upto: &VersionVector,
         max: usize,
-    ) -> Result<Vec<Entry>, Error> {
-        Store::entries_between(self, stream, from, upto, max)
+    ) -> Result<Vec<EncodedEntry>, Error> {
+        Store::encoded_between(self, stream, from, upto, max)
     }
     fn apply(&self, stream: StreamId, entries: Vec<Entry>) -> Result<(), Error> {
         self.apply_remote(stream, entries)?.wait().map(|_| ())
@@ -150,6 +153,42 @@ impl Replica for Store {
     }
     fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<(), Error> {
         Store::finish_snapshot(self, stream, peer, at)
+    }
+}
+
+/// What a sync machine sends: a message, or entries as the log holds them, shipped
+/// without decoding them (on the wire, the same bytes as [`PeerMessage::Entries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// A message.
+    Message(PeerMessage),
+    /// [`PeerMessage::Entries`] with its entries still encoded.
+    Entries {
+        /// The stream.
+        stream: StreamId,
+        /// The entries, each origin's in sequence order.
+        entries: Vec<EncodedEntry>,
+    },
+}
+
+impl Outgoing {
+    /// One frame of it (length prefix included), as [`repl_wire::encode_frame`] makes.
+    pub fn encode_frame(&self) -> Result<Vec<u8>, DecodeError> {
+        match self {
+            Outgoing::Message(m) => encode_frame(m),
+            Outgoing::Entries { stream, entries } => encode_entries_frame(*stream, entries),
+        }
+    }
+
+    /// The message it is, its entries decoded (and checked).
+    pub fn into_message(self) -> Result<PeerMessage, DecodeError> {
+        match self {
+            Outgoing::Message(m) => Ok(m),
+            Outgoing::Entries { stream, entries } => {
+                let entries = entries.iter().map(EncodedEntry::decode).collect::<Result<_, _>>()?;
+                Ok(PeerMessage::Entries { stream, entries })
+            }
+        }
     }
 }
 
@@ -405,7 +444,7 @@ pub struct PeerSync {
     peer_incarnation: Option<Incarnation>,
     expected_incarnation: Option<Incarnation>,
     hello_at_ms: u64,
-    transmit: VecDeque<PeerMessage>,
+    transmit: VecDeque<Outgoing>,
     events: VecDeque<SyncEvent>,
     stats: SyncStats,
     repairs: BTreeMap<StreamId, Repair>,
@@ -512,6 +551,10 @@ impl PeerSync {
     }
 
     fn push(&mut self, m: PeerMessage) {
+        self.push_outgoing(Outgoing::Message(m));
+    }
+
+    fn push_outgoing(&mut self, m: Outgoing) {
         self.stats.messages_sent += 1;
         self.transmit.push_back(m);
     }
@@ -540,10 +583,25 @@ impl PeerSync {
         self.push(PeerMessage::Hello(hello));
     }
 
-    /// Next message to send to the peer.
+    /// Next thing to send to the peer, entries from the log still in their encoding.
+    #[must_use]
+    pub fn poll_outgoing(&mut self) -> Option<Outgoing> {
+        self.transmit.pop_front()
+    }
+
+    /// Next message to send to the peer, decoded ([`PeerSync::poll_outgoing`] for a
+    /// driver that frames what it sends). An entry of the log that does not decode (a
+    /// damaged log) is reported as [`SyncEvent::ApplyFailed`] and its message left out.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<PeerMessage> {
-        self.transmit.pop_front()
+        loop {
+            match self.transmit.pop_front()?.into_message() {
+                Ok(m) => return Some(m),
+                Err(e) => {
+                    self.events.push_back(SyncEvent::ApplyFailed(format!("a logged entry to send: {e}")))
+                }
+            }
+        }
     }
 
     /// Next event for the driver.
@@ -1054,7 +1112,7 @@ impl PeerSync {
                         last,
                     };
                     self.stats.messages_sent += 1;
-                    self.transmit.push_back(chunk);
+                    self.transmit.push_back(Outgoing::Message(chunk));
                 }
                 Err(e) => {
                     self.events.push_back(SyncEvent::ApplyFailed(format!("snapshot of {stream}: {e}")));
@@ -1146,7 +1204,7 @@ impl PeerSync {
                 Err(Error::NotCovered { origin, floor, .. }) => {
                     if let btree_map::Entry::Vacant(v) = s.not_covered.entry(origin) {
                         v.insert(now_ms);
-                        batches.push(PeerMessage::NotCovered { stream, origin, floor });
+                        batches.push(Outgoing::Message(PeerMessage::NotCovered { stream, origin, floor }));
                     }
                     // Skip that origin; the peer catches up on it by anti-entropy.
                     from.advance(Dot { origin, seq: ours.get(origin) });
@@ -1158,12 +1216,12 @@ impl PeerSync {
                 break;
             }
             for e in &batch {
-                s.sent.advance(e.dot);
-                from.advance(e.dot);
-                if e.dot.origin != me {
+                s.sent.advance(e.dot());
+                from.advance(e.dot());
+                if e.dot().origin != me {
                     self.stats.entries_relayed += 1;
-                    if let Some(Lag { relayed: Some(r), .. }) = s.lag.get_mut(&e.dot.origin) {
-                        *r = (*r).max(e.dot.seq);
+                    if let Some(Lag { relayed: Some(r), .. }) = s.lag.get_mut(&e.dot().origin) {
+                        *r = (*r).max(e.dot().seq);
                     }
                 }
             }
@@ -1172,16 +1230,16 @@ impl PeerSync {
             let mut rest = batch;
             while rest.len() > config.batch_entries.max(1) {
                 let tail = rest.split_off(config.batch_entries.max(1));
-                batches.push(PeerMessage::Entries { stream, entries: rest });
+                batches.push(Outgoing::Entries { stream, entries: rest });
                 rest = tail;
             }
-            batches.push(PeerMessage::Entries { stream, entries: rest });
+            batches.push(Outgoing::Entries { stream, entries: rest });
         }
         if s.acked.descends(&s.sent) {
             s.progressed(now_ms);
         }
         for m in batches {
-            self.push(m);
+            self.push_outgoing(m);
         }
     }
 }
@@ -1498,7 +1556,7 @@ mod tests {
             from: &VersionVector,
             upto: &VersionVector,
             max: usize,
-        ) -> Result<Vec<Entry>, Error> {
+        ) -> Result<Vec<EncodedEntry>, Error> {
             let late = std::mem::take(&mut *self.late.borrow_mut());
             if !late.is_empty() {
                 self.store.apply(stream, late)?;

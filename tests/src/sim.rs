@@ -10,7 +10,9 @@ use repl_engine::membership::{Membership, TopologyChange};
 use repl_engine::sync::{PeerSync, SyncConfig, SyncSetup};
 use repl_engine::topology::{Appliance, ExternalServers, Generation, Role, Site, SiteKind, Topology};
 use repl_engine::{AuditEvent, ManualClock, SimConfig, SimStorage, Store, StoreOptions, WriteBatch};
-use repl_wire::{encode_frame, Collection, Dot, NodeId, PeerMessage, StreamId};
+use repl_wire::{
+    decode_frame, encode_frame, Collection, Dot, NodeId, PeerMessage, StreamId, FRAME_PREFIX_BYTES,
+};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -407,8 +409,24 @@ impl World {
     fn drain(&mut self, n: usize) {
         let peers: Vec<usize> = self.nodes[n].peers.keys().copied().collect();
         for p in peers {
-            while let Some(msg) = self.nodes[n].peers.get_mut(&p).and_then(|m| m.poll_transmit()) {
-                self.send(n, p, msg);
+            while let Some(out) = self.nodes[n].peers.get_mut(&p).and_then(|m| m.poll_outgoing()) {
+                // Through the bytes the runtime sends: entries from the log go out in
+                // their encoding and are decoded as a peer decodes them.
+                let framed = out.encode_frame();
+                match framed
+                    .as_deref()
+                    .map(|f| decode_frame::<PeerMessage>(f.get(FRAME_PREFIX_BYTES..).unwrap_or(&[])))
+                {
+                    Ok(Ok(msg)) => self.send(n, p, msg),
+                    Ok(Err(e)) => self
+                        .report
+                        .violations
+                        .push(format!("a frame of node {} does not decode: {e}", self.nodes[n].id)),
+                    Err(e) => self
+                        .report
+                        .violations
+                        .push(format!("a message of node {} does not encode: {e}", self.nodes[n].id)),
+                }
             }
             while let Some(ev) = self.nodes[n].peers.get_mut(&p).and_then(|m| m.poll_event()) {
                 match ev {

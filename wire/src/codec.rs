@@ -8,12 +8,13 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::entry::{put_bytes, put_varint, put_vector, Entry};
+use crate::entry::{put_bytes, put_varint, put_vector, EncodedEntry, Entry};
 use crate::error::DecodeError;
 use crate::limits::{
     BATCH_ENTRIES_MAX, FRAME_BYTES_MAX, KEY_BYTES_MAX, LIST_ITEMS_MAX, STRING_BYTES_MAX, VALUE_BYTES_MAX,
 };
 use crate::message::{AdminCall, ClientCall, ClientReply, ClientRequest, PeerMessage};
+use crate::stream::StreamId;
 
 /// Bytes of the frame length prefix.
 pub const FRAME_PREFIX_BYTES: usize = 4;
@@ -61,7 +62,6 @@ impl WireMessage for PeerMessage {
     /// reserved once for all entries. A test holds the bytes equal to serde's.
     fn encode_by_hand(&self, out: &mut Vec<u8>) -> bool {
         // Variant positions in `PeerMessage`, as serde numbers them.
-        const ENTRIES: u64 = 1;
         const SNAPSHOT_CHUNK: u64 = 8;
         const AUDIT_FORWARD: u64 = 10;
         let list = |out: &mut Vec<u8>, entries: &[Entry]| {
@@ -71,7 +71,7 @@ impl WireMessage for PeerMessage {
         };
         match self {
             PeerMessage::Entries { stream, entries } => {
-                put_varint(out, ENTRIES);
+                put_varint(out, ENTRIES_VARIANT);
                 put_varint(out, u64::from(stream.index()));
                 list(out, entries);
             }
@@ -208,6 +208,9 @@ impl WireMessage for ClientReply {
     }
 }
 
+/// The position of `PeerMessage::Entries` among the variants, as serde numbers them.
+const ENTRIES_VARIANT: u64 = 1;
+
 /// Encodes a message as one frame (length prefix included).
 pub fn encode_frame<M: WireMessage>(message: &M) -> Result<Vec<u8>, DecodeError> {
     let mut out = vec![0u8; FRAME_PREFIX_BYTES];
@@ -215,6 +218,50 @@ pub fn encode_frame<M: WireMessage>(message: &M) -> Result<Vec<u8>, DecodeError>
         out = postcard::to_extend(message, out)
             .map_err(|e| DecodeError::Malformed { what: M::NAME, reason: e.to_string() })?;
     }
+    finish_frame(out)
+}
+
+/// Encodes `PeerMessage::Entries` of `stream` as one frame from entries in their
+/// encoding, which are copied as they are: the bytes [`encode_frame`] makes of the
+/// decoded message, without decoding anything.
+///
+/// ```
+/// # use repl_wire::*;
+/// let e = Entry {
+///     dot: Dot { origin: Incarnation(7), seq: 1 },
+///     hlc: Hlc { wall_ms: 5, logical: 0 },
+///     collection: Collection::Users,
+///     key: b"alice".to_vec(),
+///     context: VersionVector::new(),
+///     op: Op::Put { value: b"v".to_vec(), expires_at_ms: None },
+/// };
+/// let frame = encode_entries_frame(StreamId::Enterprise, &[EncodedEntry::from(&e)]).unwrap();
+/// let message = PeerMessage::Entries { stream: StreamId::Enterprise, entries: vec![e] };
+/// assert_eq!(frame, encode_frame(&message).unwrap());
+/// ```
+pub fn encode_entries_frame(stream: StreamId, entries: &[EncodedEntry]) -> Result<Vec<u8>, DecodeError> {
+    if entries.len() > BATCH_ENTRIES_MAX {
+        return Err(DecodeError::TooLarge {
+            what: "entry batch",
+            actual: entries.len(),
+            limit: BATCH_ENTRIES_MAX,
+        });
+    }
+    let bytes: usize = entries.iter().map(|e| e.as_bytes().len()).sum();
+    // The prefix, two one-byte tags and a count of at most three bytes.
+    let mut out = Vec::with_capacity(FRAME_PREFIX_BYTES + 5 + bytes);
+    out.resize(FRAME_PREFIX_BYTES, 0);
+    put_varint(&mut out, ENTRIES_VARIANT);
+    put_varint(&mut out, u64::from(stream.index()));
+    put_varint(&mut out, entries.len() as u64);
+    for e in entries {
+        out.extend_from_slice(e.as_bytes());
+    }
+    finish_frame(out)
+}
+
+/// Checks the payload after the prefix room of `out` and writes its length there.
+fn finish_frame(mut out: Vec<u8>) -> Result<Vec<u8>, DecodeError> {
     let len = out.len() - FRAME_PREFIX_BYTES;
     if len > FRAME_BYTES_MAX {
         return Err(DecodeError::TooLarge { what: "frame", actual: len, limit: FRAME_BYTES_MAX });
@@ -527,6 +574,20 @@ mod tests {
             let by_serde = postcard::to_allocvec(&m).expect("postcard encodes every message");
             let frame = encode_frame(&m).expect("encodes");
             prop_assert_eq!(&frame[FRAME_PREFIX_BYTES..], &by_serde[..]);
+        }
+
+        #[test]
+        fn entries_framed_in_their_encoding_are_the_decoded_messages_frame(
+            entries in proptest::collection::vec(entry(), 0..20),
+        ) {
+            let encoded: Vec<EncodedEntry> = entries.iter().map(EncodedEntry::from).collect();
+            for (e, x) in entries.iter().zip(&encoded) {
+                prop_assert_eq!(x.dot(), e.dot);
+                prop_assert_eq!(EncodedEntry::new(e.encode()).expect("an encoding"), x.clone());
+            }
+            let frame = encode_entries_frame(StreamId::Sessions, &encoded).expect("encodes");
+            let message = PeerMessage::Entries { stream: StreamId::Sessions, entries };
+            prop_assert_eq!(&frame, &encode_frame(&message).expect("encodes"));
         }
 
         #[test]

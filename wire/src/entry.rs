@@ -43,6 +43,66 @@ pub struct Entry {
     pub op: Op,
 }
 
+/// An entry in its encoding, with its dot read off the front: what a log holds and
+/// what an `Entries` message carries, passed on without decoding the rest (a sender
+/// ships entries from its log this way; [`crate::encode_entries_frame`] frames them).
+///
+/// ```
+/// # use repl_wire::*;
+/// let e = Entry {
+///     dot: Dot { origin: Incarnation(7), seq: 3 },
+///     hlc: Hlc { wall_ms: 5, logical: 0 },
+///     collection: Collection::Users,
+///     key: b"alice".to_vec(),
+///     context: VersionVector::new(),
+///     op: Op::Delete,
+/// };
+/// let encoded = EncodedEntry::new(e.encode()).unwrap();
+/// assert_eq!(encoded.dot(), e.dot);
+/// assert_eq!(encoded.decode(), Ok(e));
+/// assert!(EncodedEntry::new(vec![0xff; 3]).is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedEntry {
+    dot: Dot,
+    bytes: Vec<u8>,
+}
+
+impl EncodedEntry {
+    /// Takes `bytes` as an entry's encoding, reading only its dot: the rest is the
+    /// caller's word (a log frame whose checksum held). [`EncodedEntry::decode`], which
+    /// a receiver runs, checks everything.
+    pub fn new(bytes: Vec<u8>) -> Result<EncodedEntry, DecodeError> {
+        if bytes.len() > ENTRY_BYTES_MAX {
+            return Err(DecodeError::TooLarge { what: "entry", actual: bytes.len(), limit: ENTRY_BYTES_MAX });
+        }
+        let (dot, _): (Dot, _) =
+            postcard::take_from_bytes(&bytes).map_err(|e| DecodeError::from_postcard("entry", e))?;
+        Ok(EncodedEntry { dot, bytes })
+    }
+
+    /// The entry's dot.
+    pub fn dot(&self) -> Dot {
+        self.dot
+    }
+
+    /// The encoding.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Decodes the entry, checking every bound.
+    pub fn decode(&self) -> Result<Entry, DecodeError> {
+        Entry::decode(&self.bytes)
+    }
+}
+
+impl From<&Entry> for EncodedEntry {
+    fn from(entry: &Entry) -> Self {
+        EncodedEntry { dot: entry.dot, bytes: entry.encode() }
+    }
+}
+
 /// Appends `n` as postcard writes an unsigned integer: seven bits per byte, low
 /// bits first, the top bit set on every byte but the last.
 #[inline]

@@ -27,8 +27,10 @@ pub mod transport;
 mod version;
 
 pub use audit::AuditEvent;
-pub use codec::{decode_frame, encode_frame, FrameReader, WireMessage, FRAME_PREFIX_BYTES};
-pub use entry::{Entry, Op};
+pub use codec::{
+    decode_frame, encode_entries_frame, encode_frame, FrameReader, WireMessage, FRAME_PREFIX_BYTES,
+};
+pub use entry::{EncodedEntry, Entry, Op};
 pub use error::DecodeError;
 pub use hlc::{Hlc, HlcClock, HlcDrift, HLC_DRIFT_MAX_MS};
 pub use id::{Incarnation, NodeId, NodeIdError};

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use repl_wire::transport::{accept, connect, negotiated_alpn, recv_message, send_message, Identity};
+use repl_wire::transport::{accept, connect, negotiated_alpn, recv_message, Identity};
 use repl_wire::{FrameReader, NodeId, PeerMessage, StreamId, VersionVector, ALPN_PEER};
 
 use super::{now_ms, serve, Shared};
 use crate::rng::random_u64;
-use crate::sync::{PeerSync, SyncEvent, SyncSetup};
+use crate::sync::{Outgoing, PeerSync, SyncEvent, SyncSetup};
 
 /// Backoff between dial attempts: starts here, doubles, capped at [`BACKOFF_MAX_MS`].
 const BACKOFF_MIN_MS: u64 = 100;
@@ -131,11 +131,11 @@ async fn run_session(
     // with full flow-control windows each waited for the other to read, forever: seen
     // after a SIGSTOPped appliance resumed.) Messages wait in `outbox` while the
     // writer is behind.
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<PeerMessage>(OUT_QUEUE);
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Outgoing>(OUT_QUEUE);
     let _writer = AbortOnDrop(tokio::spawn(write_messages(send, out_rx)));
-    let mut outbox: VecDeque<PeerMessage> = VecDeque::new();
+    let mut outbox: VecDeque<Outgoing> = VecDeque::new();
     loop {
-        while let Some(m) = machine.poll_transmit() {
+        while let Some(m) = machine.poll_outgoing() {
             queue_coalesced(&mut outbox, m);
         }
         while let Some(event) = machine.poll_event() {
@@ -270,10 +270,10 @@ async fn run_session(
 /// Queues `m` for the peer, folding an acknowledgement into one of the same stream that
 /// is still waiting in `outbox`: each is the whole durable vector, so the newer says
 /// all the older did. A peer that reads slowly was otherwise owed one per local commit.
-fn queue_coalesced(outbox: &mut VecDeque<PeerMessage>, m: PeerMessage) {
-    if let PeerMessage::Ack { stream, vector } = &m {
+fn queue_coalesced(outbox: &mut VecDeque<Outgoing>, m: Outgoing) {
+    if let Outgoing::Message(PeerMessage::Ack { stream, vector }) = &m {
         let waiting = outbox.iter_mut().find_map(|q| match q {
-            PeerMessage::Ack { stream: s, vector: v } if s == stream => Some(v),
+            Outgoing::Message(PeerMessage::Ack { stream: s, vector: v }) if s == stream => Some(v),
             _ => None,
         });
         if let Some(waiting) = waiting {
@@ -288,9 +288,18 @@ fn queue_coalesced(outbox: &mut VecDeque<PeerMessage>, m: PeerMessage) {
 const OUT_QUEUE: usize = 64;
 
 /// Writes queued messages until the queue closes or the stream fails.
-async fn write_messages(mut send: quinn::SendStream, mut queue: tokio::sync::mpsc::Receiver<PeerMessage>) {
+async fn write_messages(mut send: quinn::SendStream, mut queue: tokio::sync::mpsc::Receiver<Outgoing>) {
     while let Some(m) = queue.recv().await {
-        if send_message(&mut send, &m).await.is_err() {
+        let frame = match m.encode_frame() {
+            Ok(frame) => frame,
+            Err(error) => {
+                // Nothing the machine queues is too large for a frame; if something
+                // were, the session ends (as a failed write ends it) rather than skip it.
+                tracing::error!(%error, "a message to the peer does not encode");
+                return;
+            }
+        };
+        if send.write_all(&frame).await.is_err() {
             return;
         }
     }
@@ -316,19 +325,19 @@ fn closed(shared: &Shared, peer: &NodeId, established: bool) {
 
 #[cfg(test)]
 mod tests {
-    use repl_wire::{Dot, Entry, Incarnation, PeerMessage, StreamId, VersionVector};
+    use repl_wire::{Dot, Incarnation, PeerMessage, StreamId, VersionVector};
 
     use super::*;
 
-    fn ack(stream: StreamId, seq: u64) -> PeerMessage {
+    fn ack(stream: StreamId, seq: u64) -> Outgoing {
         let vector: VersionVector = [Dot { origin: Incarnation(7), seq }].into_iter().collect();
-        PeerMessage::Ack { stream, vector }
+        Outgoing::Message(PeerMessage::Ack { stream, vector })
     }
 
     #[test]
     fn a_waiting_acknowledgement_takes_in_later_ones_of_its_stream_only() {
         let mut outbox = VecDeque::new();
-        let entries = PeerMessage::Entries { stream: StreamId::Enterprise, entries: Vec::<Entry>::new() };
+        let entries = Outgoing::Entries { stream: StreamId::Enterprise, entries: Vec::new() };
         for m in [
             ack(StreamId::Enterprise, 1),
             entries.clone(),
