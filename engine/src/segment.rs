@@ -268,8 +268,8 @@ fn entry_body(bytes: &[u8]) -> Option<(&[u8], usize)> {
 /// Verifies one whole frame read at file offset `at` (header included) and hands
 /// `take` only the entries `want` asks for, by dot, until it says stop: shipping reads
 /// frames of up to a thousand entries to send a few hundred, and the dot (the first
-/// field of an entry) is read without decoding the rest. `take` gets an entry's dot
-/// and encoding (the frame's checksum covered it) and gives what to return, or `None`
+/// field of an entry) is read without decoding the rest. `take` gets an entry's
+/// encoding (the frame's checksum covered it) and gives what to return, or `None`
 /// for an encoding that does not decode.
 pub(crate) fn scan_frame_wanted<T>(
     buf: &[u8],
@@ -277,7 +277,7 @@ pub(crate) fn scan_frame_wanted<T>(
     at: u64,
     frame_max: u64,
     mut want: impl FnMut(Dot) -> Wanted,
-    mut take: impl FnMut(Dot, &[u8]) -> Option<T>,
+    mut take: impl FnMut(&[u8]) -> Option<T>,
     out: &mut Vec<T>,
 ) -> Result<(), Error> {
     let corrupt = |what| Error::Corrupt(Corruption { file: file.to_string(), offset: at, what });
@@ -296,7 +296,7 @@ pub(crate) fn scan_frame_wanted<T>(
             postcard::take_from_bytes::<Dot>(body).map_err(|_| corrupt("frame payload is malformed"))?;
         match want(dot) {
             Wanted::Skip => {}
-            Wanted::Take => out.push(take(dot, body).ok_or_else(|| corrupt("frame payload is malformed"))?),
+            Wanted::Take => out.push(take(body).ok_or_else(|| corrupt("frame payload is malformed"))?),
             Wanted::Stop => return Ok(()),
         }
         p += total;

@@ -1516,19 +1516,20 @@ fn read_entries<'a>(
 /// How a read of the log hands out each entry: decoded, or in its encoding (what a
 /// sender ships, without decoding it only to encode it again).
 pub(crate) trait LogItem: Sized {
-    /// From a log frame whose checksum held: the entry's dot and encoding; `None` when
-    /// the encoding does not decode.
-    fn from_log(dot: Dot, bytes: &[u8]) -> Option<Self>;
-    /// From a queued entry and its encoding (only the planted bug hands these out).
-    fn queued(entry: &Entry, bytes: &[u8]) -> Self;
+    /// From an entry's encoding in a log frame whose checksum held; `None` when it
+    /// does not decode.
+    fn from_log(bytes: &[u8]) -> Option<Self>;
+    /// From a queued entry (only the planted bug hands these out).
+    fn queued(entry: &Entry) -> Self;
+    /// The entry's dot.
     fn dot(&self) -> Dot;
 }
 
 impl LogItem for Entry {
-    fn from_log(_: Dot, bytes: &[u8]) -> Option<Self> {
+    fn from_log(bytes: &[u8]) -> Option<Self> {
         Entry::decode(bytes).ok()
     }
-    fn queued(entry: &Entry, _: &[u8]) -> Self {
+    fn queued(entry: &Entry) -> Self {
         entry.clone()
     }
     fn dot(&self) -> Dot {
@@ -1537,10 +1538,10 @@ impl LogItem for Entry {
 }
 
 impl LogItem for EncodedEntry {
-    fn from_log(_: Dot, bytes: &[u8]) -> Option<Self> {
+    fn from_log(bytes: &[u8]) -> Option<Self> {
         EncodedEntry::new(bytes.to_vec()).ok()
     }
-    fn queued(entry: &Entry, _: &[u8]) -> Self {
+    fn queued(entry: &Entry) -> Self {
         EncodedEntry::from(entry)
     }
     fn dot(&self) -> Dot {
@@ -1685,10 +1686,10 @@ impl StreamStore {
                 seen.advance(e.dot());
             }
             let st = lock(&self.state);
-            for (e, bytes, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
+            for (e, _, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
                 if out.len() < max && !seen.contains(e.dot) && e.dot.seq == seen.get(e.dot.origin) + 1 {
                     seen.advance(e.dot);
-                    out.push(T::queued(e, bytes));
+                    out.push(T::queued(e));
                 }
             }
         }
