@@ -12,6 +12,7 @@
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
 
 use hashbrown::hash_table::{self, HashTable};
 
@@ -121,10 +122,6 @@ impl<V> KeyMap<V> {
         self.table.find(hash, same_key(hash, id)).map(|(_, _, v)| v)
     }
 
-    pub(crate) fn get(&self, id: &dyn KeyView) -> Option<&V> {
-        self.get_hashed(key_hash(id), id)
-    }
-
     pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut V> {
         let hash = key_hash(id);
         self.table.find_mut(hash, same_key(hash, id)).map(|(_, _, v)| v)
@@ -182,10 +179,6 @@ impl<V> KeyMap<V> {
         self.table.iter().map(|(_, id, v)| (id, v))
     }
 
-    pub(crate) fn keys(&self) -> impl Iterator<Item = &KeyId> + '_ {
-        self.table.iter().map(|(_, id, _)| id)
-    }
-
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> + '_ {
         self.table.iter().map(|(_, _, v)| v)
     }
@@ -199,140 +192,274 @@ impl<V> KeyMap<V> {
     }
 }
 
-/// Every key of a stream and its durable versions; no key is held without a version.
-#[derive(Debug, Default)]
-pub(crate) struct Keydir {
-    map: KeyMap<Vec<Version>>,
-    /// The keys in order, once something needed them so (`None` until then).
-    order: Option<BTreeSet<KeyId>>,
+/// How many shards a stream's keys are spread over, each behind its own lock: the
+/// group commit merges a group into the keydir one key at a time, holding only that
+/// key's shard, while writers look up and queue keys under the state lock and the
+/// shards of theirs. One lock for all of it kept the two cores from working at once
+/// (a store of eight writers used 1.2 of them).
+pub(crate) const SHARDS: usize = 16;
+
+/// The shard of a key whose [`key_hash`] is `hash`: bits the tables do not use (they
+/// take a bucket from the low bits and a tag from the top seven).
+fn shard_of(hash: u64) -> usize {
+    (hash >> 40) as usize % SHARDS
 }
 
-impl Keydir {
+/// The ordered index of a stream's keys, `None` until something needed key order.
+pub(crate) type Order = Option<BTreeSet<KeyId>>;
+
+/// One shard of a stream's keys: their durable versions (the keydir: exactly the
+/// durable log) and, for keys with writes queued, their versions including the queue
+/// and the ticket of the last queued write (the overlay). A key's two entries are in
+/// the same shard, so its move from the overlay into the keydir is atomic.
+#[derive(Debug, Default)]
+pub(crate) struct Shard {
+    keydir: KeyMap<Vec<Version>>,
+    /// (Hashed: each write looks it up four times, and in a B-tree those searches
+    /// were most of the key comparisons of a write.)
+    pub(crate) overlay: KeyMap<(Vec<Version>, u64)>,
+    /// Whether the ordered index is built (it then follows every key added or removed).
+    ordered: bool,
+}
+
+/// The ordered index as a caller of [`Shard`] reaches it: held already (all shards
+/// locked), or behind its lock, taken only when a key comes or goes.
+pub(crate) enum OrderRef<'a> {
+    Held(&'a mut Order),
+    Lock(&'a Mutex<Order>),
+}
+
+impl OrderRef<'_> {
+    fn update(&mut self, change: impl FnOnce(&mut BTreeSet<KeyId>)) {
+        match self {
+            OrderRef::Held(order) => order.as_mut().map(change),
+            OrderRef::Lock(m) => m.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(change),
+        };
+    }
+}
+
+impl Shard {
+    /// The versions of a key: queued, else durable. `hash` is [`key_hash`] of `id`.
+    pub(crate) fn held(&self, hash: u64, id: &dyn KeyView) -> &[Version] {
+        self.overlay
+            .get_hashed(hash, id)
+            .map(|(v, _)| v)
+            .or_else(|| self.keydir.get_hashed(hash, id))
+            .map_or(&[], |v| v.as_slice())
+    }
+
+    /// The durable versions held for `id` (whose [`key_hash`] is `hash`), or a new
+    /// empty list for them, with the key, from `make` (a spare list is emptied, kept
+    /// for its allocation) and `true`: one lookup for both. A new key left without
+    /// versions must be removed again ([`Shard::remove`]).
+    pub(crate) fn slot(
+        &mut self,
+        hash: u64,
+        id: &dyn KeyView,
+        make: impl FnOnce() -> (KeyId, Vec<Version>),
+        order: &mut OrderRef<'_>,
+    ) -> (&mut Vec<Version>, bool) {
+        let (key, held, fresh) = self.keydir.slot_hashed(hash, id, make);
+        if fresh {
+            held.clear();
+            if self.ordered {
+                order.update(|o| {
+                    o.insert(key.clone());
+                });
+            }
+        }
+        (held, fresh)
+    }
+
+    /// Removes `id` and its durable versions.
+    pub(crate) fn remove(&mut self, id: &dyn KeyView, order: &mut OrderRef<'_>) {
+        if let Some((key, _)) = self.keydir.remove_entry(id) {
+            if self.ordered {
+                order.update(|o| {
+                    o.remove(&key);
+                });
+            }
+        }
+    }
+}
+
+/// Every key of a stream, in [`SHARDS`] shards. Lock order: the stream's state lock,
+/// then shards (all of them in index order, or one at a time), then the order lock.
+#[derive(Debug)]
+pub(crate) struct Keys {
+    shards: Box<[Mutex<Shard>]>,
+    order: Mutex<Order>,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), order: Mutex::new(None) }
+    }
+}
+
+impl Keys {
+    /// The shard of the key whose [`key_hash`] is `hash`, locked.
+    pub(crate) fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        self.shards[shard_of(hash)].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The ordered index's lock, for [`Shard::slot`] and [`Shard::remove`] with one
+    /// shard locked.
+    pub(crate) fn order(&self) -> OrderRef<'_> {
+        OrderRef::Lock(&self.order)
+    }
+
+    /// Every shard locked: a view of all keys at once.
+    pub(crate) fn lock_all(&self) -> Keydir<'_> {
+        let shards = self.shards.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner())).collect();
+        let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        Keydir { shards, order }
+    }
+
+    /// Keys held with at least one durable version.
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).keydir.len()).sum()
+    }
+}
+
+/// Every key of a stream and its durable versions, all shards locked; no key is held
+/// without a version.
+pub(crate) struct Keydir<'a> {
+    shards: Vec<MutexGuard<'a, Shard>>,
+    order: MutexGuard<'a, Order>,
+}
+
+impl Keydir<'_> {
+    /// The shard of `hash` and the ordered index, for [`Shard::slot`] and
+    /// [`Shard::remove`].
+    pub(crate) fn shard_mut(&mut self, hash: u64) -> (&mut Shard, OrderRef<'_>) {
+        (&mut self.shards[shard_of(hash)], OrderRef::Held(&mut self.order))
+    }
+
     /// `hash` is [`key_hash`] of `id`.
     pub(crate) fn get_hashed(&self, hash: u64, id: &dyn KeyView) -> Option<&Vec<Version>> {
-        self.map.get_hashed(hash, id)
+        self.shards[shard_of(hash)].keydir.get_hashed(hash, id)
     }
 
     pub(crate) fn contains_key(&self, id: &dyn KeyView) -> bool {
-        self.map.get(id).is_some()
+        self.get_hashed(key_hash(id), id).is_some()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        self.shards.iter().map(|s| s.keydir.len()).sum()
     }
 
     /// The versions of `id`; a caller that empties them must remove the key
     /// ([`Keydir::remove`]).
     pub(crate) fn get_mut(&mut self, id: &dyn KeyView) -> Option<&mut Vec<Version>> {
-        self.map.get_mut(id)
+        let hash = key_hash(id);
+        self.shards[shard_of(hash)].keydir.get_mut(id)
     }
 
     /// Adds a key that is not held yet, with its (non-empty) versions.
     #[cfg(test)]
     pub(crate) fn insert_new(&mut self, id: KeyId, versions: Vec<Version>) {
         debug_assert!(!versions.is_empty(), "the keydir holds no key without versions");
-        let (held, fresh) = self.slot(key_hash(&id), &id.view(), || (id.clone(), Vec::new()));
+        let hash = key_hash(&id);
+        let (shard, mut order) = self.shard_mut(hash);
+        let (held, fresh) = shard.slot(hash, &id.view(), || (id.clone(), Vec::new()), &mut order);
         debug_assert!(fresh, "insert_new of a key already held");
         *held = versions;
     }
 
-    /// The versions held for `id` (whose [`key_hash`] is `hash`), or a new empty list
-    /// for them, with the key, from `make` (a spare list is emptied, kept for its
-    /// allocation) and `true`: one lookup for both. A new key left without versions
-    /// must be removed again ([`Keydir::remove`]).
-    pub(crate) fn slot(
-        &mut self,
-        hash: u64,
-        id: &dyn KeyView,
-        make: impl FnOnce() -> (KeyId, Vec<Version>),
-    ) -> (&mut Vec<Version>, bool) {
-        let Keydir { map, order } = self;
-        let (key, held, fresh) = map.slot_hashed(hash, id, make);
-        if fresh {
-            held.clear();
-            if let Some(order) = order.as_mut() {
-                order.insert(key.clone());
-            }
-        }
-        (held, fresh)
-    }
-
     /// Removes `id` and its versions.
     pub(crate) fn remove(&mut self, id: &dyn KeyView) {
-        if let Some((key, _)) = self.map.remove_entry(id) {
-            if let Some(order) = self.order.as_mut() {
-                order.remove(&key);
-            }
-        }
+        let (shard, mut order) = self.shard_mut(key_hash(id));
+        shard.remove(id, &mut order);
     }
 
     /// Every key and its versions, in no particular order.
-    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = (&KeyId, &Vec<Version>)> + '_ {
-        self.map.iter()
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&KeyId, &Vec<Version>)> + '_ {
+        self.shards.iter().flat_map(|s| s.keydir.iter())
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &Vec<Version>> + '_ {
-        self.map.values()
+        self.shards.iter().flat_map(|s| s.keydir.values())
     }
 
-    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut Vec<Version>> + '_ {
-        self.map.values_mut()
+    /// Every key with writes queued, and its versions including them.
+    pub(crate) fn overlay(&self) -> impl Iterator<Item = (&KeyId, &(Vec<Version>, u64))> + '_ {
+        self.shards.iter().flat_map(|s| s.overlay.iter())
+    }
+
+    /// Calls `f` on every version held, durable and queued.
+    pub(crate) fn for_each_version_mut(&mut self, mut f: impl FnMut(&mut Version)) {
+        for shard in self.shards.iter_mut() {
+            let Shard { keydir, overlay, .. } = &mut **shard;
+            keydir.values_mut().flatten().for_each(&mut f);
+            overlay.values_mut().flat_map(|(v, _)| v.iter_mut()).for_each(&mut f);
+        }
     }
 
     /// Keeps the keys `keep` accepts (it may change their versions; a key it accepts
     /// must still have some).
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&KeyId, &mut Vec<Version>) -> bool) {
-        let Keydir { map, order } = self;
-        map.retain(|id, versions| {
-            let kept = keep(id, versions);
-            if !kept {
-                if let Some(order) = order.as_mut() {
-                    order.remove(id);
+        let Keydir { shards, order } = self;
+        for shard in shards.iter_mut() {
+            shard.keydir.retain(|id, versions| {
+                let kept = keep(id, versions);
+                if !kept {
+                    if let Some(order) = order.as_mut() {
+                        order.remove(id);
+                    }
                 }
-            }
-            kept
-        });
+                kept
+            });
+        }
     }
 
     /// Builds the ordered index if it is not built yet. Taken before [`Keydir::range`],
     /// which needs it; it stays built and current from then on.
     pub(crate) fn order_keys(&mut self) {
         if self.order.is_none() {
-            self.order = Some(self.map.keys().cloned().collect());
+            *self.order = Some(self.iter().map(|(id, _)| id.clone()).collect());
+            for shard in self.shards.iter_mut() {
+                shard.ordered = true;
+            }
         }
     }
 
     /// The keys after `start` in order, with their versions. The ordered index must be
     /// built ([`Keydir::order_keys`]).
-    pub(crate) fn range<'a>(
-        &'a self,
-        start: Bound<&'a KeyId>,
-    ) -> impl Iterator<Item = (&'a KeyId, &'a Vec<Version>)> + 'a {
+    pub(crate) fn range<'b>(
+        &'b self,
+        start: Bound<&'b KeyId>,
+    ) -> impl Iterator<Item = (&'b KeyId, &'b Vec<Version>)> + 'b {
         let order = self.order.as_ref().expect("order_keys before an ordered walk");
         order.range::<KeyId, _>((start, Bound::Unbounded)).map(move |id| {
-            let versions = self.map.get(id).expect("the ordered index holds only held keys");
+            let versions = self.get_hashed(key_hash(id), id).expect("the ordered index holds only held keys");
             (id, versions)
         })
     }
-}
 
-impl FromIterator<(KeyId, Vec<Version>)> for Keydir {
-    /// Builds the keydir of a loaded hint. Inserting a million keys in the hint's order
-    /// writes all over a 100 MB table (a cache miss each, twice the time a B-tree took
-    /// to build from the sorted keys); in the order of the slot each key hashes to,
-    /// the writes sweep the table once from start to end.
-    fn from_iter<I: IntoIterator<Item = (KeyId, Vec<Version>)>>(iter: I) -> Self {
-        let mut items: Vec<(u64, KeyId, Vec<Version>)> =
-            iter.into_iter().map(|(id, versions)| (key_hash(&id), id, versions)).collect();
-        // The table starts probing at the hash's low bits under its power-of-two mask.
-        let buckets = (items.len().saturating_mul(8) / 7).next_power_of_two().max(1) as u64;
-        items.sort_unstable_by_key(|(hash, _, _)| hash & (buckets - 1));
-        let mut map = KeyMap::with_capacity(items.len());
-        for (hash, id, versions) in items {
-            // A hint holds each key once (its writer held them in a map).
-            map.insert_hashed(hash, id, versions);
+    /// Replaces every key with those of a loaded hint (each key once, as its writer
+    /// held them in a map). Inserting a million keys in the hint's order writes all
+    /// over a 100 MB table (a cache miss each, twice the time a B-tree took to build
+    /// from the sorted keys); in the order of the slot each key hashes to, the writes
+    /// sweep each shard's table once from start to end.
+    pub(crate) fn load(&mut self, keys: impl IntoIterator<Item = (KeyId, Vec<Version>)>) {
+        let mut parts: Vec<Vec<(u64, KeyId, Vec<Version>)>> = (0..SHARDS).map(|_| Vec::new()).collect();
+        for (id, versions) in keys {
+            let hash = key_hash(&id);
+            parts[shard_of(hash)].push((hash, id, versions));
         }
-        Keydir { map, order: None }
+        *self.order = None;
+        for (shard, mut items) in self.shards.iter_mut().zip(parts) {
+            // The table starts probing at the hash's low bits under its power-of-two mask.
+            let buckets = (items.len().saturating_mul(8) / 7).next_power_of_two().max(1) as u64;
+            items.sort_unstable_by_key(|(hash, _, _)| hash & (buckets - 1));
+            let mut map = KeyMap::with_capacity(items.len());
+            for (hash, id, versions) in items {
+                map.insert_hashed(hash, id, versions);
+            }
+            shard.keydir = map;
+            shard.ordered = false;
+        }
     }
 }
 
@@ -360,7 +487,8 @@ mod tests {
 
     #[test]
     fn the_ordered_index_follows_inserts_and_removals_after_it_is_built() {
-        let mut kd = Keydir::default();
+        let keys = Keys::default();
+        let mut kd = keys.lock_all();
         for (i, k) in ["m", "c", "x"].iter().enumerate() {
             kd.insert_new(id(Collection::Users, k), vec![version(i as u64 + 1)]);
         }
@@ -381,5 +509,36 @@ mod tests {
         let view = (Collection::Users, &b"x"[..]);
         assert_eq!(kd.get_hashed(key_hash(&view), &view).map(|v| v[0].dot.seq), Some(3));
         assert_eq!(kd.iter().count(), 4);
+    }
+
+    #[test]
+    fn keys_added_and_removed_through_one_shard_reach_the_ordered_index() {
+        let keys = Keys::default();
+        let add = |k: &str, seq: u64| {
+            let id = id(Collection::Users, k);
+            let hash = key_hash(&id);
+            let mut shard = keys.shard(hash);
+            let (held, fresh) = shard.slot(hash, &id.view(), || (id.clone(), Vec::new()), &mut keys.order());
+            assert!(fresh, "{k} is new");
+            held.push(version(seq));
+        };
+        let walk = || -> Vec<String> {
+            let mut kd = keys.lock_all();
+            kd.order_keys();
+            kd.range(Bound::Unbounded).map(|((_, k), _)| String::from_utf8_lossy(k).into_owned()).collect()
+        };
+        add("b", 1);
+        assert_eq!(walk(), ["b"], "built from what the shards hold");
+        // Enough keys that every shard gets some, added after the index is built.
+        let names: Vec<String> = (0..64).map(|i| format!("k{i:02}")).collect();
+        for (i, k) in names.iter().enumerate() {
+            add(k, i as u64 + 2);
+        }
+        let gone = id(Collection::Users, "k07");
+        keys.shard(key_hash(&gone)).remove(&gone.view(), &mut keys.order());
+        let mut expected: Vec<String> = names.into_iter().filter(|k| k != "k07").collect();
+        expected.insert(0, "b".into());
+        assert_eq!(walk(), expected);
+        assert_eq!(keys.len(), 64);
     }
 }

@@ -1,12 +1,17 @@
 //! One stream's log and keydir, with group commit. The heart of the store.
 //!
-//! Locks: `io` (held by the one writer doing I/O: the group-commit leader, compaction
-//! or a checkpoint) is always taken before `state`; submitters take only `state`,
-//! briefly, so they keep queueing while the leader waits on fdatasync.
+//! Locks, in the order they are taken: `upkeep`, `io`, `state`, the key shards (see
+//! [`Keys`]). `io` is held by the group-commit leader while it writes, syncs and
+//! merges a group, and by everything that needs the keys and the state to agree (a
+//! checkpoint, a snapshot, the hash tree, compaction's repointing, sweeps), since the
+//! leader merges a group into the shards before it records the group in the state.
+//! Submitters take `state` and the shards of their keys, briefly, so they keep
+//! queueing while the leader waits on fdatasync and merges.
 //!
-//! `state.keydir` is exactly the state of the durable log; writes that are queued but
-//! not yet durable live in `state.overlay`, which reads and compare-and-set consult
-//! first. Only the commit path moves a write into the keydir, after its fdatasync.
+//! The keydir (in the shards) is exactly the state of the durable log; writes that are
+//! queued but not yet durable live in the overlay beside it, which reads and
+//! compare-and-set consult first. Only the commit path moves a write into the keydir,
+//! after its fdatasync.
 
 use std::collections::{btree_map, BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -18,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
-use crate::keydir::{key_hash, KeyMap, Keydir};
+use crate::keydir::{key_hash, KeyMap, Keydir, Keys, OrderRef, Shard};
 use crate::options::{StoreOptions, SyncPoint, CONFLICT_RECORDS_MAX};
 use crate::segment::{
     self, build_frame, build_frame_into, frame_bytes, SegmentHeader, SegmentKind, Wanted, FRAME_BYTES_MAX,
@@ -177,11 +182,16 @@ struct StreamImageView<'a> {
 
 /// The keydir, serialized as `StreamImage::keydir` is (a sequence of (collection,
 /// key bytes, versions)).
-struct KeydirView<'a>(&'a Keydir);
+struct KeydirView<'a>(&'a Keydir<'a>);
 
 impl Serialize for KeydirView<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|((c, k), v)| (c, &**k, v)))
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for ((c, k), v) in self.0.iter() {
+            seq.serialize_element(&(c, &**k, v))?;
+        }
+        seq.end()
     }
 }
 
@@ -201,12 +211,6 @@ impl Serialize for ConflictsView<'_> {
 
 #[derive(Debug, Default)]
 struct State {
-    keydir: Keydir,
-    /// Keys with queued writes: their versions including the queue, and the ticket of
-    /// the last queued write touching them.
-    /// (Hashed: each write looks it up four times, and in a B-tree those searches
-    /// were most of the key comparisons of a write.)
-    overlay: KeyMap<(Vec<Version>, u64)>,
     vector: VersionVector,
     submitted: VersionVector,
     /// The previous `submitted`, kept for its allocation (see `submit`).
@@ -223,6 +227,9 @@ struct State {
     active: Option<u32>,
     /// Where the next queued batch would land in the worst case (file, offset).
     reserve: Option<(u32, u64)>,
+    /// Where the next group's frame goes (segment, offset): past the segment's `end`
+    /// while a group written there is not merged yet.
+    write_at: Option<(u32, u64)>,
     /// How much of the `reserve` segment is allocated (it grows by
     /// [`StreamStore::ALLOCATION_STEP`], so a reopen reads no more zeros than that).
     allocated: u64,
@@ -246,8 +253,20 @@ struct State {
 }
 
 /// The earliest expiry of any version in `keydir`.
-fn earliest_expiry(keydir: &Keydir) -> Option<u64> {
+fn earliest_expiry(keydir: &Keydir<'_>) -> Option<u64> {
     keydir.values().flatten().filter_map(|v| v.expires_at_ms).min()
+}
+
+/// What merging a durable entry into its key did, for the state's indexes.
+struct KeyMerged {
+    outcome: Merge,
+    /// The key's first version after the merge, when it held versions before.
+    winner: Option<Dot>,
+    /// The key's digests before and after, when the hash tree is kept.
+    old_digest: Option<[u64; 4]>,
+    new_digest: Option<[u64; 4]>,
+    /// The entry's expiry.
+    expires: Option<u64>,
 }
 
 /// What recovery found and did for one stream.
@@ -281,9 +300,21 @@ pub(crate) struct StreamStore {
     options: Arc<StoreOptions>,
     incarnation: Incarnation,
     state: Mutex<State>,
-    /// Held while writing, syncing and applying a group (and while a snapshot is
+    /// Every key: durable versions and queued ones, in shards with a lock each.
+    keys: Keys,
+    /// Held while taking, writing and syncing a group (and while a snapshot is
     /// installed); holds the commit path's reusable frame buffers.
     io: Mutex<FrameScratch>,
+    /// Held while merging a group into the keys and the state, taken before `io` is
+    /// let go, so groups merge in the order they were written, one group's merge
+    /// overlapping the next one's write and sync. Held too by whatever needs the keys
+    /// and the state to agree (no group half merged).
+    merging: Mutex<MergeScratch>,
+    /// The last ticket taken into a group (being written, or written).
+    taken_ticket: AtomicU64,
+    /// Entry lists of merged groups, emptied with no lock held, handed to
+    /// `State::entries_spare` when the next group merges.
+    emptied: Mutex<Vec<Vec<QueuedEntry>>>,
     /// Held by checkpoints, compactions and snapshot installs, one at a time (taken
     /// before `io`). A checkpoint or a compaction's copy does not hold `io`: commits
     /// go on meanwhile, and only the short sections under `state` exclude them.
@@ -317,9 +348,23 @@ struct Staging {
 struct FrameScratch {
     frame: Vec<u8>,
     spans: Vec<(u32, u32)>,
-    /// The entry lists of the last group, emptied outside the state lock and handed
-    /// to `State::entries_spare` when the next group is taken.
-    emptied: Vec<Vec<QueuedEntry>>,
+}
+
+/// The group-commit leadership, given up when dropped.
+struct Leadership<'a>(&'a StreamStore);
+
+impl Drop for Leadership<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.leader) = false;
+        self.0.leader_changed.notify_all();
+    }
+}
+
+/// The merge's reusable list.
+#[derive(Default)]
+struct MergeScratch {
+    /// The group's entry spans in its frame.
+    spans: Vec<(u32, u32)>,
 }
 
 impl FrameScratch {
@@ -416,7 +461,11 @@ impl StreamStore {
             options,
             incarnation,
             state: Mutex::new(State::default()),
+            keys: Keys::default(),
             io: Mutex::new(FrameScratch::default()),
+            merging: Mutex::new(MergeScratch::default()),
+            taken_ticket: AtomicU64::new(0),
+            emptied: Mutex::new(Vec::new()),
             upkeep: Mutex::new(()),
             leader: Mutex::new(false),
             leader_changed: Condvar::new(),
@@ -439,6 +488,7 @@ impl StreamStore {
     fn recover(&self, names: &[(String, FileKind, u64)]) -> Result<StreamRecovery> {
         let mut report = StreamRecovery::default();
         let mut st = lock(&self.state);
+        let mut kd = self.keys.lock_all();
         let mut logs: Vec<(u32, String)> = Vec::new();
         let mut cmps: Vec<(u32, String)> = Vec::new();
         let mut hints: Vec<(u64, String)> = Vec::new();
@@ -536,7 +586,7 @@ impl StreamStore {
                         report.stale_files_removed += 1;
                     }
                 }
-                st.keydir = img.keydir.into_iter().map(|(c, k, v)| ((c, k.into_boxed_slice()), v)).collect();
+                kd.load(img.keydir.into_iter().map(|(c, k, v)| ((c, k.into_boxed_slice()), v)));
                 // Unknown until the first sweep, which walks the keydir once and sets
                 // it (no extra pass over the keydir while opening).
                 st.next_expiry_ms = Some(0);
@@ -659,7 +709,7 @@ impl StreamStore {
                     let loc = Loc::Disk { file: *n, offset: e.offset, len: e.len };
                     let index_at =
                         first_of_origin(&mut seen, e.entry.dot.origin).then_some(frame.offset as u32);
-                    self.apply_durable(&mut st, &e.entry, loc, index_at, None);
+                    self.apply_durable(&mut st, &mut kd, &e.entry, loc, index_at);
                     report.entries_replayed += 1;
                 }
             }
@@ -709,49 +759,74 @@ impl StreamStore {
 
     // ----- applying durable entries -------------------------------------------
 
-    /// Applies one durable entry to the keydir and indexes. Shared by the commit path
-    /// and recovery replay, so both build the same state. `index_at` is the frame's
-    /// offset when this is the first entry of its origin in the frame: the per-origin
-    /// index keeps one point per frame, not per entry.
+    /// Applies one durable entry to the keys and the state, with every key locked:
+    /// recovery's replay. The commit path does the same in two steps (the keys, then
+    /// the state), so both build the same state. `index_at` is the frame's offset when
+    /// this is the first entry of its origin in the frame: the per-origin index keeps
+    /// one point per frame, not per entry.
     fn apply_durable(
         &self,
         st: &mut State,
+        kd: &mut Keydir<'_>,
         entry: &Entry,
         loc: Loc,
         index_at: Option<u32>,
-        owned: Option<(u64, KeyId, Vec<Version>)>,
     ) {
-        let Loc::Disk { file, .. } = loc else { unreachable!("durable entries have a disk location") };
+        self.record_durable(st, entry, &loc, index_at);
+        self.merge_durable(st, kd, entry, loc, None);
+    }
+
+    /// Records a durable entry in the state: its segment's vector, the stream's, and
+    /// the per-origin index.
+    fn record_durable(&self, st: &mut State, entry: &Entry, loc: &Loc, index_at: Option<u32>) {
+        let Loc::Disk { file, .. } = *loc else { unreachable!("durable entries have a disk location") };
         let meta = st.files.get_mut(&file).expect("a durable entry's segment is open");
         meta.vector.advance(entry.dot);
         if let (Some(frame_offset), SegmentKind::Log) = (index_at, meta.kind) {
             st.origin_index.entry(entry.dot.origin).or_default().insert(entry.dot.seq, (file, frame_offset));
         }
         st.vector.advance(entry.dot);
-        self.merge_durable(st, entry, loc, None, owned)
     }
 
-    /// Merges a durable entry's version into the keydir (keeping the hash tree, the
-    /// conflict records and the audit indexes current). `covered`, for entries that
-    /// arrive out of order (a snapshot), applies the obsolete-version rule. `owned` is
-    /// the entry's key when the caller already holds a copy to give, with a spare list
-    /// of versions (the commit path takes both from the overlay), so a new key's key
-    /// and versions are not allocated twice.
+    /// Merges a durable entry's version into its key and the state's indexes, with
+    /// every key locked (recovery, snapshot installs). `covered`, for entries that
+    /// arrive out of order (a snapshot), applies the obsolete-version rule.
     fn merge_durable(
         &self,
         st: &mut State,
+        kd: &mut Keydir<'_>,
         entry: &Entry,
         loc: Loc,
         covered: Option<&VersionVector>,
-        owned: Option<(u64, KeyId, Vec<Version>)>,
     ) {
+        let hash = key_hash(&(entry.collection, entry.key.as_slice()));
+        let tracked = st.tree.is_some();
+        let (shard, mut order) = kd.shard_mut(hash);
+        let merged = self.merge_key(shard, &mut order, hash, entry, loc, covered, None, tracked);
+        self.merged(st, entry, merged);
+    }
+
+    /// Merges a durable entry's version into its key's versions in `shard` (whose
+    /// ordered index `order` reaches). `owned` is the entry's key when the caller
+    /// already holds a copy to give, with a spare list of versions (the commit path
+    /// takes both from the overlay), so a new key's key and versions are not allocated
+    /// twice. `tracked`: the hash tree is kept, so the key's digests before and after
+    /// are wanted.
+    #[allow(clippy::too_many_arguments)] // the key's shard, index and hash, the entry and its place, three options
+    fn merge_key(
+        &self,
+        shard: &mut Shard,
+        order: &mut OrderRef<'_>,
+        hash: u64,
+        entry: &Entry,
+        loc: Loc,
+        covered: Option<&VersionVector>,
+        owned: Option<(KeyId, Vec<Version>)>,
+        tracked: bool,
+    ) -> KeyMerged {
         let policy = self.options.policy(entry.collection);
         let incoming = Version::from_entry(entry, loc);
-        if let Some(t) = incoming.expires_at_ms {
-            st.next_expiry_ms = Some(st.next_expiry_ms.map_or(t, |n| n.min(t)));
-        }
-        // The hash tree, once built, follows every change of a key's versions.
-        let tracked = st.tree.is_some();
+        let expires = incoming.expires_at_ms;
         let digest = |versions: &[Version]| {
             if tracked {
                 key_digest(entry.collection, &entry.key, versions, 0)
@@ -761,38 +836,28 @@ impl StreamStore {
         };
         let view = (entry.collection, entry.key.as_slice());
         let view = &view as &dyn KeyView;
-        // One lookup finds the key or makes its place: the commit path gives the key's
-        // hash, the key and a spare list from the overlay; recovery and snapshots
-        // hash here and copy the key only when it is new.
-        let (hash, owned) = match owned {
-            Some((hash, key, spare)) => (hash, Some((key, spare))),
-            None => (key_hash(view), None),
-        };
+        // One lookup finds the key or makes its place; recovery and snapshots copy the
+        // key only when it is new.
         let make = || {
             owned.unwrap_or_else(|| ((entry.collection, entry.key.as_slice().into()), Vec::with_capacity(1)))
         };
-        let (held, fresh) = st.keydir.slot(hash, view, make);
+        let (held, fresh) = shard.slot(hash, view, make, order);
         let old_digest = if fresh { None } else { digest(held) };
         let outcome = merge(policy, held, incoming, covered);
         let (winner, new_digest) = (held.first().map(|v| v.dot).filter(|_| !fresh), digest(held));
         if held.is_empty() {
-            st.keydir.remove(view);
+            shard.remove(view, order);
         }
-        self.merged(st, entry, outcome, winner, old_digest, new_digest);
+        KeyMerged { outcome, winner, old_digest, new_digest, expires }
     }
 
-    /// What follows a merge into the keydir: the hash tree, conflict records, the
-    /// audit indexes. `winner` is the key's first version after the merge when it
-    /// held versions before.
-    fn merged(
-        &self,
-        st: &mut State,
-        entry: &Entry,
-        outcome: Merge,
-        winner: Option<Dot>,
-        old_digest: Option<[u64; 4]>,
-        new_digest: Option<[u64; 4]>,
-    ) {
+    /// What follows a merge into the keydir, in the state: the next expiry, the hash
+    /// tree, conflict records, the audit indexes.
+    fn merged(&self, st: &mut State, entry: &Entry, merged: KeyMerged) {
+        let KeyMerged { outcome, winner, old_digest, new_digest, expires } = merged;
+        if let Some(t) = expires {
+            st.next_expiry_ms = Some(st.next_expiry_ms.map_or(t, |n| n.min(t)));
+        }
         if let Some(tree) = st.tree.as_mut() {
             tree.update(entry.collection, &entry.key, old_digest, new_digest);
         }
@@ -850,6 +915,8 @@ impl StreamStore {
         let now_ms = self.options.clock.now_ms();
         let prepared: Vec<Prepared> = drafts.iter().map(Prepared::for_draft).collect();
         let mut dots = Vec::with_capacity(drafts.len());
+        // Values taken from entries once encoded, freed after the state lock.
+        let mut values: Vec<Vec<u8>> = Vec::new();
         let mut st = lock(&self.state);
         // A copy of the submitted vector in an allocation kept between writes.
         let mut next = std::mem::take(&mut st.submitted_spare);
@@ -863,7 +930,7 @@ impl StreamStore {
             let Prepared { id: prepared_id, hash: prepared_hash, encoding: buffer, versions: spare } = prep;
             let mut spare = Some(spare);
             let mut held: Option<Vec<Version>> = None;
-            let (entry, encoding) = match draft {
+            let (mut entry, encoding) = match draft {
                 Draft::Remote(entry, encoding) => {
                     if entry.collection.stream() != self.stream {
                         return Err(Error::Request("entry belongs to another stream"));
@@ -891,9 +958,8 @@ impl StreamStore {
                         Some(i) => &staged.keys[i].2[..],
                         None => {
                             // Kept for staging below, so the key is looked up once.
-                            let current = held_versions(&st, hash, collection, &key);
-                            held = Some(versions_plus_one(current, spare.take()));
-                            current
+                            held = Some(self.held_copy(hash, collection, &key, spare.take()));
+                            held.as_deref().expect("just copied")
                         }
                     };
                     let current_ctx = context_of(current);
@@ -946,6 +1012,14 @@ impl StreamStore {
                 buffer
             });
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
+            // The value is in the encoding now, and only an audit record's is read again
+            // (the merge indexes it): freed here, by the thread that made it, rather
+            // than by the group commit's merge, which frees what the whole group made.
+            if entry.collection != Collection::Audit {
+                if let Op::Put { value, .. } = &mut entry.op {
+                    values.push(std::mem::take(value));
+                }
+            }
             let policy = self.options.policy(entry.collection);
             let hash = prepared_hash.unwrap_or_else(|| key_hash(&(entry.collection, entry.key.as_slice())));
             match staged.find(hash, entry.collection, &entry.key) {
@@ -953,12 +1027,9 @@ impl StreamStore {
                     merge(policy, &mut staged.keys[i].2, incoming, None);
                 }
                 None => {
-                    let mut versions = held.take().unwrap_or_else(|| {
-                        versions_plus_one(
-                            held_versions(&st, hash, entry.collection, &entry.key),
-                            spare.take(),
-                        )
-                    });
+                    let mut versions = held
+                        .take()
+                        .unwrap_or_else(|| self.held_copy(hash, entry.collection, &entry.key, spare.take()));
                     merge(policy, &mut versions, incoming, None);
                     // Prepared from the draft, whose key the entry carries (audit keys
                     // come from the dot).
@@ -987,7 +1058,7 @@ impl StreamStore {
             st.submitted_heads.insert(o, h);
         }
         for (hash, id, versions) in staged.keys.drain(..) {
-            st.overlay.insert_hashed(hash, id, (versions, ticket));
+            self.keys.shard(hash).overlay.insert_hashed(hash, id, (versions, ticket));
         }
         st.staged_spare = staged.keys;
         st.queued_bytes += bytes as usize;
@@ -1018,6 +1089,14 @@ impl StreamStore {
         }
         let hlc = lock(hlc).tick(now_ms);
         Entry { dot, hlc, collection, key, context, op }
+    }
+
+    /// A copy of the versions of a key (queued, else durable; before the batch being
+    /// submitted), with room for the one a write adds, in `spare` if given. Called
+    /// with the state lock held, which keeps other submitters off the key until the
+    /// batch is queued.
+    fn held_copy(&self, hash: u64, c: Collection, key: &[u8], spare: Option<Vec<Version>>) -> Vec<Version> {
+        versions_plus_one(self.keys.shard(hash).held(hash, &(c, key)), spare)
     }
 
     /// Segments are allocated this much at a time ahead of the reserved space, not
@@ -1109,10 +1188,11 @@ impl StreamStore {
 
     // ----- group commit ---------------------------------------------------------
 
-    /// Returns once the batch with `ticket` is durable. The first waiter to find no
-    /// leader becomes the leader and commits groups until its ticket is durable; the
-    /// others sleep and are woken after each group, so nobody queues behind the I/O
-    /// just to learn that their write is already durable.
+    /// Returns once the batch with `ticket` is durable. A waiter whose batch is still
+    /// queued and finds no leader becomes the leader: it takes a group, writes and
+    /// syncs it, hands leadership on (the next group is written while this one
+    /// merges), merges it and wakes the others. The others sleep, so nobody queues
+    /// behind the I/O just to learn that their write is already durable.
     pub(crate) fn wait(&self, ticket: u64) -> Result<()> {
         // Most waits of a pipelined writer find their write already durable (it went
         // in the group that woke them for an older one): no lock for those.
@@ -1129,32 +1209,23 @@ impl StreamStore {
                     if self.poisoned.load(Ordering::Acquire) {
                         return Err(Error::Poisoned);
                     }
-                    if !*leading {
+                    // A batch already taken into a group is on its way: wait for it.
+                    if !*leading && self.taken_ticket.load(Ordering::Acquire) < ticket {
                         break;
                     }
                     leading = self.leader_changed.wait(leading).unwrap_or_else(|p| p.into_inner());
                 }
                 *leading = true;
             }
-            let result = self.lead(ticket);
-            *lock(&self.leader) = false;
-            self.leader_changed.notify_all();
-            result?;
+            self.commit_one_group(Leadership(self))?;
         }
     }
 
-    fn lead(&self, ticket: u64) -> Result<()> {
-        let mut scratch = lock(&self.io);
-        while self.durable_ticket.load(Ordering::Acquire) < ticket {
-            if self.poisoned.load(Ordering::Acquire) {
-                return Err(Error::Poisoned);
-            }
-            let committed = self.commit_one_group(&mut scratch);
-            scratch.trim();
-            committed?;
-            self.leader_changed.notify_all();
-        }
-        Ok(())
+    /// Wakes the waiters. The leader lock is taken first, so a waiter that found the
+    /// old state is already asleep and hears this.
+    fn wake_waiters(&self) {
+        drop(lock(&self.leader));
+        self.leader_changed.notify_all();
     }
 
     /// Emptied entry lists kept for submitters to reuse (a group holds at most one per
@@ -1176,16 +1247,18 @@ impl StreamStore {
         self.queued_bytes.load(Ordering::Relaxed)
     }
 
-    /// Writes one frame to one segment and syncs it. Called with the `io` lock held.
-    fn commit_one_group(&self, scratch: &mut FrameScratch) -> Result<()> {
-        let (file_no, meta_file, meta_name, offset, mut group, needs_dir_sync) = {
+    /// Takes a group of queued batches, writes it as one frame to one segment, syncs
+    /// it, hands `leadership` on and merges the group.
+    fn commit_one_group(&self, leadership: Leadership<'_>) -> Result<()> {
+        let mut io_held = lock(&self.io);
+        let scratch = &mut *io_held;
+        let (file_no, meta_file, meta_name, offset, mut group, needs_dir_sync, frame_end) = {
             let mut st = lock(&self.state);
-            let room = Self::ENTRY_LISTS_KEPT.saturating_sub(st.entries_spare.len());
-            let handed = scratch.emptied.len().min(room);
-            st.entries_spare.extend(scratch.emptied.drain(..handed));
-            scratch.emptied.clear();
             let Some(mut active) = st.active else { return Ok(()) };
-            let mut end = st.files.get(&active).map_or(HEADER_BYTES, |m| m.end);
+            let mut end = match st.write_at {
+                Some((file, at)) if file == active => at,
+                _ => st.files.get(&active).map_or(HEADER_BYTES, |m| m.end),
+            };
             let cap = self.options.segment_bytes;
             let first = match st.queue.front() {
                 Some(q) => q.bytes,
@@ -1214,15 +1287,17 @@ impl StreamStore {
                 let q = st.queue.pop_front().expect("front exists");
                 st.queued_bytes -= q.bytes as usize;
                 self.queued_bytes.store(st.queued_bytes, Ordering::Relaxed);
+                self.taken_ticket.store(q.ticket, Ordering::Release);
                 group.push(q);
             }
+            st.write_at = Some((active, end + size));
             let meta = st.files.get(&active).expect("active segment is open");
-            (active, meta.file.clone(), meta.name.clone(), end, group, !meta.dir_synced)
+            (active, meta.file.clone(), meta.name.clone(), end, group, !meta.dir_synced, end + size)
         };
 
         let refs: Vec<&[u8]> = group.iter().flat_map(|q| q.entries.iter().map(|(_, b, _)| &b[..])).collect();
         build_frame_into(&refs, &mut scratch.frame, &mut scratch.spans);
-        let (frame, spans) = (&scratch.frame, &scratch.spans);
+        let frame = &scratch.frame;
         let io = || -> std::io::Result<()> {
             meta_file.write_all_at(frame, offset)?;
             if self.options.syncs(SyncPoint::LogAppend) {
@@ -1239,55 +1314,92 @@ impl StreamStore {
             self.poisoned.store(true, Ordering::Release);
             return Err(io_err(&meta_name, "append and sync")(e));
         }
+        let entry_count = refs.len();
+        drop(refs);
+
+        // The merge: after the previous group's, and before the next group is taken.
+        let mut merging = lock(&self.merging);
+        let spans = &mut merging.spans;
+        spans.clone_from(&scratch.spans);
+        debug_assert_eq!(offset + scratch.frame.len() as u64, frame_end, "the frame is as long as reckoned");
+        scratch.trim();
+        drop(io_held);
+        drop(leadership);
+
+        // First the keys, one shard at a time with no other lock: submitters go on
+        // queueing meanwhile. A key's overlay entry goes when its last queued write
+        // commits; its key then moves into the keydir. The hash tree is built and
+        // dropped only under `merging`, which this holds.
+        let tracked = lock(&self.state).tree.is_some();
+        let mut span = spans.iter();
+        let mut merged = Vec::with_capacity(entry_count);
+        for q in &group {
+            for (entry, _, hash) in &q.entries {
+                let &(rel, len) = span.next().expect("one span per entry");
+                let loc = Loc::Disk { file: file_no, offset: offset as u32 + rel, len };
+                let view = (entry.collection, entry.key.as_slice());
+                let view = &view as &dyn KeyView;
+                let mut shard = self.keys.shard(*hash);
+                // One lookup when this was the key's last queued write (the usual case);
+                // else the entry goes back for the later one.
+                let owned = match shard.overlay.remove_entry_hashed(*hash, view) {
+                    Some((k, (v, t))) if t == q.ticket => Some((k, v)),
+                    Some((k, later)) => {
+                        shard.overlay.insert_hashed(*hash, k, later);
+                        None
+                    }
+                    None => None,
+                };
+                let mut order = self.keys.order();
+                merged.push(self.merge_key(&mut shard, &mut order, *hash, entry, loc, None, owned, tracked));
+            }
+        }
 
         let mut st = lock(&self.state);
+        {
+            let mut emptied = lock(&self.emptied);
+            let room = Self::ENTRY_LISTS_KEPT.saturating_sub(st.entries_spare.len());
+            let handed = emptied.len().min(room);
+            st.entries_spare.extend(emptied.drain(..handed));
+            emptied.clear();
+        }
         if needs_dir_sync {
             for m in st.files.values_mut() {
                 m.dir_synced = true;
             }
         }
         let mut span = spans.iter();
+        let mut merged = merged.into_iter();
         let mut last_ticket = 0;
         let mut seen: Vec<Incarnation> = Vec::new();
         for q in &group {
-            for (entry, _, hash) in &q.entries {
+            for (entry, _, _) in &q.entries {
                 let &(rel, len) = span.next().expect("one span per entry");
                 let loc = Loc::Disk { file: file_no, offset: offset as u32 + rel, len };
                 let index_at = first_of_origin(&mut seen, entry.dot.origin).then_some(offset as u32);
-                // The overlay entry goes when its last queued write commits; its key
-                // then moves into the keydir.
-                let view = (entry.collection, entry.key.as_slice());
-                let view = &view as &dyn KeyView;
-                // One lookup when this was the key's last queued write (the usual case);
-                // else the entry goes back for the later one.
-                let owned = match st.overlay.remove_entry_hashed(*hash, view) {
-                    Some((k, (v, t))) if t == q.ticket => Some((*hash, k, v)),
-                    Some((k, later)) => {
-                        st.overlay.insert_hashed(*hash, k, later);
-                        None
-                    }
-                    None => None,
-                };
-                self.apply_durable(&mut st, entry, loc, index_at, owned);
+                self.record_durable(&mut st, entry, &loc, index_at);
+                self.merged(&mut st, entry, merged.next().expect("one merge per entry"));
             }
             last_ticket = q.ticket;
         }
-        // Overlay versions of entries just written keep their pending bytes: they
-        // stay readable, and the overlay entry goes when its last queued write commits.
         if let Some(m) = st.files.get_mut(&file_no) {
-            m.end = offset + frame.len() as u64;
+            m.end = frame_end;
         }
         self.durable_ticket.store(last_ticket, Ordering::Release);
         drop(st);
-        // The entries are dropped here, outside the state lock; their lists go back to
-        // the submitters with the next group.
+        drop(merging);
+        self.wake_waiters();
+        // The entries are dropped here, with no lock that a commit or a submitter
+        // needs; their lists go back to the submitters with the next group.
+        let mut lists = Vec::with_capacity(group.len());
         for q in &mut group {
             let mut entries = std::mem::take(&mut q.entries);
             if entries.capacity() <= Self::ENTRY_LIST_KEPT_CAPACITY {
                 entries.clear();
-                scratch.emptied.push(entries);
+                lists.push(entries);
             }
         }
+        lock(&self.emptied).append(&mut lists);
         Ok(())
     }
 }
@@ -1335,18 +1447,6 @@ impl Staged {
     }
 }
 
-/// The versions of a key: queued, else durable (before the batch being submitted, for
-/// `submit`).
-fn held_versions<'a>(st: &'a State, hash: u64, c: Collection, key: &[u8]) -> &'a [Version] {
-    let id = (c, key);
-    let id = &id as &dyn KeyView;
-    st.overlay
-        .get_hashed(hash, id)
-        .map(|(v, _)| v)
-        .or_else(|| st.keydir.get_hashed(hash, id))
-        .map_or(&[], |v| v.as_slice())
-}
-
 /// A copy of `versions` with room for the one a write adds (a copy of an empty list
 /// would otherwise grow on the merge that follows), in `spare` if given.
 fn versions_plus_one(versions: &[Version], spare: Option<Vec<Version>>) -> Vec<Version> {
@@ -1378,9 +1478,12 @@ fn next_head(
 /// Reads the entry a location points at.
 /// Keeps the versions `keep` accepts, drops keys left without any, and keeps the hash
 /// tree current. Returns how many versions were dropped.
-fn retain_versions(st: &mut State, mut keep: impl FnMut(&KeyId, &Version) -> bool) -> usize {
+fn retain_versions(
+    tree: &mut Option<HashTree>,
+    keydir: &mut Keydir<'_>,
+    mut keep: impl FnMut(&KeyId, &Version) -> bool,
+) -> usize {
     let mut dropped = 0;
-    let State { keydir, tree, .. } = st;
     keydir.retain(|id, versions| {
         if versions.iter().all(|v| keep(id, v)) {
             return true;
@@ -1519,8 +1622,6 @@ pub(crate) trait LogItem: Sized {
     /// From an entry's encoding in a log frame whose checksum held; `None` when it
     /// does not decode.
     fn from_log(bytes: &[u8]) -> Option<Self>;
-    /// From a queued entry (only the planted bug hands these out).
-    fn queued(entry: &Entry) -> Self;
     /// The entry's dot.
     fn dot(&self) -> Dot;
 }
@@ -1528,9 +1629,6 @@ pub(crate) trait LogItem: Sized {
 impl LogItem for Entry {
     fn from_log(bytes: &[u8]) -> Option<Self> {
         Entry::decode(bytes).ok()
-    }
-    fn queued(entry: &Entry) -> Self {
-        entry.clone()
     }
     fn dot(&self) -> Dot {
         self.dot
@@ -1540,9 +1638,6 @@ impl LogItem for Entry {
 impl LogItem for EncodedEntry {
     fn from_log(bytes: &[u8]) -> Option<Self> {
         EncodedEntry::new(bytes.to_vec()).ok()
-    }
-    fn queued(entry: &Entry) -> Self {
-        EncodedEntry::from(entry)
     }
     fn dot(&self) -> Dot {
         EncodedEntry::dot(self)
@@ -1563,8 +1658,11 @@ impl StreamStore {
     /// causal context of everything held (tombstones included).
     pub(crate) fn read(&self, id: &KeyId, now_ms: u64) -> Result<(Vec<ReadVersion>, VersionVector)> {
         let (versions, handles) = {
+            // The state lock keeps the versions' segments open until their handles are
+            // taken (a compaction removes segments with it held).
             let st = lock(&self.state);
-            let versions = held_versions(&st, key_hash(id), id.0, &id.1).to_vec();
+            let hash = key_hash(id);
+            let versions = self.keys.shard(hash).held(hash, id).to_vec();
             let handles = segment_handles(&st.files, versions.iter().map(|v| &v.loc));
             (versions, handles)
         };
@@ -1594,18 +1692,16 @@ impl StreamStore {
         limit: usize,
         now_ms: u64,
     ) -> Vec<Vec<u8>> {
-        let mut st = lock(&self.state);
-        st.keydir.order_keys();
+        let mut kd = self.keys.lock_all();
+        kd.order_keys();
         let from: KeyId = (collection, start.to_vec().into_boxed_slice());
         let live = |v: &[Version]| v.iter().any(|x| !x.tombstone && !x.is_expired(now_ms));
         // Merge the durable keydir with queued writes (both sorted), the queued side
         // winning on equal keys, until `limit` live keys are found.
         let in_collection = |id: &&KeyId| id.0 == collection;
-        let mut durable =
-            st.keydir.range(Bound::Included(&from)).take_while(|(id, _)| in_collection(id)).peekable();
+        let mut durable = kd.range(Bound::Included(&from)).take_while(|(id, _)| in_collection(id)).peekable();
         // The overlay is unordered and small (bounded by the queue): its keys in range, sorted.
-        let mut queued: Vec<_> =
-            st.overlay.iter().filter(|(id, _)| in_collection(id) && id.1 >= from.1).collect();
+        let mut queued: Vec<_> = kd.overlay().filter(|(id, _)| in_collection(id) && id.1 >= from.1).collect();
         queued.sort_unstable_by(|a, b| a.0 .1.cmp(&b.0 .1));
         let mut queued = queued.into_iter().peekable();
         let mut out = Vec::new();
@@ -1639,8 +1735,7 @@ impl StreamStore {
 
     /// The newest HLC among the versions held (seeds the clock at open).
     pub(crate) fn newest_hlc(&self) -> repl_wire::Hlc {
-        let st = lock(&self.state);
-        st.keydir.values().flatten().map(|v| v.hlc).max().unwrap_or_default()
+        self.keys.lock_all().values().flatten().map(|v| v.hlc).max().unwrap_or_default()
     }
 
     /// The durable vector of the stream.
@@ -1650,7 +1745,7 @@ impl StreamStore {
 
     /// Keys held (with at least one durable version).
     pub(crate) fn key_count(&self) -> usize {
-        lock(&self.state).keydir.len()
+        self.keys.len()
     }
 
     /// Per origin, the lowest sequence number the log still holds.
@@ -1686,10 +1781,11 @@ impl StreamStore {
                 seen.advance(e.dot());
             }
             let st = lock(&self.state);
-            for (e, _, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
+            for (e, bytes, _) in st.queue.iter().flat_map(|q| q.entries.iter()) {
                 if out.len() < max && !seen.contains(e.dot) && e.dot.seq == seen.get(e.dot.origin) + 1 {
                     seen.advance(e.dot);
-                    out.push(T::queued(e));
+                    // A queued entry's encoding is the one its log record will hold.
+                    out.extend(T::from_log(bytes));
                 }
             }
         }
@@ -1776,10 +1872,8 @@ impl StreamStore {
     /// value), in key order; versions expired at `now_ms` are left out. Two replicas
     /// with equal digests hold the same data.
     pub(crate) fn digest(&self, now_ms: u64) -> Result<[u8; 32]> {
-        let mut items: Vec<(KeyId, Vec<Version>)> = {
-            let st = lock(&self.state);
-            st.keydir.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
+        let mut items: Vec<(KeyId, Vec<Version>)> =
+            self.keys.lock_all().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         // Key order, so replicas agree whatever order their maps hold the keys in.
         items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut h = blake3::Hasher::new();
@@ -1842,8 +1936,8 @@ impl StreamStore {
     /// records were checked.
     pub(crate) fn audit_verify(&self) -> Result<u64> {
         let mut keys: Vec<(Dot, Loc)> = {
-            let st = lock(&self.state);
-            st.keydir
+            self.keys
+                .lock_all()
                 .iter()
                 .filter(|((c, _), _)| *c == Collection::Audit)
                 .filter_map(|(_, v)| v.first().map(|v| (v.dot, v.loc.clone())))
@@ -1905,19 +1999,22 @@ impl StreamStore {
         buckets: &[u32],
     ) -> (VersionVector, Vec<repl_wire::BucketHash>) {
         let (vector, tree) = {
+            // No group half merged: the tree and the vector match the keys.
+            let _merging = lock(&self.merging);
             let mut st = lock(&self.state);
-            let build = |st: &State, cutoff: u64| {
+            let kd = self.keys.lock_all();
+            let build = |cutoff: u64| {
                 let mut t = HashTree::default();
-                for ((c, k), v) in st.keydir.iter() {
+                for ((c, k), v) in kd.iter() {
                     t.update(*c, k, None, key_digest(*c, k, v, cutoff));
                 }
                 t
             };
             let tree = if self.stream == StreamId::Sessions {
-                build(&st, cutoff_ms)
+                build(cutoff_ms)
             } else {
                 if st.tree.is_none() {
-                    st.tree = Some(build(&st, 0));
+                    st.tree = Some(build(0));
                 }
                 st.tree.clone().expect("built above")
             };
@@ -1935,8 +2032,11 @@ impl StreamStore {
         resume: &[u8],
         max_entries: usize,
     ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>)> {
-        let mut st = lock(&self.state);
-        st.keydir.order_keys();
+        // No group half merged: the vector covers every version picked.
+        let merging = lock(&self.merging);
+        let st = lock(&self.state);
+        let mut kd = self.keys.lock_all();
+        kd.order_keys();
         let start = match resume.split_first() {
             None => None,
             Some((&c, key)) => {
@@ -1944,7 +2044,7 @@ impl StreamStore {
                 Some((c, key.to_vec().into_boxed_slice()))
             }
         };
-        let range = st.keydir.range(match &start {
+        let range = kd.range(match &start {
             Some(id) => Bound::Excluded(id),
             None => Bound::Unbounded,
         });
@@ -1987,7 +2087,9 @@ impl StreamStore {
         };
         let handles = segment_handles(&st.files, picked.iter().map(|(loc, _)| loc));
         let vector = st.vector.clone();
+        drop(kd);
         drop(st);
+        drop(merging);
         let locs: Vec<Loc> = picked.iter().map(|(loc, _)| loc.clone()).collect();
         let mut out = read_entries(&locs, |f| handles.get(&f).map(|(h, n)| (&**h, n.as_str())))?;
         for (entry, (_, context)) in out.iter_mut().zip(picked) {
@@ -2077,6 +2179,7 @@ impl StreamStore {
         };
         let _upkeep = lock(&self.upkeep);
         let _io = lock(&self.io);
+        let _merging = lock(&self.merging);
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
@@ -2093,6 +2196,7 @@ impl StreamStore {
         }
         {
             let mut st = lock(&self.state);
+            let mut kd = self.keys.lock_all();
             st.files.insert(
                 s.number,
                 FileMeta {
@@ -2119,11 +2223,11 @@ impl StreamStore {
             let mut doubtful: KeyMap<Vec<Dot>> = KeyMap::default();
             // Tracking the hash tree through an install larger than what is held costs
             // two digests per key it brings; built anew when next asked for, one.
-            if s.staged.len() > st.keydir.len() {
+            if s.staged.len() > kd.len() {
                 st.tree = None;
             }
             if !audit {
-                for (id, versions) in st.keydir.iter() {
+                for (id, versions) in kd.iter() {
                     let dots: Vec<Dot> = versions.iter().map(|v| v.dot).filter(|&d| at.contains(d)).collect();
                     if !dots.is_empty() && covers(id) {
                         doubtful.insert_hashed(key_hash(id), id.clone(), dots);
@@ -2141,15 +2245,14 @@ impl StreamStore {
                             dots.retain(|&d| d != entry.dot);
                         }
                     }
-                    self.merge_durable(&mut st, &entry, loc, Some(&before), None);
+                    self.merge_durable(&mut st, &mut kd, &entry, loc, Some(&before));
                 }
             }
             for (id, dots) in doubtful.iter() {
-                let State { keydir, tree, .. } = &mut *st;
-                let Some(versions) = keydir.get_mut(id).filter(|_| !dots.is_empty()) else { continue };
-                prune_key(tree, id, versions, |v| !dots.contains(&v.dot));
+                let Some(versions) = kd.get_mut(id).filter(|_| !dots.is_empty()) else { continue };
+                prune_key(&mut st.tree, id, versions, |v| !dots.contains(&v.dot));
                 if versions.is_empty() {
-                    keydir.remove(id);
+                    kd.remove(id);
                 }
             }
             // Audit records are never superseded, and a non-holder drops the ones every
@@ -2162,7 +2265,7 @@ impl StreamStore {
                     let mut seq = before.get(d.origin);
                     while seq < d.seq {
                         let next = Dot { origin: d.origin, seq: seq + 1 };
-                        if !st.keydir.contains_key(&(Collection::Audit, audit_key(next).into_boxed_slice())) {
+                        if !kd.contains_key(&(Collection::Audit, audit_key(next).into_boxed_slice())) {
                             break;
                         }
                         seq += 1;
@@ -2178,7 +2281,7 @@ impl StreamStore {
             st.vector.merge(&claim);
             st.submitted.merge(&claim);
         }
-        self.checkpoint_locked()?;
+        self.checkpoint_locked(true)?;
         Ok(())
     }
 
@@ -2188,9 +2291,11 @@ impl StreamStore {
     /// has acknowledged durably (`acked` is the meet of the holders' acknowledged
     /// vectors), so compaction can reclaim them. Returns how many were dropped.
     pub(crate) fn release_audit(&self, acked: &VersionVector) -> usize {
+        let _merging = lock(&self.merging);
         let mut st = lock(&self.state);
         st.audit_released.merge(acked);
-        retain_versions(&mut st, |(c, _), v| *c != Collection::Audit || !acked.contains(v.dot))
+        let mut kd = self.keys.lock_all();
+        retain_versions(&mut st.tree, &mut kd, |(c, _), v| *c != Collection::Audit || !acked.contains(v.dot))
     }
 
     /// Own audit records not yet acknowledged by every holder.
@@ -2201,18 +2306,22 @@ impl StreamStore {
 
     /// Removes expired versions from the keydir (sessions vanish without tombstones).
     pub(crate) fn expire(&self, now_ms: u64) -> usize {
-        let mut st = lock(&self.state);
-        if st.next_expiry_ms.is_none_or(|t| t > now_ms) {
+        if lock(&self.state).next_expiry_ms.is_none_or(|t| t > now_ms) {
             return 0;
         }
-        let dropped = retain_versions(&mut st, |_, v| !v.is_expired(now_ms));
-        st.next_expiry_ms = earliest_expiry(&st.keydir);
+        // No group half merged: its digests are of the versions before this sweep.
+        let _merging = lock(&self.merging);
+        let mut st = lock(&self.state);
+        let mut kd = self.keys.lock_all();
+        let dropped = retain_versions(&mut st.tree, &mut kd, |_, v| !v.is_expired(now_ms));
+        st.next_expiry_ms = earliest_expiry(&kd);
         dropped
     }
 
     /// Drops tombstones every replica has seen: covered by every acked vector, with
     /// the local vector covering every acked vector (so nothing concurrent is in flight).
     pub(crate) fn collect_tombstones(&self, acked: &[VersionVector]) -> usize {
+        let _merging = lock(&self.merging);
         let mut st = lock(&self.state);
         let local = st.vector.clone();
         let early = self.options.unsafe_collect_tombstones_early;
@@ -2223,7 +2332,8 @@ impl StreamStore {
             .iter()
             .skip(1)
             .fold(acked.first().cloned().unwrap_or_else(|| local.clone()), |m, a| m.meet(a));
-        retain_versions(&mut st, |_, v| {
+        let mut kd = self.keys.lock_all();
+        retain_versions(&mut st.tree, &mut kd, |_, v| {
             !(v.tombstone && (early || (stable.contains(v.dot) && stable.descends(&v.context))))
         })
     }
@@ -2231,21 +2341,24 @@ impl StreamStore {
     /// Writes a checkpoint of the keydir (hint file) covering the durable log.
     pub(crate) fn checkpoint(&self) -> Result<u64> {
         let _upkeep = lock(&self.upkeep);
-        self.checkpoint_locked()
+        self.checkpoint_locked(false)
     }
 
-    /// Writes a hint of the state as it is now. Called with the upkeep lock held. The
-    /// image is taken under the state lock, so it pairs the keydir with the segment
+    /// Writes a hint of the state as it is now. Called with the upkeep lock held, and
+    /// `holding_merging` when the caller holds `merging` too. The image is taken under
+    /// `merging` (no group half merged) and the state lock, so it pairs the keydir with the segment
     /// ends it was built from: a group being written meanwhile is past those ends and
     /// is replayed after the hint if it became durable. The image is serialized from
     /// the keydir in place (no copy of it); writing and syncing the file happen with
     /// no lock that commits need.
-    fn checkpoint_locked(&self) -> Result<u64> {
+    fn checkpoint_locked(&self, holding_merging: bool) -> Result<u64> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
         let (payload, generation, old) = {
+            let _merging = (!holding_merging).then(|| lock(&self.merging));
             let mut st = lock(&self.state);
+            let kd = self.keys.lock_all();
             st.hint_generation += 1;
             let image = StreamImageView {
                 stream: self.stream,
@@ -2264,7 +2377,7 @@ impl StreamStore {
                     .collect(),
                 active: st.active,
                 next_file: st.next_file,
-                keydir: KeydirView(&st.keydir),
+                keydir: KeydirView(&kd),
                 vector: &st.vector,
                 origin_index: st
                     .origin_index
@@ -2275,7 +2388,7 @@ impl StreamStore {
                 conflicts_dropped: st.conflicts_dropped,
                 audit: &st.audit,
             };
-            debug_assert!(st.keydir.values().flatten().all(|v| matches!(v.loc, Loc::Disk { .. })));
+            debug_assert!(kd.values().flatten().all(|v| matches!(v.loc, Loc::Disk { .. })));
             let payload = postcard::to_allocvec(&image).map_err(|e| Error::Record(e.to_string()))?;
             (payload, st.hint_generation, st.hint_generation - 1)
         };
@@ -2330,6 +2443,10 @@ impl StreamStore {
         }
         let mut report = CompactionReport::default();
         let (selected, old_compacted, live, sources) = {
+            // With no group merging, every segment before the active one holds only
+            // merged groups: a group not merged yet is the last one taken, in the
+            // active segment.
+            let _merging = lock(&self.merging);
             let st = lock(&self.state);
             let Some(active) = st.active else { return Ok(report) };
             let logs: Vec<(u32, u64, bool)> = st
@@ -2356,8 +2473,9 @@ impl StreamStore {
             let old_compacted: Vec<u32> =
                 st.files.iter().filter(|(_, m)| m.kind == SegmentKind::Compacted).map(|(n, _)| *n).collect();
             let sources: Vec<u32> = old_compacted.iter().chain(selected.iter()).copied().collect();
-            let mut live: Vec<(u32, u32, u32)> = st
-                .keydir
+            let mut live: Vec<(u32, u32, u32)> = self
+                .keys
+                .lock_all()
                 .values()
                 .flatten()
                 .filter_map(|v| match v.loc {
@@ -2447,6 +2565,9 @@ impl StreamStore {
         };
 
         let removed_names = {
+            // No group half merged: one merging now may record a loser's value, read
+            // from a segment this removes.
+            let _merging = lock(&self.merging);
             let mut st = lock(&self.state);
             let repoint = |v: &mut Version| {
                 if let Loc::Disk { file, offset, .. } = v.loc {
@@ -2455,8 +2576,7 @@ impl StreamStore {
                     }
                 }
             };
-            st.keydir.values_mut().flatten().for_each(repoint);
-            st.overlay.values_mut().flat_map(|(v, _)| v.iter_mut()).for_each(repoint);
+            self.keys.lock_all().for_each_version_mut(repoint);
             st.files.insert(
                 number,
                 FileMeta {
@@ -2483,7 +2603,7 @@ impl StreamStore {
         report.segments_compacted = selected.len();
         report.entries_kept = live.len();
         // The hint records the new file set before the old files go.
-        self.checkpoint_locked()?;
+        self.checkpoint_locked(false)?;
         for name in removed_names {
             let _ = self.storage.remove(&name);
         }
@@ -2536,7 +2656,8 @@ mod tests {
 
     #[test]
     fn a_hint_serialized_in_place_has_the_bytes_of_the_copied_image() {
-        let mut keydir = Keydir::default();
+        let keys = Keys::default();
+        let mut keydir = keys.lock_all();
         for i in 0..50u64 {
             let key: KeyId = (Collection::Users, format!("user{i}").into_bytes().into_boxed_slice());
             let mut versions = vec![version(7, i + 1, i % 5 == 0)];

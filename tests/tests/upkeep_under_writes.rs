@@ -1,11 +1,15 @@
-//! Checkpoints and compactions run while writers commit (they no longer hold the
-//! commit path's I/O lock): every acknowledged write must be readable, with its
-//! latest value, during the run, after it, and after a reopen from the files.
+//! Checkpoints, compactions and the anti-entropy hash tree run while writers commit
+//! (one group merging while the next is written): every acknowledged write must be
+//! readable, with its latest value, during the run, after it, and after a reopen from
+//! the files; the hash tree kept current through the run must equal one built anew.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use repl_engine::{Store, StoreOptions};
+use std::collections::VecDeque;
+
+use repl_engine::tree::TREE_FANOUT;
+use repl_engine::{Store, StoreOptions, WriteBatch};
 use repl_wire::{Collection, StreamId};
 
 const WRITERS: u64 = 4;
@@ -52,15 +56,28 @@ fn checkpoints_and_compactions_beside_writers_lose_nothing() {
             .map(|w| {
                 let store = &store;
                 s.spawn(move || {
+                    // Odd writers keep several writes in flight, so groups overlap.
+                    let window = if w % 2 == 1 { 16 } else { 1 };
+                    let mut in_flight = VecDeque::new();
                     for round in 0..ROUNDS {
                         for k in 0..KEYS_PER_WRITER {
-                            store
-                                .put(Collection::Users, &key(w, k), &value(w, k, round))
-                                .expect("durable put");
-                            // What this writer was acknowledged is readable at once.
-                            let read = store.get(Collection::Users, &key(w, k)).expect("read");
-                            assert_eq!(read.value(), Some(value(w, k, round).as_slice()));
+                            let mut b = WriteBatch::new();
+                            b.put(Collection::Users, &key(w, k), &value(w, k, round));
+                            in_flight.push_back((k, round, store.submit(b).expect("submit")));
+                            while in_flight.len() >= window {
+                                let (k, round, pending) = in_flight.pop_front().expect("non-empty");
+                                pending.wait().expect("durable put");
+                                // What this writer was acknowledged is readable at once
+                                // (unless a later write of the key is queued behind it).
+                                if !in_flight.iter().any(|(q, _, _)| *q == k) {
+                                    let read = store.get(Collection::Users, &key(w, k)).expect("read");
+                                    assert_eq!(read.value(), Some(value(w, k, round).as_slice()));
+                                }
+                            }
                         }
+                    }
+                    for (_, _, pending) in in_flight {
+                        pending.wait().expect("durable put");
                     }
                 })
             })
@@ -72,6 +89,8 @@ fn checkpoints_and_compactions_beside_writers_lose_nothing() {
                 let report = store.compact(StreamId::Enterprise, &horizon).expect("compact");
                 compacted.fetch_add(report.segments_compacted as u64, Ordering::Relaxed);
                 store.checkpoint().expect("checkpoint");
+                // Builds the hash tree at once, then keeps it current through the run.
+                store.tree_hashes(StreamId::Enterprise, 0, 1, &[0, 5, 11]);
                 rounds += 1;
             }
         });
@@ -83,7 +102,11 @@ fn checkpoints_and_compactions_beside_writers_lose_nothing() {
     });
     assert!(compacted.load(Ordering::Relaxed) > 0, "no compaction ran beside the writers");
     check(&store, "after the run");
+    let buckets: Vec<u32> = (0..TREE_FANOUT).collect();
+    let kept = store.tree_hashes(StreamId::Enterprise, 0, 1, &buckets);
     drop(store);
     let store = Store::open_dir(dir.path(), options()).expect("reopen");
     check(&store, "after a reopen");
+    let built = store.tree_hashes(StreamId::Enterprise, 0, 1, &buckets);
+    assert_eq!(kept, built, "the hash tree kept through the run differs from one built from the keys");
 }
