@@ -1,7 +1,7 @@
 //! Profiling aid: 8 writer threads, 128 writes in flight each, 256-byte values.
-//! `cargo run --release -p repl-engine --example put_profile -- [DIR] [WRITES] [random]`
+//! `cargo run --release -p repl-engine --example put_profile -- [DIR] [WRITES] [random|batch]`
 //! (`random`: keys spread over the key space, as user and session ids are, instead of
-//! eight ascending runs).
+//! eight ascending runs; `batch`: one thread writing batches of 1,000 instead).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -17,27 +17,32 @@ fn main() {
         .unwrap_or_else(|| std::env::temp_dir().join("repl-put-profile").display().to_string());
     let total: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(400_000);
     let random = args.get(3).is_some_and(|a| a == "random");
+    let batch = args.get(3).is_some_and(|a| a == "batch");
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open_dir(&dir, StoreOptions::default()).expect("open");
     let start = Instant::now();
+    if batch {
+        for first in (0..total).step_by(1_000) {
+            let mut b = WriteBatch::new();
+            for j in first..(first + 1_000).min(total) {
+                b.put(Collection::Users, &key(j), &[7u8; 256]);
+            }
+            store.submit(b).expect("submit").wait().expect("durable");
+        }
+    }
     std::thread::scope(|s| {
-        for w in 0..8u64 {
+        for w in (0..8u64).filter(|_| !batch) {
             let store = store.clone();
             s.spawn(move || {
                 let mut in_flight = VecDeque::new();
                 for j in 0..total / 8 {
                     let mut b = WriteBatch::new();
-                    // Written without format!, whose cost would be counted in every put.
                     let n = if random {
                         (w * 1_000_000_007 + j).wrapping_mul(0x9e37_79b9_7f4a_7c15)
                     } else {
                         w << 40 | j
                     };
-                    let mut key = *b"user-0000000000000000";
-                    for (d, shift) in key[5..].iter_mut().zip((0..64).step_by(4).rev()) {
-                        *d = b"0123456789abcdef"[(n >> shift & 15) as usize];
-                    }
-                    b.put(Collection::Users, &key, &[7u8; 256]);
+                    b.put(Collection::Users, &key(n), &[7u8; 256]);
                     in_flight.push_back(store.submit(b).expect("submit"));
                     if in_flight.len() == 128 {
                         in_flight.pop_front().expect("non-empty").wait().expect("durable");
@@ -52,4 +57,14 @@ fn main() {
     let secs = start.elapsed().as_secs_f64();
     println!("{total} durable puts in {secs:.2}s: {:.0}/s", total as f64 / secs);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `user-` and `n` in 16 hex digits, written without format!, whose cost would be
+/// counted in every put.
+fn key(n: u64) -> [u8; 21] {
+    let mut key = *b"user-0000000000000000";
+    for (d, shift) in key[5..].iter_mut().zip((0..64).step_by(4).rev()) {
+        *d = b"0123456789abcdef"[(n >> shift & 15) as usize];
+    }
+    key
 }
