@@ -1,15 +1,17 @@
 //! One stream's log and keydir, with group commit. The heart of the store.
 //!
-//! Locks, in the order they are taken: `upkeep`, `io`, `state`, the key shards (see
-//! [`Keys`]). `io` is held by the group-commit leader while it writes, syncs and
-//! merges a group, and by everything that needs the keys and the state to agree (a
-//! checkpoint, a snapshot, the hash tree, compaction's repointing, sweeps), since the
-//! leader merges a group into the shards before it records the group in the state.
-//! Submitters take `state` and the shards of their keys, briefly, so they keep
-//! queueing while the leader waits on fdatasync and merges.
+//! Locks, in the order they are taken: `upkeep`, `io`, `merging`, `state`, the key
+//! shards (see [`Keys`]), the ordered index. The group-commit leader holds `io` while
+//! it takes, writes and syncs a group, then takes `merging` and lets `io` go, so the
+//! next group is written while this one merges (first into the shards, then into the
+//! state). Everything that needs the keys and the state to agree (a checkpoint, a
+//! snapshot chunk, the hash tree, the sweeps, compaction's choice and repointing)
+//! holds `merging`: no group is then half merged. Submitters take `state` and the
+//! shards of their keys, briefly, so they keep queueing while the leader syncs and
+//! merges.
 //!
-//! The keydir (in the shards) is exactly the state of the durable log; writes that are
-//! queued but not yet durable live in the overlay beside it, which reads and
+//! The keydir (in the shards) is exactly the state of the durable log as far as it is
+//! merged; writes not yet merged live in the overlay beside it, which reads and
 //! compare-and-set consult first. Only the commit path moves a write into the keydir,
 //! after its fdatasync.
 
