@@ -319,7 +319,7 @@ pub(crate) struct StreamStore {
     emptied: Mutex<Vec<Vec<QueuedEntry>>>,
     /// Held by checkpoints, compactions and snapshot installs, one at a time (taken
     /// before `io`). A checkpoint or a compaction's copy does not hold `io`: commits
-    /// go on meanwhile, and only the short sections under `state` exclude them.
+    /// go on meanwhile, and only the short sections under `merging` exclude them.
     upkeep: Mutex<()>,
     /// Whether a group-commit leader is active; waiters sleep on `leader_changed`.
     leader: Mutex<bool>,
