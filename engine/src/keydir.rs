@@ -205,6 +205,12 @@ fn shard_of(hash: u64) -> usize {
     (hash >> 40) as usize % SHARDS
 }
 
+/// A shard or the ordered index, locked. A panic while one is held leaves it
+/// consistent between statements (as the stream's state lock), so poison is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The ordered index of a stream's keys, `None` until something needed key order.
 pub(crate) type Order = Option<BTreeSet<KeyId>>;
 
@@ -233,7 +239,7 @@ impl OrderRef<'_> {
     fn update(&mut self, change: impl FnOnce(&mut BTreeSet<KeyId>)) {
         match self {
             OrderRef::Held(order) => order.as_mut().map(change),
-            OrderRef::Lock(m) => m.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(change),
+            OrderRef::Lock(m) => lock(m).as_mut().map(change),
         };
     }
 }
@@ -300,7 +306,7 @@ impl Default for Keys {
 impl Keys {
     /// The shard of the key whose [`key_hash`] is `hash`, locked.
     pub(crate) fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
-        self.shards[shard_of(hash)].lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shards[shard_of(hash)])
     }
 
     /// The ordered index's lock, for [`Shard::slot`] and [`Shard::remove`] with one
@@ -311,14 +317,14 @@ impl Keys {
 
     /// Every shard locked: a view of all keys at once.
     pub(crate) fn lock_all(&self) -> Keydir<'_> {
-        let shards = self.shards.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner())).collect();
-        let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let shards = self.shards.iter().map(lock).collect();
+        let order = lock(&self.order);
         Keydir { shards, order }
     }
 
     /// Keys held with at least one durable version.
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).keydir.len()).sum()
+        self.shards.iter().map(|m| lock(m).keydir.len()).sum()
     }
 }
 
