@@ -156,12 +156,27 @@ struct StreamImage {
     files: Vec<FileImage>,
     active: Option<u32>,
     next_file: u32,
-    keydir: Vec<(Collection, Vec<u8>, Vec<Version>)>,
+    keydir: Vec<KeyImage>,
     vector: VersionVector,
     origin_index: Vec<(Incarnation, Vec<IndexPoint>)>,
     conflicts: Vec<ConflictRecord>,
     conflicts_dropped: u64,
     audit: AuditIndex,
+}
+
+/// One key of [`StreamImage::keydir`]: collection, key bytes (one byte string, not
+/// a sequence of `u8`s: the same bytes in postcard, read and written at once),
+/// versions.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeyImage(Collection, #[serde(with = "repl_wire::bytes")] Vec<u8>, Vec<Version>);
+
+/// Key bytes written as one byte string (see [`KeyImage`]).
+struct KeyBytes<'a>(&'a [u8]);
+
+impl Serialize for KeyBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        repl_wire::bytes::serialize(self.0, serializer)
+    }
 }
 
 /// [`StreamImage`] as written: the same fields in the same order, borrowed from the
@@ -191,7 +206,7 @@ impl Serialize for KeydirView<'_> {
         use serde::ser::SerializeSeq;
         let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
         for ((c, k), v) in self.0.iter() {
-            seq.serialize_element(&(c, &**k, v))?;
+            seq.serialize_element(&(c, KeyBytes(k), v))?;
         }
         seq.end()
     }
@@ -588,7 +603,7 @@ impl StreamStore {
                         report.stale_files_removed += 1;
                     }
                 }
-                kd.load(img.keydir.into_iter().map(|(c, k, v)| ((c, k.into_boxed_slice()), v)));
+                kd.load(img.keydir.into_iter().map(|KeyImage(c, k, v)| ((c, k.into_boxed_slice()), v)));
                 // Unknown until the first sweep, which walks the keydir once and sets
                 // it (no extra pass over the keydir while opening).
                 st.next_expiry_ms = Some(0);
@@ -2688,7 +2703,7 @@ mod tests {
             files: files.clone(),
             active: Some(3),
             next_file: 4,
-            keydir: keydir.iter().map(|((c, k), v)| (*c, k.to_vec(), v.clone())).collect(),
+            keydir: keydir.iter().map(|((c, k), v)| KeyImage(*c, k.to_vec(), v.clone())).collect(),
             vector: vector.clone(),
             origin_index: origin_index.clone(),
             conflicts: conflicts.values().flatten().cloned().collect(),
@@ -2707,6 +2722,13 @@ mod tests {
             conflicts_dropped: 2,
             audit: &audit,
         };
+        // Keys as byte strings are the bytes keys as sequences of `u8` were.
+        let as_seq: Vec<(Collection, Vec<u8>, Vec<Version>)> =
+            copied.keydir.iter().map(|KeyImage(c, k, v)| (*c, k.clone(), v.clone())).collect();
+        assert_eq!(
+            postcard::to_allocvec(&as_seq).expect("serialize keys as sequences"),
+            postcard::to_allocvec(&copied.keydir).expect("serialize keys as byte strings"),
+        );
         let old = postcard::to_allocvec(&copied).expect("serialize the copy");
         let new = postcard::to_allocvec(&view).expect("serialize in place");
         assert_eq!(old, new, "a hint written in place must read as before");

@@ -2,17 +2,20 @@
 //!
 //! postcard writes both forms identically (a varint length, then the bytes), so this
 //! changes no byte on disk or on the wire; it only avoids a per-byte serde call.
+//! For `#[serde(with = "repl_wire::bytes")]` on a `Vec<u8>` field.
 
 use std::fmt;
 
 use serde::de::{Error, SeqAccess, Visitor};
 use serde::{Deserializer, Serializer};
 
-pub(crate) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+/// Writes `bytes` as one byte string.
+pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_bytes(bytes)
 }
 
-pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+/// Reads a byte string (or, from a format that wrote one, a sequence of `u8`s).
+pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
     deserializer.deserialize_byte_buf(BytesVisitor)
 }
 

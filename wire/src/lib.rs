@@ -13,7 +13,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
 
 mod audit;
-mod bytes;
+pub mod bytes;
 mod codec;
 mod entry;
 mod error;
