@@ -1528,6 +1528,44 @@ fn prune_key(
     before - versions.len()
 }
 
+/// Live records a compaction reads at a time (in key order, each batch read in runs).
+const COMPACTION_READ_ENTRIES: usize = 4096;
+
+/// A record in a segment: (segment, offset, length).
+type RecordAt = (u32, u32, u32);
+
+/// A live record in [`LiveRecords`]: collection, where its key is in the key bytes
+/// (start, length), and where the record is.
+type LiveRecord = (Collection, u32, u32, RecordAt);
+
+/// The live records a compaction copies, with their keys, collected under the locks
+/// and put in key order after them.
+#[derive(Default)]
+struct LiveRecords {
+    /// Every record's key bytes, one after another.
+    keys: Vec<u8>,
+    records: Vec<LiveRecord>,
+}
+
+impl LiveRecords {
+    fn push(&mut self, collection: Collection, key: &[u8], at: RecordAt) {
+        let start = self.keys.len() as u32;
+        self.keys.extend_from_slice(key);
+        self.records.push((collection, start, key.len() as u32, at));
+    }
+
+    /// The records by collection, key, then segment and offset (a key's versions in
+    /// the order written), each once.
+    fn in_key_order(self) -> Vec<RecordAt> {
+        let LiveRecords { keys, mut records } = self;
+        let key = |&(c, start, len, _): &LiveRecord| (c, &keys[start as usize..(start + len) as usize]);
+        records.sort_unstable_by(|a, b| key(a).cmp(&key(b)).then(a.3.cmp(&b.3)));
+        let mut out: Vec<RecordAt> = records.iter().map(|r| r.3).collect();
+        out.dedup();
+        out
+    }
+}
+
 /// Staged snapshot entries read back and merged at a time when a snapshot is installed.
 const STAGED_READ_ENTRIES: usize = 4096;
 
@@ -2117,6 +2155,20 @@ impl StreamStore {
         Ok((vector, out, token))
     }
 
+    /// Every durable version's key and place (segment, offset), for tests.
+    #[cfg(test)]
+    pub(crate) fn disk_locations(&self) -> Vec<(KeyId, u32, u32)> {
+        let mut out = Vec::new();
+        for (id, versions) in self.keys.lock_all().iter() {
+            for v in versions {
+                if let Loc::Disk { file, offset, .. } = v.loc {
+                    out.push((id.clone(), file, offset));
+                }
+            }
+        }
+        out
+    }
+
     /// Starts receiving a snapshot of leaf `buckets` (`None`: all) from `peer`
     /// (dropping one it had started).
     pub(crate) fn begin_snapshot(&self, peer: &str, buckets: Option<&[u32]>) -> Result<()> {
@@ -2490,19 +2542,18 @@ impl StreamStore {
             let old_compacted: Vec<u32> =
                 st.files.iter().filter(|(_, m)| m.kind == SegmentKind::Compacted).map(|(n, _)| *n).collect();
             let sources: Vec<u32> = old_compacted.iter().chain(selected.iter()).copied().collect();
-            let mut live: Vec<(u32, u32, u32)> = self
-                .keys
-                .lock_all()
-                .values()
-                .flatten()
-                .filter_map(|v| match v.loc {
-                    Loc::Disk { file, offset, len } if sources.contains(&file) => Some((file, offset, len)),
-                    _ => None,
-                })
-                .collect();
-            // Keep log order: compacted first, then segments by number, then offset.
-            live.sort_by_key(|&(f, o, _)| (!old_compacted.contains(&f), f, o));
-            live.dedup();
+            // The live records and their keys (copied into one buffer, to be sorted
+            // after the locks go).
+            let mut live = LiveRecords::default();
+            for ((c, k), versions) in self.keys.lock_all().iter() {
+                for v in versions {
+                    if let Loc::Disk { file, offset, len } = v.loc {
+                        if sources.contains(&file) {
+                            live.push(*c, k, (file, offset, len));
+                        }
+                    }
+                }
+            }
             // Handles to read them through without the state lock.
             let sources: HashMap<u32, (Arc<dyn StorageFile>, String)> = sources
                 .iter()
@@ -2511,6 +2562,10 @@ impl StreamStore {
             (selected, old_compacted, live, sources)
         };
 
+        // The new segment holds its records in key order: a snapshot or a repair walks
+        // keys in order and then reads a few long runs instead of a record here and
+        // there (the records of one key stay in log order).
+        let live = live.in_key_order();
         // Copy live entries into a new compacted segment.
         let (number, name, file) = self.create_compacted_tmp("create compacted segment")?;
         let header = SegmentHeader {
@@ -2540,18 +2595,22 @@ impl StreamStore {
                 pending.clear();
                 Ok(())
             };
-            for &(f, o, len) in &live {
-                let handle = sources.get(&f).map(|(file, name)| (&**file, name.as_str()));
-                let entry = read_entry(handle, &Loc::Disk { file: f, offset: o, len })?;
-                vector.advance(entry.dot);
-                let bytes = entry.encode();
-                let add = segment::ENTRY_HEADER_BYTES + bytes.len() as u64;
-                if pending_bytes + add > self.frame_max().max(FRAME_BYTES_MAX) {
-                    flush(&mut pending, &mut at)?;
-                    pending_bytes = FRAME_HEADER_BYTES + FRAME_COUNT_BYTES;
+            for batch in live.chunks(COMPACTION_READ_ENTRIES) {
+                let locs: Vec<Loc> =
+                    batch.iter().map(|&(file, offset, len)| Loc::Disk { file, offset, len }).collect();
+                let entries =
+                    read_entries(&locs, |f| sources.get(&f).map(|(file, name)| (&**file, name.as_str())))?;
+                for (&(f, o, _), entry) in batch.iter().zip(entries) {
+                    vector.advance(entry.dot);
+                    let bytes = entry.encode();
+                    let add = segment::ENTRY_HEADER_BYTES + bytes.len() as u64;
+                    if pending_bytes + add > self.frame_max().max(FRAME_BYTES_MAX) {
+                        flush(&mut pending, &mut at)?;
+                        pending_bytes = FRAME_HEADER_BYTES + FRAME_COUNT_BYTES;
+                    }
+                    pending_bytes += add;
+                    pending.push((f, o, bytes));
                 }
-                pending_bytes += add;
-                pending.push((f, o, bytes));
             }
             flush(&mut pending, &mut at)?;
             if self.options.syncs(SyncPoint::CompactedData) {
