@@ -2,6 +2,7 @@
 //! `cargo run --release -p repl-engine --example put_profile -- [DIR] [WRITES] [random|batch]`
 //! (`random`: keys spread over the key space, as user and session ids are, instead of
 //! eight ascending runs; `batch`: one thread writing batches of 1,000 instead).
+//! `PUT_VALUE_BYTES` sets another value size (the replication bench also writes 2 KiB).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -18,6 +19,9 @@ fn main() {
     let total: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(400_000);
     let random = args.get(3).is_some_and(|a| a == "random");
     let batch = args.get(3).is_some_and(|a| a == "batch");
+    let size: usize = std::env::var("PUT_VALUE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let value = vec![7u8; size];
+    let value = &value;
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open_dir(&dir, StoreOptions::default()).expect("open");
     let start = Instant::now();
@@ -25,7 +29,7 @@ fn main() {
         for first in (0..total).step_by(1_000) {
             let mut b = WriteBatch::new();
             for j in first..(first + 1_000).min(total) {
-                b.put(Collection::Users, &key(j), &[7u8; 256]);
+                b.put(Collection::Users, &key(j), value);
             }
             store.submit(b).expect("submit").wait().expect("durable");
         }
@@ -42,7 +46,7 @@ fn main() {
                     } else {
                         w << 40 | j
                     };
-                    b.put(Collection::Users, &key(n), &[7u8; 256]);
+                    b.put(Collection::Users, &key(n), value);
                     in_flight.push_back(store.submit(b).expect("submit"));
                     if in_flight.len() == 128 {
                         in_flight.pop_front().expect("non-empty").wait().expect("durable");
