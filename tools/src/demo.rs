@@ -693,6 +693,7 @@ pub async fn converge(demo: &Demo, stream: StreamId, within: Duration) -> Result
         .flatten()
         .filter_map(|id| demo.client(Identity::Admin("demo".into()), &[id]).ok().map(|c| (id.clone(), c)))
         .collect();
+    let mut next_report = Duration::from_secs(10);
     loop {
         let mut differing = Vec::new();
         let cutoff_ms = now_ms();
@@ -707,7 +708,27 @@ pub async fn converge(demo: &Demo, stream: StreamId, within: Duration) -> Result
             }
             let first = roots.first().and_then(|(_, r)| r.clone());
             if first.is_none() || roots.iter().any(|(_, r)| r != &first) {
-                differing.push(group.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("/"));
+                // Each appliance's entries held (the sum of its vector) and the root's
+                // first bytes: a lagging replica, or equal vectors with other roots.
+                let each: Vec<String> = roots
+                    .iter()
+                    .map(|(id, r)| match r {
+                        Some((at, root)) => format!(
+                            "{id} holds {} root {:02x}{:02x}{:02x}{:02x}",
+                            at.iter().map(|d| d.seq).sum::<u64>(),
+                            root[0],
+                            root[1],
+                            root[2],
+                            root[3]
+                        ),
+                        None => format!("{id} did not answer"),
+                    })
+                    .collect();
+                differing.push(format!(
+                    "{} ({})",
+                    group.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("/"),
+                    each.join("; ")
+                ));
             }
         }
         if differing.is_empty() {
@@ -715,6 +736,15 @@ pub async fn converge(demo: &Demo, stream: StreamId, within: Duration) -> Result
         }
         if start.elapsed() > within {
             return Err(format!("{stream} differs on {}", differing.join(", ")));
+        }
+        // A slow agreement says what still differs, every ten seconds.
+        if start.elapsed() >= next_report {
+            eprintln!(
+                "  {stream} not yet equal after {:.0} s: {}",
+                start.elapsed().as_secs_f64(),
+                differing.join(", ")
+            );
+            next_report += Duration::from_secs(10);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -728,14 +758,45 @@ pub(crate) async fn missing_on(
     records: &BTreeMap<(Collection, Vec<u8>), Vec<u8>>,
 ) -> Result<usize, DemoError> {
     let reader = demo.client(Identity::Client("checker".into()), &[id])?;
-    let mut lost = 0;
-    for ((collection, key), value) in records {
-        match reader.get(*collection, key).await {
-            Ok((values, _)) if values.iter().any(|v| &v.value == value) => {}
-            _ => lost += 1,
-        }
+    let wanted = records.iter().map(|((c, k), v)| (*c, k.clone(), Some(v.clone()))).collect();
+    lacking(&reader, wanted).await
+}
+
+/// Reads running at once when checking what an appliance holds (one read at a time
+/// took most of a long soak's verification: a round trip per key and holder).
+const CHECK_READS_IN_FLIGHT: usize = 32;
+
+/// How many of `keys` the appliance `reader` reaches lacks: a key is lacking unless
+/// it has a live value, equal to the one given if one is. Reads run
+/// [`CHECK_READS_IN_FLIGHT`] at a time; a read that fails counts as lacking.
+pub(crate) async fn lacking(
+    reader: &RemoteStore,
+    keys: Vec<(Collection, Vec<u8>, Option<Vec<u8>>)>,
+) -> Result<usize, DemoError> {
+    let keys = Arc::new(keys);
+    let mut readers = tokio::task::JoinSet::new();
+    for first in 0..CHECK_READS_IN_FLIGHT.min(keys.len()) {
+        let (reader, keys) = (reader.clone(), keys.clone());
+        readers.spawn(async move {
+            let mut lacking = 0;
+            for (collection, key, want) in keys.iter().skip(first).step_by(CHECK_READS_IN_FLIGHT) {
+                let held = match reader.get(*collection, key).await {
+                    Ok((values, _)) => match want {
+                        Some(want) => values.iter().any(|v| &v.value == want),
+                        None => !values.is_empty(),
+                    },
+                    Err(_) => false,
+                };
+                lacking += usize::from(!held);
+            }
+            lacking
+        });
     }
-    Ok(lost)
+    let mut total = 0;
+    while let Some(done) = readers.join_next().await {
+        total += done.map_err(|e| DemoError::Setup(format!("a checking read task failed: {e}")))?;
+    }
+    Ok(total)
 }
 
 /// The details of every audit record appliance `id` holds, read in pages of 10,000

@@ -30,7 +30,9 @@ use repl_engine::topology::Role;
 use repl_wire::transport::Identity;
 use repl_wire::{Collection, NodeId, StreamId};
 
-use crate::demo::{agent_work, audit_details, converge, missing_on, Acked, Demo, DemoError, G4_LAYOUT};
+use crate::demo::{
+    agent_work, audit_details, converge, lacking, missing_on, Acked, Demo, DemoError, G4_LAYOUT,
+};
 use crate::netns::Namespaces;
 use crate::relay::{Lossy, Relay};
 
@@ -628,9 +630,12 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         resources.push(line);
         violations.extend(problem);
     }
+    // How long each stream took to agree everywhere once healed.
+    let mut converged = Vec::new();
     for stream in StreamId::ALL {
-        if let Err(e) = converge(&demo, stream, Duration::from_secs(120)).await {
-            violations.push(e);
+        match converge(&demo, stream, Duration::from_secs(120)).await {
+            Ok(took) => converged.push(format!("{stream} {:.1} s", took.as_secs_f64())),
+            Err(e) => violations.push(e),
         }
     }
     let (enterprise, sessions, audit, ops, failed) = {
@@ -650,13 +655,8 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
             |id: &&NodeId| args.g4 || (0..layout.len()).any(|i| &ids[i] == *id && site_of(i) == site);
         for id in holders.iter().filter(in_site) {
             let reader = demo.client(Identity::Client("checker".into()), &[id])?;
-            let mut missing = 0;
-            for s in list {
-                match reader.get(Collection::Sessions, s.as_bytes()).await {
-                    Ok((values, _)) if !values.is_empty() => {}
-                    _ => missing += 1,
-                }
-            }
+            let keys = list.iter().map(|s| (Collection::Sessions, s.as_bytes().to_vec(), None)).collect();
+            let missing = lacking(&reader, keys).await?;
             if missing > 0 {
                 violations.push(format!("{id} lacks {missing} of site {site}'s {} sessions", list.len()));
             }
@@ -685,6 +685,7 @@ pub async fn run(args: SoakArgs) -> Result<String, DemoError> {
         if kept { format!("in {}", csv_path.display()) } else { "not kept (give --dir DIR to keep it)".to_string() }
     );
     let _ = writeln!(report, "{}", network.report());
+    let _ = writeln!(report, "replicas agreed after healing: {}", converged.join(", "));
     report.push_str("memory and open files after warm-up:\n");
     for line in &resources {
         let _ = writeln!(report, "  {line}");
