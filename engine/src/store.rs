@@ -759,6 +759,30 @@ mod tests {
     use crate::storage::{SimConfig, SimStorage};
 
     #[test]
+    fn expiring_records_leave_the_kept_trees_alone_but_count_in_the_sessions_tree() {
+        let store = Store::open(Arc::new(SimStorage::new(SimConfig::default())), StoreOptions::default())
+            .expect("open");
+        let root = |stream: StreamId, cutoff: u64| store.tree_hashes(stream, cutoff, 0, &[0]).1[0].hash;
+        store.put(Collection::Users, b"alice", b"Alice").expect("put");
+        let now = store.now_ms();
+        let before = root(StreamId::Enterprise, now);
+        // A write answer expires, at each replica's own moment: it must not move the root.
+        let mut answer = WriteBatch::new();
+        answer.put_expiring(Collection::WriteAnswers, b"request-1", b"", now + 60_000);
+        store.write(answer, Durability::Durable).expect("answer");
+        assert_eq!(root(StreamId::Enterprise, now), before, "an expiring record changed the kept tree");
+        store.put(Collection::Users, b"bob", b"Bob").expect("put");
+        assert_ne!(root(StreamId::Enterprise, now), before, "a lasting record must change it");
+        // The sessions tree is built at the cutoff asked for: a live session counts.
+        let empty = root(StreamId::Sessions, now);
+        let mut session = WriteBatch::new();
+        session.put_expiring(Collection::Sessions, b"s-1", b"token", now + 60_000);
+        store.write(session, Durability::Durable).expect("session");
+        assert_ne!(root(StreamId::Sessions, now), empty, "a live session is compared");
+        assert_eq!(root(StreamId::Sessions, now + 60_000), empty, "an expired one is not");
+    }
+
+    #[test]
     fn a_compacted_segment_holds_its_records_in_key_order() {
         let disk = SimStorage::new(SimConfig::default());
         let options = StoreOptions { segment_bytes: 8 * 1024, ..StoreOptions::default() };

@@ -46,17 +46,24 @@ pub(crate) type Sum = [u64; 4];
 
 /// The digest of a key's versions that are live at `cutoff_ms`, or `None` when none are
 /// (an absent key and a fully expired key look the same).
+///
+/// A `cutoff_ms` of 0 is for the trees kept current as writes merge (every stream but
+/// sessions, whose tree is built at the cutoff asked for): those leave out every
+/// version that expires (the write answers of the enterprise stream). Each appliance
+/// drops an expired version at its own moment, so counting them would make the roots
+/// of replicas holding the same entries differ until the last one expired.
 pub(crate) fn key_digest(
     collection: Collection,
     key: &[u8],
     versions: &[Version],
     cutoff_ms: u64,
 ) -> Option<Sum> {
-    let mut live: Vec<(u64, u64, bool)> = versions
-        .iter()
-        .filter(|v| !v.is_expired(cutoff_ms))
-        .map(|v| (v.dot.origin.0, v.dot.seq, v.tombstone))
-        .collect();
+    let counted = |v: &&Version| match cutoff_ms {
+        0 => v.expires_at_ms.is_none(),
+        _ => !v.is_expired(cutoff_ms),
+    };
+    let mut live: Vec<(u64, u64, bool)> =
+        versions.iter().filter(counted).map(|v| (v.dot.origin.0, v.dot.seq, v.tombstone)).collect();
     if live.is_empty() {
         return None;
     }
