@@ -19,7 +19,8 @@
 # PostgreSQL's.
 #
 # Usage: bash benches/compare/postgres.sh [RECORDS] [SIZES] [WRITERS]
-#   defaults: 20000 records, sizes "256 2048", 8 writers.
+#   defaults: 20000 records, sizes "256 2048", 8 writers; PAIR_LOAD=PATH uses that
+#   pair_load binary instead of building it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -34,8 +35,12 @@ fi
 PGBIN=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)")
 echo "PostgreSQL: $("$PGBIN/postgres" --version)"
 
-cargo build --release -p repl-benches --bin pair_load
-PAIR_LOAD=$PWD/target/release/pair_load
+# PAIR_LOAD names an already built pair_load (CI builds every binary once).
+if [ -z "${PAIR_LOAD:-}" ]; then
+  cargo build --release -p repl-benches --bin pair_load
+  PAIR_LOAD=target/release/pair_load
+fi
+PAIR_LOAD=$(realpath "$PAIR_LOAD")
 
 WORK=$(mktemp -d /tmp/repl-pg-compare.XXXXXX)
 chown postgres "$WORK"
