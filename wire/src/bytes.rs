@@ -1,4 +1,5 @@
-//! Byte strings through serde as one `bytes` call instead of a sequence of `u8`s.
+//! Byte strings through serde as one `bytes` call instead of a sequence of `u8`s, and
+//! postcard's integer, byte-string and version-vector layouts for encoders by hand.
 //!
 //! postcard writes both forms identically (a varint length, then the bytes), so this
 //! changes no byte on disk or on the wire; it only avoids a per-byte serde call.
@@ -17,6 +18,44 @@ pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S:
 /// Reads a byte string (or, from a format that wrote one, a sequence of `u8`s).
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
     deserializer.deserialize_byte_buf(BytesVisitor)
+}
+
+/// Appends `n` as postcard writes an unsigned integer (seven bits per byte, low bits
+/// first), for encoders written by hand beside serde's (the store's hint keys), whose
+/// tests hold the two to the same bytes.
+///
+/// ```
+/// let mut out = Vec::new();
+/// repl_wire::bytes::put_varint(&mut out, 300);
+/// assert_eq!(out, postcard::to_allocvec(&300u64).unwrap());
+/// ```
+pub fn put_varint(out: &mut Vec<u8>, n: u64) {
+    crate::entry::put_varint(out, n);
+}
+
+/// Appends `bytes` as postcard writes a byte string: its length, then the bytes.
+///
+/// ```
+/// let mut out = Vec::new();
+/// repl_wire::bytes::put_bytes(&mut out, b"key");
+/// assert_eq!(out, [3, b'k', b'e', b'y']);
+/// ```
+pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    crate::entry::put_bytes(out, bytes);
+}
+
+/// Appends `vector` as postcard writes a [`VersionVector`](crate::VersionVector):
+/// its length, then each dot's origin and sequence.
+///
+/// ```
+/// use repl_wire::{Dot, Incarnation, VersionVector};
+/// let v = VersionVector::from_dot(Dot { origin: Incarnation(7), seq: 200 });
+/// let mut out = Vec::new();
+/// repl_wire::bytes::put_vector(&mut out, &v);
+/// assert_eq!(out, postcard::to_allocvec(&v).unwrap());
+/// ```
+pub fn put_vector(out: &mut Vec<u8>, vector: &crate::VersionVector) {
+    crate::entry::put_vector(out, vector);
 }
 
 struct BytesVisitor;

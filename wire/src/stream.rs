@@ -98,8 +98,14 @@ impl Collection {
     ];
 
     /// The variant's position in the declaration, which is what serde encodes for it
-    /// (no variant has an explicit discriminant).
-    pub(crate) fn index(self) -> u32 {
+    /// (no variant has an explicit discriminant), for encoders written by hand.
+    ///
+    /// ```
+    /// use repl_wire::Collection;
+    /// assert_eq!(Collection::Users.index(), 0);
+    /// assert_eq!(postcard::to_allocvec(&Collection::Audit).unwrap(), [Collection::Audit.index() as u8]);
+    /// ```
+    pub fn index(self) -> u32 {
         self as u32
     }
 
