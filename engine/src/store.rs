@@ -667,8 +667,9 @@ impl Store {
         self.stream(stream).begin_snapshot(peer, buckets)
     }
 
-    /// Stages a snapshot chunk from `peer` on disk.
-    pub fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<()> {
+    /// Stages a snapshot chunk from `peer` on disk (and keeps the entries, without
+    /// their values, for the install).
+    pub fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: Vec<Entry>) -> Result<()> {
         self.stream(stream).stage_snapshot(peer, entries)
     }
 

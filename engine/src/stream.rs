@@ -422,7 +422,10 @@ struct Staging {
     name: String,
     file: Arc<dyn StorageFile>,
     end: u64,
-    staged: Vec<(u32, u32)>,
+    /// Each staged entry (its value dropped unless an audit record's: only those are
+    /// read at the merge) with its place in the staged segment (offset, length): the
+    /// install merges these instead of reading back and decoding what it wrote.
+    staged: Vec<(Entry, u32, u32)>,
     /// The leaf buckets the snapshot covers (`None`: every bucket).
     buckets: Option<Vec<u32>>,
 }
@@ -1633,9 +1636,6 @@ impl LiveRecords {
     }
 }
 
-/// Staged snapshot entries read back and merged at a time when a snapshot is installed.
-const STAGED_READ_ENTRIES: usize = 4096;
-
 /// Payload bytes after which a snapshot chunk ends (at a key boundary).
 const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -2261,13 +2261,22 @@ impl StreamStore {
     }
 
     /// Appends a chunk's entries to the snapshot from `peer`.
-    pub(crate) fn stage_snapshot(&self, peer: &str, entries: &[Entry]) -> Result<()> {
+    pub(crate) fn stage_snapshot(&self, peer: &str, entries: Vec<Entry>) -> Result<()> {
         let mut staging = lock(&self.staging);
         let s = staging.get_mut(peer).ok_or(Error::Request("no snapshot in progress from this peer"))?;
         // Versions newer than `at` are staged too: one may be what superseded a version
         // `at` covers (the receiver will claim that one, so it must get its successor).
-        let encoded: Vec<Vec<u8>> =
-            entries.iter().filter(|e| e.collection.stream() == self.stream).map(Entry::encode).collect();
+        let mut entries: Vec<Entry> =
+            entries.into_iter().filter(|e| e.collection.stream() == self.stream).collect();
+        let encoded: Vec<Vec<u8>> = entries.iter().map(Entry::encode).collect();
+        if self.stream != StreamId::Audit {
+            for e in &mut entries {
+                if let Op::Put { value, .. } = &mut e.op {
+                    *value = Vec::new();
+                }
+            }
+        }
+        let mut entries = entries.into_iter();
         // Frames no larger than recovery accepts, at offsets the keydir can address.
         let mut groups: Vec<Vec<&[u8]>> = Vec::new();
         let mut size = 0;
@@ -2287,7 +2296,8 @@ impl StreamStore {
             }
             s.file.write_all_at(&frame, s.end).map_err(io_err(&s.name, "write snapshot frame"))?;
             for (rel, len) in spans {
-                s.staged.push((s.end as u32 + rel, len));
+                let entry = entries.next().expect("one entry per span");
+                s.staged.push((entry, s.end as u32 + rel, len));
             }
             s.end += frame.len() as u64;
         }
@@ -2370,19 +2380,14 @@ impl StreamStore {
                     }
                 }
             }
-            for staged in s.staged.chunks(STAGED_READ_ENTRIES) {
-                let locs: Vec<Loc> =
-                    staged.iter().map(|&(offset, len)| Loc::Disk { file: s.number, offset, len }).collect();
-                let entries =
-                    read_entries(&locs, |f| (f == s.number).then_some((&*s.file, final_name.as_str())))?;
-                for (entry, loc) in entries.into_iter().zip(locs) {
-                    if !doubtful.is_empty() {
-                        if let Some(dots) = doubtful.get_mut(&(entry.collection, entry.key.as_slice())) {
-                            dots.retain(|&d| d != entry.dot);
-                        }
+            for (entry, offset, len) in &s.staged {
+                if !doubtful.is_empty() {
+                    if let Some(dots) = doubtful.get_mut(&(entry.collection, entry.key.as_slice())) {
+                        dots.retain(|&d| d != entry.dot);
                     }
-                    self.merge_durable(&mut st, &mut kd, &entry, loc, Some(&before));
                 }
+                let loc = Loc::Disk { file: s.number, offset: *offset, len: *len };
+                self.merge_durable(&mut st, &mut kd, entry, loc, Some(&before));
             }
             for (id, dots) in doubtful.iter() {
                 let Some(versions) = kd.get_mut(id).filter(|_| !dots.is_empty()) else { continue };

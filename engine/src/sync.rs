@@ -92,7 +92,7 @@ pub trait Replica {
     /// Starts receiving a snapshot of leaf `buckets` (`None`: all) from `peer`.
     fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error>;
     /// Stages a chunk of the snapshot from `peer` durably.
-    fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<(), Error>;
+    fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: Vec<Entry>) -> Result<(), Error>;
     /// Installs the snapshot from `peer` and raises the vector to include `at`.
     fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<(), Error>;
 }
@@ -148,7 +148,7 @@ impl Replica for Store {
     fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error> {
         Store::begin_snapshot(self, stream, peer, buckets)
     }
-    fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<(), Error> {
+    fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: Vec<Entry>) -> Result<(), Error> {
         Store::stage_snapshot(self, stream, peer, entries)
     }
     fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<(), Error> {
@@ -1002,9 +1002,10 @@ impl PeerSync {
             staged = replica.begin_snapshot(stream, &peer, covered);
             *begun = true;
         }
-        let staged = staged.and_then(|()| replica.stage_snapshot(stream, &peer, &entries));
-        r.entries += entries.len() as u64;
-        self.stats.repair_entries += entries.len() as u64;
+        let count = entries.len() as u64;
+        let staged = staged.and_then(|()| replica.stage_snapshot(stream, &peer, entries));
+        r.entries += count;
+        self.stats.repair_entries += count;
         if staged.is_err() || last {
             let fetched = if buckets.is_empty() { TREE_LEAVES as usize } else { buckets.len() };
             let entries = r.entries;
@@ -1590,7 +1591,7 @@ mod tests {
         fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error> {
             self.store.begin_snapshot(stream, peer, buckets)
         }
-        fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: &[Entry]) -> Result<(), Error> {
+        fn stage_snapshot(&self, stream: StreamId, peer: &str, entries: Vec<Entry>) -> Result<(), Error> {
             self.store.stage_snapshot(stream, peer, entries)
         }
         fn finish_snapshot(&self, stream: StreamId, peer: &str, at: &VersionVector) -> Result<(), Error> {

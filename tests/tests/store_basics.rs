@@ -132,7 +132,7 @@ fn a_snapshot_drops_what_the_peer_saw_and_no_longer_holds_and_keeps_the_rest() {
     // had seen when it took it.
     let at: VersionVector = [Dot { origin: Incarnation(9), seq: 2 }].into_iter().collect();
     store.begin_snapshot(StreamId::Enterprise, "peer", None).expect("begin");
-    store.stage_snapshot(StreamId::Enterprise, "peer", &entries[1..2]).expect("stage");
+    store.stage_snapshot(StreamId::Enterprise, "peer", entries[1..2].to_vec()).expect("stage");
     store.finish_snapshot(StreamId::Enterprise, "peer", &at).expect("finish");
     assert_eq!(users(b"gone"), None, "the peer saw it and no longer holds it");
     assert_eq!(users(b"same"), Some(b"b".to_vec()));
@@ -372,7 +372,7 @@ fn an_audit_snapshot_that_brings_back_held_records_leaves_the_chain_whole() {
     assert_eq!(held.len(), 3);
     let at = store.vector(StreamId::Audit);
     store.begin_snapshot(StreamId::Audit, "a2", None).expect("begin");
-    store.stage_snapshot(StreamId::Audit, "a2", &held[..2]).expect("stage");
+    store.stage_snapshot(StreamId::Audit, "a2", held[..2].to_vec()).expect("stage");
     store.finish_snapshot(StreamId::Audit, "a2", &at).expect("finish");
     drop(store);
     let store = Store::open(Arc::new(disk.crash()), options(&clock, 16 * 1024)).expect("reopen");

@@ -238,7 +238,7 @@ pub fn restore(data_dir: &Path, body: &BackupBody) -> Result<repl_wire::Incarnat
         };
         store.begin_snapshot(stream, SOURCE, None).map_err(store_err)?;
         for chunk in image.entries.chunks(1024) {
-            store.stage_snapshot(stream, SOURCE, chunk).map_err(store_err)?;
+            store.stage_snapshot(stream, SOURCE, chunk.to_vec()).map_err(store_err)?;
         }
         store.finish_snapshot(stream, SOURCE, &image.at).map_err(store_err)?;
     }
