@@ -323,12 +323,23 @@ pub(crate) enum Wanted {
 pub(crate) fn decode_entry_at(bytes: &[u8], file: &str, offset: u64) -> Result<Entry, Error> {
     match parse_entry(bytes) {
         Some((entry, used)) if used == bytes.len() => Ok(entry),
-        _ => Err(Error::Corrupt(Corruption {
-            file: file.to_string(),
-            offset,
-            what: "entry checksum or encoding",
-        })),
+        _ => Err(bad_entry_at(file, offset)),
     }
+}
+
+/// Verifies the checksum of an entry read by a point read (header included) and
+/// returns its encoding, not decoded.
+pub(crate) fn entry_body_at<'b>(bytes: &'b [u8], file: &str, offset: u64) -> Result<&'b [u8], Error> {
+    let checked = entry_body(bytes).filter(|&(_, total)| total == bytes.len()).and_then(|(body, _)| {
+        let stored = read_u32(bytes, 4)?;
+        (crc(ENTRY_CRC_SEED, &[bytes.get(0..4)?, body]) == stored).then_some(body)
+    });
+    checked.ok_or_else(|| bad_entry_at(file, offset))
+}
+
+/// An entry at `offset` of `file` whose checksum or encoding is wrong.
+pub(crate) fn bad_entry_at(file: &str, offset: u64) -> Error {
+    Error::Corrupt(Corruption { file: file.to_string(), offset, what: "entry checksum or encoding" })
 }
 
 #[cfg(test)]

@@ -661,6 +661,18 @@ impl Store {
         self.stream(stream).snapshot_chunk(buckets, resume, max_entries)
     }
 
+    /// [`Store::snapshot_chunk`] with each entry in its encoding (as logged, unless
+    /// shipped with another context): what a peer is sent, without decoding it first.
+    pub(crate) fn snapshot_chunk_encoded(
+        &self,
+        stream: StreamId,
+        buckets: &[u32],
+        resume: &[u8],
+        max_entries: usize,
+    ) -> Result<(VersionVector, Vec<EncodedEntry>, Vec<u8>)> {
+        self.stream(stream).snapshot_chunk(buckets, resume, max_entries)
+    }
+
     /// Starts receiving a snapshot of `stream`'s leaf `buckets` (`None`: every bucket)
     /// from `peer`, dropping one in progress.
     pub fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<()> {
@@ -781,6 +793,48 @@ mod tests {
         store.write(session, Durability::Durable).expect("session");
         assert_ne!(root(StreamId::Sessions, now), empty, "a live session is compared");
         assert_eq!(root(StreamId::Sessions, now + 60_000), empty, "an expired one is not");
+    }
+
+    #[test]
+    fn a_snapshot_chunk_in_encodings_is_the_decoded_chunk_with_merged_contexts_shipped() {
+        let store = Store::open(Arc::new(SimStorage::new(SimConfig::default())), StoreOptions::default())
+            .expect("open");
+        for i in 0..50u32 {
+            store.put(Collection::Users, format!("user{i:02}").as_bytes(), &[i as u8; 40]).expect("put");
+        }
+        store.delete(Collection::Users, b"user07").expect("delete");
+        // A concurrent write from another appliance: last-writer-wins keeps one version
+        // whose context joins both, which is not the context either entry was logged with.
+        let remote = Entry {
+            dot: Dot { origin: Incarnation(0xfeed), seq: 1 },
+            hlc: Hlc { wall_ms: store.now_ms() + 1, logical: 0 },
+            collection: Collection::Users,
+            key: b"user03".to_vec(),
+            context: VersionVector::new(),
+            op: Op::Put { value: b"theirs".to_vec(), expires_at_ms: None },
+        };
+        store.apply_remote(StreamId::Enterprise, vec![remote]).expect("apply").wait().expect("durable");
+        let (mut shipped, mut resume) = (Vec::new(), Vec::new());
+        loop {
+            let (at, decoded, next) =
+                store.snapshot_chunk(StreamId::Enterprise, &[], &resume, 16).expect("chunk");
+            let (at_encoded, encoded, next_encoded) =
+                store.snapshot_chunk_encoded(StreamId::Enterprise, &[], &resume, 16).expect("encoded chunk");
+            assert_eq!((at, &next), (at_encoded, &next_encoded));
+            let back: Vec<Entry> = encoded.iter().map(|e| e.decode().expect("decodes")).collect();
+            assert_eq!(back, decoded, "the encoded chunk after {resume:?}");
+            shipped.extend(back);
+            if next.is_empty() {
+                break;
+            }
+            resume = next;
+        }
+        assert_eq!(shipped.len(), 50);
+        let winner = shipped.iter().find(|e| e.key == b"user03").expect("user03 shipped");
+        let (ours, theirs) =
+            (Dot { origin: store.incarnation(), seq: 4 }, Dot { origin: Incarnation(0xfeed), seq: 1 });
+        let loser = if winner.dot == theirs { ours } else { theirs };
+        assert!(winner.context.contains(loser), "the shipped context covers the loser: {winner:?}");
     }
 
     #[test]

@@ -1697,11 +1697,11 @@ const READ_RUN_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// per run of records near each other in a segment instead of one per record (a
 /// snapshot reads thousands of records, mostly neighbours). `handle` gives a segment's
 /// file and name; each entry is verified by its checksum.
-fn read_entries<'a>(
+fn read_entries<'a, T: LogItem>(
     locs: &[Loc],
     handle: impl Fn(u32) -> Option<(&'a dyn StorageFile, &'a str)>,
-) -> Result<Vec<Entry>> {
-    let mut read: Vec<Option<Entry>> = (0..locs.len()).map(|_| None).collect();
+) -> Result<Vec<T>> {
+    let mut read: Vec<Option<T>> = (0..locs.len()).map(|_| None).collect();
     let disk = |i: usize| match locs[i] {
         Loc::Disk { file, offset, len } => Some((file, u64::from(offset), u64::from(len))),
         Loc::Pending(_) => None,
@@ -1712,7 +1712,10 @@ fn read_entries<'a>(
     let mut i = 0;
     while i < order.len() {
         let Some((file, start, len)) = disk(order[i]) else {
-            read[order[i]] = Some(read_entry(None, &locs[order[i]])?);
+            if let Loc::Pending(bytes) = &locs[order[i]] {
+                let item = T::from_log(bytes).ok_or(Error::Request("a queued entry does not decode"))?;
+                read[order[i]] = Some(item);
+            }
             i += 1;
             continue;
         };
@@ -1731,7 +1734,8 @@ fn read_entries<'a>(
         for &k in &order[i..j] {
             let (_, o, l) = disk(k).expect("a run holds disk locations only");
             let at = (o - start) as usize;
-            read[k] = Some(segment::decode_entry_at(&buf[at..at + l as usize], name, o)?);
+            let body = segment::entry_body_at(&buf[at..at + l as usize], name, o)?;
+            read[k] = Some(T::from_log(body).ok_or_else(|| segment::bad_entry_at(name, o))?);
         }
         i = j;
     }
@@ -1763,6 +1767,26 @@ impl LogItem for EncodedEntry {
     }
     fn dot(&self) -> Dot {
         EncodedEntry::dot(self)
+    }
+}
+
+/// A log item a snapshot ships, with the context it is shipped with.
+pub(crate) trait SnapshotItem: LogItem {
+    /// The item with `context` as its context.
+    fn with_context(self, context: VersionVector) -> Result<Self>;
+}
+
+impl SnapshotItem for Entry {
+    fn with_context(mut self, context: VersionVector) -> Result<Self> {
+        self.context = context;
+        Ok(self)
+    }
+}
+
+impl SnapshotItem for EncodedEntry {
+    fn with_context(self, context: VersionVector) -> Result<Self> {
+        // Usually the context it was logged with: then the encoding goes as it is.
+        Ok(EncodedEntry::with_context(self, &context)?)
     }
 }
 
@@ -2148,12 +2172,12 @@ impl StreamStore {
     /// The stream's vector and, in key order from after `resume`, every version of the
     /// keys in leaf `buckets` (all keys when empty), whole keys only, stopping past
     /// `max_entries`. Also returns the token to resume from, empty after the last key.
-    pub(crate) fn snapshot_chunk(
+    pub(crate) fn snapshot_chunk<T: SnapshotItem>(
         &self,
         buckets: &[u32],
         resume: &[u8],
         max_entries: usize,
-    ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>)> {
+    ) -> Result<(VersionVector, Vec<T>, Vec<u8>)> {
         // No group half merged: the vector covers every version picked.
         let merging = lock(&self.merging);
         let st = lock(&self.state);
@@ -2213,11 +2237,13 @@ impl StreamStore {
         drop(st);
         drop(merging);
         let locs: Vec<Loc> = picked.iter().map(|(loc, _)| loc.clone()).collect();
-        let mut out = read_entries(&locs, |f| handles.get(&f).map(|(h, n)| (&**h, n.as_str())))?;
-        for (entry, (_, context)) in out.iter_mut().zip(picked) {
-            if let Some(context) = context {
-                entry.context = context;
-            }
+        let read: Vec<T> = read_entries(&locs, |f| handles.get(&f).map(|(h, n)| (&**h, n.as_str())))?;
+        let mut out = Vec::with_capacity(read.len());
+        for (entry, (_, context)) in read.into_iter().zip(picked) {
+            out.push(match context {
+                Some(context) => entry.with_context(context)?,
+                None => entry,
+            });
         }
         Ok((vector, out, token))
     }
@@ -2673,11 +2699,12 @@ impl StreamStore {
             for batch in live.chunks(COMPACTION_READ_ENTRIES) {
                 let locs: Vec<Loc> =
                     batch.iter().map(|&(file, offset, len)| Loc::Disk { file, offset, len }).collect();
-                let entries =
+                // Copied in their encoding: checked by their checksums, not decoded.
+                let entries: Vec<EncodedEntry> =
                     read_entries(&locs, |f| sources.get(&f).map(|(file, name)| (&**file, name.as_str())))?;
                 for (&(f, o, _), entry) in batch.iter().zip(entries) {
-                    vector.advance(entry.dot);
-                    let bytes = entry.encode();
+                    vector.advance(entry.dot());
+                    let bytes = entry.into_bytes();
                     let add = segment::ENTRY_HEADER_BYTES + bytes.len() as u64;
                     if pending_bytes + add > self.frame_max().max(FRAME_BYTES_MAX) {
                         flush(&mut pending, &mut at)?;

@@ -38,9 +38,9 @@
 use std::collections::{btree_map, BTreeMap, VecDeque};
 
 use repl_wire::{
-    encode_entries_frame, encode_frame, BucketHash, DecodeError, Dot, EncodedEntry, Entry, ErrorCode,
-    Handshake, Incarnation, NodeId, PeerMessage, ProtocolError, StreamId, StreamPosition, VersionVector,
-    PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    encode_entries_frame, encode_frame, encode_snapshot_chunk_frame, BucketHash, DecodeError, Dot,
+    EncodedEntry, Entry, ErrorCode, Handshake, Incarnation, NodeId, PeerMessage, ProtocolError,
+    SnapshotChunkFrame, StreamId, StreamPosition, VersionVector, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 
 use crate::error::Error;
@@ -81,14 +81,15 @@ pub trait Replica {
         buckets: &[u32],
     ) -> (VersionVector, Vec<BucketHash>);
     /// The vector and a chunk of the keys of leaf `buckets` (all when empty) after
-    /// `resume`, with the token to resume from (empty after the last).
+    /// `resume`, each entry in its encoding, with the token to resume from (empty
+    /// after the last).
     fn snapshot_chunk(
         &self,
         stream: StreamId,
         buckets: &[u32],
         resume: &[u8],
         max_entries: usize,
-    ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>), Error>;
+    ) -> Result<(VersionVector, Vec<EncodedEntry>, Vec<u8>), Error>;
     /// Starts receiving a snapshot of leaf `buckets` (`None`: all) from `peer`.
     fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error>;
     /// Stages a chunk of the snapshot from `peer` durably.
@@ -142,8 +143,8 @@ impl Replica for Store {
         buckets: &[u32],
         resume: &[u8],
         max_entries: usize,
-    ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>), Error> {
-        Store::snapshot_chunk(self, stream, buckets, resume, max_entries)
+    ) -> Result<(VersionVector, Vec<EncodedEntry>, Vec<u8>), Error> {
+        Store::snapshot_chunk_encoded(self, stream, buckets, resume, max_entries)
     }
     fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error> {
         Store::begin_snapshot(self, stream, peer, buckets)
@@ -169,6 +170,23 @@ pub enum Outgoing {
         /// The entries, each origin's in sequence order.
         entries: Vec<EncodedEntry>,
     },
+    /// [`PeerMessage::SnapshotChunk`] with its entries still encoded.
+    SnapshotChunk {
+        /// The stream.
+        stream: StreamId,
+        /// The sender's vector when it read the chunk.
+        at: VersionVector,
+        /// The resume token of the request this answers.
+        from: Vec<u8>,
+        /// Every version of the keys in this chunk, in key order.
+        entries: Vec<EncodedEntry>,
+        /// blake3 of the chunk's encoded entries, in order.
+        checksum: [u8; 32],
+        /// Where the next chunk starts (empty after the last chunk).
+        resume: Vec<u8>,
+        /// Whether this is the last chunk.
+        last: bool,
+    },
 }
 
 impl Outgoing {
@@ -177,6 +195,17 @@ impl Outgoing {
         match self {
             Outgoing::Message(m) => encode_frame(m),
             Outgoing::Entries { stream, entries } => encode_entries_frame(*stream, entries),
+            Outgoing::SnapshotChunk { stream, at, from, entries, checksum, resume, last } => {
+                encode_snapshot_chunk_frame(&SnapshotChunkFrame {
+                    stream: *stream,
+                    at,
+                    from,
+                    entries,
+                    checksum,
+                    resume,
+                    last: *last,
+                })
+            }
         }
     }
 
@@ -187,6 +216,10 @@ impl Outgoing {
             Outgoing::Entries { stream, entries } => {
                 let entries = entries.iter().map(EncodedEntry::decode).collect::<Result<_, _>>()?;
                 Ok(PeerMessage::Entries { stream, entries })
+            }
+            Outgoing::SnapshotChunk { stream, at, from, entries, checksum, resume, last } => {
+                let entries = entries.iter().map(EncodedEntry::decode).collect::<Result<_, _>>()?;
+                Ok(PeerMessage::SnapshotChunk { stream, at, from, entries, checksum, resume, last })
             }
         }
     }
@@ -1097,23 +1130,16 @@ impl PeerSync {
             let Some(from) = s.next.take() else { break };
             match replica.snapshot_chunk(stream, &s.buckets, &from, self.config.snapshot_chunk_entries) {
                 Ok((at, entries, next)) => {
-                    let checksum = chunk_checksum(&entries);
+                    let checksum = chunk_checksum_encoded(&entries);
                     let last = next.is_empty();
                     if !last {
                         s.outstanding.push_back(next.clone());
                         s.next = Some(next.clone());
                     }
-                    let chunk = PeerMessage::SnapshotChunk {
-                        stream,
-                        at,
-                        from,
-                        entries,
-                        checksum,
-                        resume: next,
-                        last,
-                    };
+                    let chunk =
+                        Outgoing::SnapshotChunk { stream, at, from, entries, checksum, resume: next, last };
                     self.stats.messages_sent += 1;
-                    self.transmit.push_back(Outgoing::Message(chunk));
+                    self.transmit.push_back(chunk);
                 }
                 Err(e) => {
                     self.events.push_back(SyncEvent::ApplyFailed(format!("snapshot of {stream}: {e}")));
@@ -1272,6 +1298,15 @@ fn chunk_checksum(entries: &[Entry]) -> [u8; 32] {
 
 const CHECKSUM_RUN_BYTES: usize = 64 * 1024;
 
+/// [`chunk_checksum`] of the entries these encode (an entry has one encoding).
+fn chunk_checksum_encoded(entries: &[EncodedEntry]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for e in entries {
+        h.update(e.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Retention feedback: the vector every peer a stream is sent to has acknowledged (the
 /// meet of their acknowledged vectors). The log may be compacted below it; with no
 /// such peer, everything local may be.
@@ -1381,6 +1416,20 @@ mod tests {
             }
             assert!(delivered < 10_000, "the exchange does not settle");
         }
+    }
+
+    #[test]
+    fn a_chunk_checksum_over_encodings_is_the_one_the_receiver_computes_from_entries() {
+        let s = store(1);
+        for i in 0..300u32 {
+            s.put(Collection::Users, format!("user{i:03}").as_bytes(), &vec![i as u8; i as usize])
+                .expect("put");
+        }
+        let (_, encoded, _) = s.snapshot_chunk_encoded(StreamId::Enterprise, &[], &[], 1_000).expect("chunk");
+        let decoded: Vec<Entry> = encoded.iter().map(|e| e.decode().expect("decodes")).collect();
+        assert_eq!(encoded.len(), 300);
+        assert_eq!(chunk_checksum_encoded(&encoded), chunk_checksum(&decoded));
+        assert_ne!(chunk_checksum_encoded(&encoded[1..]), chunk_checksum(&decoded));
     }
 
     #[test]
@@ -1585,8 +1634,8 @@ mod tests {
             buckets: &[u32],
             resume: &[u8],
             max_entries: usize,
-        ) -> Result<(VersionVector, Vec<Entry>, Vec<u8>), Error> {
-            self.store.snapshot_chunk(stream, buckets, resume, max_entries)
+        ) -> Result<(VersionVector, Vec<EncodedEntry>, Vec<u8>), Error> {
+            self.store.snapshot_chunk_encoded(stream, buckets, resume, max_entries)
         }
         fn begin_snapshot(&self, stream: StreamId, peer: &str, buckets: Option<&[u32]>) -> Result<(), Error> {
             self.store.begin_snapshot(stream, peer, buckets)

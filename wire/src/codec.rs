@@ -15,6 +15,7 @@ use crate::limits::{
 };
 use crate::message::{AdminCall, ClientCall, ClientReply, ClientRequest, PeerMessage};
 use crate::stream::StreamId;
+use crate::version::VersionVector;
 
 /// Bytes of the frame length prefix.
 pub const FRAME_PREFIX_BYTES: usize = 4;
@@ -62,7 +63,6 @@ impl WireMessage for PeerMessage {
     /// reserved once for all entries. A test holds the bytes equal to serde's.
     fn encode_by_hand(&self, out: &mut Vec<u8>) -> bool {
         // Variant positions in `PeerMessage`, as serde numbers them.
-        const SNAPSHOT_CHUNK: u64 = 8;
         const AUDIT_FORWARD: u64 = 10;
         let list = |out: &mut Vec<u8>, entries: &[Entry]| {
             put_varint(out, entries.len() as u64);
@@ -80,7 +80,7 @@ impl WireMessage for PeerMessage {
                 list(out, entries);
             }
             PeerMessage::SnapshotChunk { stream, at, from, entries, checksum, resume, last } => {
-                put_varint(out, SNAPSHOT_CHUNK);
+                put_varint(out, SNAPSHOT_CHUNK_VARIANT);
                 put_varint(out, u64::from(stream.index()));
                 put_vector(out, at);
                 put_bytes(out, from);
@@ -210,6 +210,8 @@ impl WireMessage for ClientReply {
 
 /// The position of `PeerMessage::Entries` among the variants, as serde numbers them.
 const ENTRIES_VARIANT: u64 = 1;
+/// The position of `PeerMessage::SnapshotChunk` among the variants.
+const SNAPSHOT_CHUNK_VARIANT: u64 = 8;
 
 /// Encodes a message as one frame (length prefix included).
 pub fn encode_frame<M: WireMessage>(message: &M) -> Result<Vec<u8>, DecodeError> {
@@ -240,6 +242,17 @@ pub fn encode_frame<M: WireMessage>(message: &M) -> Result<Vec<u8>, DecodeError>
 /// assert_eq!(frame, encode_frame(&message).unwrap());
 /// ```
 pub fn encode_entries_frame(stream: StreamId, entries: &[EncodedEntry]) -> Result<Vec<u8>, DecodeError> {
+    // The prefix, two one-byte tags and a count of at most three bytes.
+    let mut out = frame_for_entries(entries, 5)?;
+    put_varint(&mut out, ENTRIES_VARIANT);
+    put_varint(&mut out, u64::from(stream.index()));
+    put_encoded(&mut out, entries);
+    finish_frame(out)
+}
+
+/// A frame buffer holding only the room for its length prefix, with capacity for
+/// `entries` and `other` bytes more; refuses more entries than a batch may hold.
+fn frame_for_entries(entries: &[EncodedEntry], other: usize) -> Result<Vec<u8>, DecodeError> {
     if entries.len() > BATCH_ENTRIES_MAX {
         return Err(DecodeError::TooLarge {
             what: "entry batch",
@@ -248,16 +261,90 @@ pub fn encode_entries_frame(stream: StreamId, entries: &[EncodedEntry]) -> Resul
         });
     }
     let bytes: usize = entries.iter().map(|e| e.as_bytes().len()).sum();
-    // The prefix, two one-byte tags and a count of at most three bytes.
-    let mut out = Vec::with_capacity(FRAME_PREFIX_BYTES + 5 + bytes);
+    let mut out = Vec::with_capacity(FRAME_PREFIX_BYTES + other + bytes);
     out.resize(FRAME_PREFIX_BYTES, 0);
-    put_varint(&mut out, ENTRIES_VARIANT);
-    put_varint(&mut out, u64::from(stream.index()));
-    put_varint(&mut out, entries.len() as u64);
+    Ok(out)
+}
+
+/// Appends `entries` as postcard writes a `Vec<Entry>`: the count, then each encoding.
+fn put_encoded(out: &mut Vec<u8>, entries: &[EncodedEntry]) {
+    put_varint(out, entries.len() as u64);
     for e in entries {
         out.extend_from_slice(e.as_bytes());
     }
+}
+
+/// [`PeerMessage::SnapshotChunk`] as one frame, from entries still in their encoding
+/// (a snapshot's sender ships log records without decoding them); the bytes
+/// [`encode_frame`] makes of the message with the entries decoded.
+///
+/// ```
+/// use repl_wire::{
+///     encode_frame, encode_snapshot_chunk_frame, Collection, Dot, EncodedEntry, Entry, Hlc,
+///     Incarnation, Op, PeerMessage, SnapshotChunkFrame, StreamId, VersionVector,
+/// };
+/// let e = Entry {
+///     dot: Dot { origin: Incarnation(7), seq: 1 },
+///     hlc: Hlc { wall_ms: 1_000, logical: 0 },
+///     collection: Collection::Users,
+///     key: b"alice".to_vec(),
+///     context: VersionVector::new(),
+///     op: Op::Put { value: b"v".to_vec(), expires_at_ms: None },
+/// };
+/// let at = VersionVector::from_dot(e.dot);
+/// let chunk = SnapshotChunkFrame {
+///     stream: StreamId::Enterprise,
+///     at: &at,
+///     from: b"",
+///     entries: &[EncodedEntry::from(&e)],
+///     checksum: &[3; 32],
+///     resume: b"\x00alice",
+///     last: false,
+/// };
+/// let message = PeerMessage::SnapshotChunk {
+///     stream: StreamId::Enterprise,
+///     at: at.clone(),
+///     from: Vec::new(),
+///     entries: vec![e],
+///     checksum: [3; 32],
+///     resume: b"\x00alice".to_vec(),
+///     last: false,
+/// };
+/// assert_eq!(encode_snapshot_chunk_frame(&chunk).unwrap(), encode_frame(&message).unwrap());
+/// ```
+pub fn encode_snapshot_chunk_frame(chunk: &SnapshotChunkFrame<'_>) -> Result<Vec<u8>, DecodeError> {
+    let SnapshotChunkFrame { stream, at, from, entries, checksum, resume, last } = *chunk;
+    // Tags, counts and lengths take at most 30 bytes, the checksum 32, a dot 20.
+    let mut out = frame_for_entries(entries, 64 + 20 * at.len() + from.len() + resume.len())?;
+    put_varint(&mut out, SNAPSHOT_CHUNK_VARIANT);
+    put_varint(&mut out, u64::from(stream.index()));
+    put_vector(&mut out, at);
+    put_bytes(&mut out, from);
+    put_encoded(&mut out, entries);
+    out.extend_from_slice(checksum);
+    put_bytes(&mut out, resume);
+    out.push(u8::from(last));
     finish_frame(out)
+}
+
+/// The fields of a [`PeerMessage::SnapshotChunk`] with its entries in their encoding,
+/// borrowed, for [`encode_snapshot_chunk_frame`].
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotChunkFrame<'a> {
+    /// The stream.
+    pub stream: StreamId,
+    /// The sender's vector when it read the chunk.
+    pub at: &'a VersionVector,
+    /// The resume token of the request this answers.
+    pub from: &'a [u8],
+    /// Every version of the keys in this chunk, in key order, encoded.
+    pub entries: &'a [EncodedEntry],
+    /// blake3 of the entries' encodings, in order.
+    pub checksum: &'a [u8; 32],
+    /// Where the next chunk starts (empty after the last chunk).
+    pub resume: &'a [u8],
+    /// Whether this is the last chunk.
+    pub last: bool,
 }
 
 /// Checks the payload after the prefix room of `out` and writes its length there.

@@ -91,10 +91,83 @@ impl EncodedEntry {
         &self.bytes
     }
 
+    /// The encoding, taken out.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
     /// Decodes the entry, checking every bound.
     pub fn decode(&self) -> Result<Entry, DecodeError> {
         Entry::decode(&self.bytes)
     }
+
+    /// The entry with its context replaced by `context`: the same encoding, unchanged
+    /// and not copied, when the context is that already; else the bytes before and
+    /// after the context around `context`'s encoding. Reads only the fields before the
+    /// context; an encoding too short to hold them is refused.
+    ///
+    /// ```
+    /// use repl_wire::{Collection, Dot, EncodedEntry, Entry, Hlc, Incarnation, Op, VersionVector};
+    /// let mut e = Entry {
+    ///     dot: Dot { origin: Incarnation(7), seq: 2 },
+    ///     hlc: Hlc { wall_ms: 1_000, logical: 0 },
+    ///     collection: Collection::Users,
+    ///     key: b"alice".to_vec(),
+    ///     context: VersionVector::new(),
+    ///     op: Op::Delete,
+    /// };
+    /// let wider = VersionVector::from_dot(Dot { origin: Incarnation(9), seq: 4 });
+    /// let patched = EncodedEntry::from(&e).with_context(&wider).unwrap();
+    /// e.context = wider;
+    /// assert_eq!(patched.as_bytes(), e.encode());
+    /// ```
+    pub fn with_context(self, context: &VersionVector) -> Result<EncodedEntry, DecodeError> {
+        let short = || DecodeError::from_postcard("entry", postcard::Error::DeserializeUnexpectedEnd);
+        let b = &self.bytes;
+        // dot (origin, seq), HLC (wall, logical), collection, then the key's length.
+        let mut at = 0;
+        for _ in 0..5 {
+            at = skip_varint(b, at).ok_or_else(short)?;
+        }
+        let (key_len, after_len) = read_varint(b, at).ok_or_else(short)?;
+        let start = usize::try_from(key_len).ok().and_then(|k| after_len.checked_add(k)).ok_or_else(short)?;
+        let (dots, mut end) = read_varint(b, start).ok_or_else(short)?;
+        for _ in 0..dots.saturating_mul(2) {
+            end = skip_varint(b, end).ok_or_else(short)?;
+        }
+        let mut encoded = Vec::with_capacity(1 + 20 * context.len());
+        put_vector(&mut encoded, context);
+        // `skip_varint` only returns positions within `b`, and `end` follows `start`.
+        let (before, rest) = b.split_at_checked(start).ok_or_else(short)?;
+        let (logged, after) = rest.split_at_checked(end - start).ok_or_else(short)?;
+        if logged == encoded {
+            return Ok(self);
+        }
+        let mut bytes = Vec::with_capacity(before.len() + encoded.len() + after.len());
+        bytes.extend_from_slice(before);
+        bytes.extend_from_slice(&encoded);
+        bytes.extend_from_slice(after);
+        EncodedEntry::new(bytes)
+    }
+}
+
+/// The varint at `at` and the position after it; `None` past the end or beyond 64 bits.
+fn read_varint(bytes: &[u8], mut at: usize) -> Option<(u64, usize)> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(at)?;
+        at += 1;
+        n |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some((n, at));
+        }
+    }
+    None
+}
+
+/// The position after the varint at `at`.
+fn skip_varint(bytes: &[u8], at: usize) -> Option<usize> {
+    read_varint(bytes, at).map(|(_, next)| next)
 }
 
 impl From<&Entry> for EncodedEntry {
@@ -309,6 +382,36 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_context_replaced_in_the_encoding_is_the_encoding_of_the_entry_with_it(
+            e in entry(),
+            wider in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..6),
+        ) {
+            let wider: VersionVector =
+                wider.into_iter().map(|(o, s)| Dot { origin: Incarnation(o), seq: s }).collect();
+            let encoded = EncodedEntry::from(&e);
+            // The context it has: the same bytes.
+            let same = encoded.clone().with_context(&e.context).expect("its own context");
+            prop_assert_eq!(same.as_bytes(), encoded.as_bytes());
+            let patched = encoded.clone().with_context(&wider).expect("another context");
+            let mut expected = e.clone();
+            expected.context = wider.clone();
+            prop_assert_eq!(patched.as_bytes(), &expected.encode()[..]);
+            prop_assert_eq!(patched.decode().expect("decodes"), expected);
+            // Cut short before the context ends: refused, never a panic.
+            let bytes = encoded.as_bytes();
+            let context_end = bytes.len() - 1 - match &e.op {
+                Op::Put { value, expires_at_ms } => {
+                    varint_len(value.len() as u64) + value.len() + 1 + expires_at_ms.map_or(0, varint_len)
+                }
+                Op::Delete => 0,
+            };
+            for cut in 0..context_end {
+                let short = EncodedEntry { dot: e.dot, bytes: bytes[..cut].to_vec() };
+                prop_assert!(short.with_context(&wider).is_err(), "cut at {cut} of {context_end}");
+            }
+        }
+
         #[test]
         fn the_hand_written_encoding_is_postcards(e in entry(), logical in any::<u32>(), big in any::<bool>()) {
             let mut e = e;

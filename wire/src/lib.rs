@@ -28,7 +28,8 @@ mod version;
 
 pub use audit::AuditEvent;
 pub use codec::{
-    decode_frame, encode_entries_frame, encode_frame, FrameReader, WireMessage, FRAME_PREFIX_BYTES,
+    decode_frame, encode_entries_frame, encode_frame, encode_snapshot_chunk_frame, FrameReader,
+    SnapshotChunkFrame, WireMessage, FRAME_PREFIX_BYTES,
 };
 pub use entry::{EncodedEntry, Entry, Op};
 pub use error::DecodeError;
