@@ -249,13 +249,16 @@ fn parse_frame(bytes: &[u8], at: usize, len: usize) -> Option<ScannedFrame> {
 /// Parses one entry with its header from the front of `bytes`; returns it and the
 /// bytes it took. `None` when the header, checksum or entry is bad.
 fn parse_entry(bytes: &[u8]) -> Option<(Entry, usize)> {
-    let (body, total) = entry_body(bytes)?;
-    let stored = read_u32(bytes, 4)?;
-    if crc(ENTRY_CRC_SEED, &[bytes.get(0..4)?, body]) != stored {
-        return None;
-    }
+    let (body, total) = checked_body(bytes)?;
     let entry = Entry::decode(body).ok()?;
     Some((entry, total))
+}
+
+/// [`entry_body`] once the entry's checksum (over its length and encoding) holds.
+fn checked_body(bytes: &[u8]) -> Option<(&[u8], usize)> {
+    let (body, total) = entry_body(bytes)?;
+    let stored = read_u32(bytes, 4)?;
+    (crc(ENTRY_CRC_SEED, &[bytes.get(0..4)?, body]) == stored).then_some((body, total))
 }
 
 /// The encoded entry behind the header at the front of `bytes`, and the bytes header
@@ -321,20 +324,17 @@ pub(crate) enum Wanted {
 
 /// Verifies and decodes an entry read by a point read (header included).
 pub(crate) fn decode_entry_at(bytes: &[u8], file: &str, offset: u64) -> Result<Entry, Error> {
-    match parse_entry(bytes) {
-        Some((entry, used)) if used == bytes.len() => Ok(entry),
-        _ => Err(bad_entry_at(file, offset)),
-    }
+    let body = entry_body_at(bytes, file, offset)?;
+    Entry::decode(body).map_err(|_| bad_entry_at(file, offset))
 }
 
 /// Verifies the checksum of an entry read by a point read (header included) and
 /// returns its encoding, not decoded.
 pub(crate) fn entry_body_at<'b>(bytes: &'b [u8], file: &str, offset: u64) -> Result<&'b [u8], Error> {
-    let checked = entry_body(bytes).filter(|&(_, total)| total == bytes.len()).and_then(|(body, _)| {
-        let stored = read_u32(bytes, 4)?;
-        (crc(ENTRY_CRC_SEED, &[bytes.get(0..4)?, body]) == stored).then_some(body)
-    });
-    checked.ok_or_else(|| bad_entry_at(file, offset))
+    match checked_body(bytes) {
+        Some((body, used)) if used == bytes.len() => Ok(body),
+        _ => Err(bad_entry_at(file, offset)),
+    }
 }
 
 /// An entry at `offset` of `file` whose checksum or encoding is wrong.
