@@ -10,7 +10,7 @@ use repl_engine::runtime::{
 use repl_engine::topology::{Generation, Role, Topology};
 use repl_engine::{Store, StoreOptions};
 use repl_tests::net::{appliance_tls, free_port, tls_for, topology, wait_until};
-use repl_wire::transport::{CertificateAuthority, Identity, Validity};
+use repl_wire::transport::{AllowedPeers, CertificateAuthority, Identity, TlsSetup, Validity};
 use repl_wire::{
     AdminCall, AuditEvent, ClientCall, ClientReply, Collection, Dot, ErrorCode, NodeId, StreamId,
 };
@@ -309,4 +309,35 @@ async fn admin_calls_need_an_admin_certificate_and_metrics_are_served() {
     if let Ok(db1) = std::sync::Arc::try_unwrap(db1) {
         db1.shutdown(Duration::ZERO).await;
     }
+}
+
+/// A client whose certificate every appliance refuses (issued by another CA), or
+/// which refuses every appliance's (it trusts another CA), gets a typed answer at
+/// once, not `Unavailable` at the call's deadline: retrying cannot help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_refused_by_every_appliance_ends_the_call_at_once() {
+    let e = Enterprise::g4();
+    let _db1 = e.start(0, e.config(0)).await;
+    let _db2 = e.start(1, e.config(1)).await;
+    let elsewhere = CertificateAuthority::create("elsewhere", Validity::days_from_now(1)).expect("ca");
+    let foreign = elsewhere.issue(&agent(), Validity::days_from_now(1)).expect("certificate");
+    let allowed = AllowedPeers::new(e.topology.appliances.iter().map(|a| a.id.clone()));
+    let refused_by_them =
+        TlsSetup::from_pem(e.ca.cert_pem(), &foreign.cert_pem, &foreign.key_pem, &[], allowed).expect("tls");
+    let refusing_them = tls_for(&elsewhere, agent(), &e.topology);
+    for (who, tls) in [("the appliances", refused_by_them), ("the client", refusing_them)] {
+        // A deadline far beyond the handshakes: reaching it is the failure.
+        let client = RemoteStore::new(tls, database_targets(&e.topology, "a"))
+            .expect("client")
+            .with_timeouts(Duration::from_millis(1_500), Duration::from_secs(20));
+        match client.put(Collection::Users, b"k", b"v").await {
+            // 48: unknown_ca, raised by whichever side did not know the issuer.
+            Err(ClientError::Certificate { alert: 48, detail, .. }) => {
+                assert!(detail.contains("48"), "{who}: {detail}");
+            }
+            other => panic!("a certificate refused by {who} gave {other:?}"),
+        }
+    }
+    // The enterprise's own client certificate is served as before.
+    e.client(agent(), "a").put(Collection::Users, b"k", b"v").await.expect("put");
 }

@@ -51,6 +51,19 @@ pub enum ClientError {
         /// What it said.
         error: ProtocolError,
     },
+    /// Every appliance of the list ended the TLS handshake over a certificate: it
+    /// refused this client's (revoked, expired, from another CA, not allowed), or this
+    /// client refused its. Retrying cannot help until a certificate changes, so the
+    /// call ends at once instead of at its deadline.
+    #[error("every appliance's TLS handshake failed on a certificate (last {appliance}, TLS alert {alert}): {detail}")]
+    Certificate {
+        /// The last appliance tried.
+        appliance: NodeId,
+        /// The TLS alert (RFC 8446 section 6.2), e.g. 44 certificate_revoked.
+        alert: u8,
+        /// The transport's account of it.
+        detail: String,
+    },
     /// The appliance answered something that does not fit the call.
     #[error("appliance {0} answered out of protocol")]
     Unexpected(NodeId),
@@ -289,6 +302,8 @@ impl RemoteStore {
         let mut attempts = 0u32;
         let mut last = String::from("no attempt");
         let mut backoff = Duration::from_millis(50);
+        // Which targets failed the handshake over a certificate in this call.
+        let mut refused = vec![false; self.targets.len()];
         while tokio::time::Instant::now() < deadline && !self.targets.is_empty() {
             attempts += 1;
             let (index, target) = {
@@ -304,7 +319,19 @@ impl RemoteStore {
                     last = format!("{}: {e}", target.id);
                 }
                 Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(e)) => last = format!("{}: {e}", target.id),
+                Ok(Err(e)) => {
+                    if let Some((alert, detail)) = certificate_alert(&e) {
+                        refused[index % self.targets.len()] = true;
+                        if refused.iter().all(|r| *r) {
+                            return Err(ClientError::Certificate {
+                                appliance: target.id.clone(),
+                                alert,
+                                detail,
+                            });
+                        }
+                    }
+                    last = format!("{}: {e}", target.id);
+                }
                 Err(_) => last = format!("{}: no answer within {:?}", target.id, self.attempt_timeout),
             }
             // Move on to the next appliance of the list.
@@ -348,4 +375,28 @@ impl RemoteStore {
         let mut reader = FrameReader::new();
         recv_message::<ClientReply>(&mut recv, &mut reader).await?.ok_or(TransportError::Truncated)
     }
+}
+
+/// TLS alerts about a certificate (RFC 8446 section 6.2): bad_certificate,
+/// unsupported_certificate, certificate_revoked, certificate_expired,
+/// certificate_unknown, unknown_ca, access_denied, certificate_required.
+const CERTIFICATE_ALERTS: [u8; 8] = [42, 43, 44, 45, 46, 48, 49, 116];
+
+/// The TLS alert that ended a connection, and how the connection ended, when its
+/// handshake failed over a certificate, on either side: QUIC carries a TLS alert as
+/// the transport error code 0x100 plus the alert.
+fn certificate_alert(e: &TransportError) -> Option<(u8, String)> {
+    let lost = match e {
+        TransportError::Connection(c)
+        | TransportError::Write(quinn::WriteError::ConnectionLost(c))
+        | TransportError::Read(quinn::ReadError::ConnectionLost(c)) => c,
+        _ => return None,
+    };
+    let code = match lost {
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
+        quinn::ConnectionError::TransportError(t) => t.code,
+        _ => return None,
+    };
+    let alert = u8::try_from(u64::from(code).checked_sub(0x100)?).ok()?;
+    CERTIFICATE_ALERTS.contains(&alert).then(|| (alert, lost.to_string()))
 }
