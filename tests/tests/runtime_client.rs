@@ -139,11 +139,18 @@ async fn remote_store_is_idempotent_causal_and_fails_over() {
     assert_eq!(at_db2, first, "the other database appliance must return the first answer");
     assert_eq!(own(&db2), db2_before, "the retry wrote again at db2");
 
-    // A read carrying a token nobody holds times out with a typed error.
+    // A read carrying a token nobody holds times out with a typed error (each attempt
+    // waits db2's 300 ms for it, until the call's deadline).
     let unknown = Dot { origin: db1.store().incarnation(), seq: 1_000_000 };
+    let impatient = RemoteStore::new(
+        tls_for(&e.ca, agent(), &e.topology),
+        database_targets(&e.topology, "b").into_iter().take(1).collect(),
+    )
+    .expect("client")
+    .with_timeouts(Duration::from_millis(1_500), Duration::from_millis(1_500));
     let (_, reply) = (
         (),
-        only_db2
+        impatient
             .call_with_key(
                 [9; 16],
                 ClientCall::Get { collection: Collection::Users, key: b"bob".to_vec(), after: Some(unknown) },
