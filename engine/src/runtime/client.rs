@@ -55,7 +55,10 @@ pub enum ClientError {
     /// refused this client's (revoked, expired, from another CA, not allowed), or this
     /// client refused its. Retrying cannot help until a certificate changes, so the
     /// call ends at once instead of at its deadline.
-    #[error("every appliance's TLS handshake failed on a certificate (last {appliance}, TLS alert {alert}): {detail}")]
+    #[error(
+        "every appliance's TLS handshake failed on a certificate (last {appliance}: TLS alert {alert} {}): {detail}",
+        alert_name(*alert)
+    )]
     Certificate {
         /// The last appliance tried.
         appliance: NodeId,
@@ -377,10 +380,22 @@ impl RemoteStore {
     }
 }
 
-/// TLS alerts about a certificate (RFC 8446 section 6.2): bad_certificate,
-/// unsupported_certificate, certificate_revoked, certificate_expired,
-/// certificate_unknown, unknown_ca, access_denied, certificate_required.
-const CERTIFICATE_ALERTS: [u8; 8] = [42, 43, 44, 45, 46, 48, 49, 116];
+/// TLS alerts about a certificate, with their names in RFC 8446 section 6.2.
+const CERTIFICATE_ALERTS: [(u8, &str); 8] = [
+    (42, "bad_certificate"),
+    (43, "unsupported_certificate"),
+    (44, "certificate_revoked"),
+    (45, "certificate_expired"),
+    (46, "certificate_unknown"),
+    (48, "unknown_ca"),
+    (49, "access_denied"),
+    (116, "certificate_required"),
+];
+
+/// The RFC 8446 name of a certificate alert.
+fn alert_name(alert: u8) -> &'static str {
+    CERTIFICATE_ALERTS.iter().find(|(a, _)| *a == alert).map_or("(not a certificate alert)", |(_, n)| n)
+}
 
 /// The TLS alert that ended a connection, and how the connection ended, when its
 /// handshake failed over a certificate, on either side: QUIC carries a TLS alert as
@@ -398,5 +413,5 @@ fn certificate_alert(e: &TransportError) -> Option<(u8, String)> {
         _ => return None,
     };
     let alert = u8::try_from(u64::from(code).checked_sub(0x100)?).ok()?;
-    CERTIFICATE_ALERTS.contains(&alert).then(|| (alert, lost.to_string()))
+    CERTIFICATE_ALERTS.iter().any(|(a, _)| *a == alert).then(|| (alert, lost.to_string()))
 }
