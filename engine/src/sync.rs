@@ -1279,31 +1279,32 @@ const NOT_COVERED_REPEAT: u64 = 4;
 const ACK_REPEATS: u8 = 2;
 const ACK_REPEAT_INTERVALS: u64 = 3;
 
-/// blake3 over a chunk's encoded entries, in order. The encodings are hashed in runs of
-/// [`CHECKSUM_RUN_BYTES`]: blake3 hashes a long input several 1 KiB chunks at a time
-/// (SIMD), an entry at a time one chunk at a time; the digest is the same.
+/// blake3 over a chunk's encoded entries, in order.
 fn chunk_checksum(entries: &[Entry]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    let mut buf = Vec::with_capacity(CHECKSUM_RUN_BYTES + 4096);
-    for e in entries {
-        e.encode_into(&mut buf);
-        if buf.len() >= CHECKSUM_RUN_BYTES {
-            h.update(&buf);
-            buf.clear();
-        }
-    }
-    h.update(&buf);
-    *h.finalize().as_bytes()
+    checksum_in_runs(entries, Entry::encode_into)
+}
+
+/// [`chunk_checksum`] of the entries these encode (an entry has one encoding).
+fn chunk_checksum_encoded(entries: &[EncodedEntry]) -> [u8; 32] {
+    checksum_in_runs(entries, |e, run| run.extend_from_slice(e.as_bytes()))
 }
 
 const CHECKSUM_RUN_BYTES: usize = 64 * 1024;
 
-/// [`chunk_checksum`] of the entries these encode (an entry has one encoding).
-fn chunk_checksum_encoded(entries: &[EncodedEntry]) -> [u8; 32] {
+/// blake3 over what `write` appends for each item, in order, hashed in runs of
+/// [`CHECKSUM_RUN_BYTES`]: blake3 hashes a long input several 1 KiB chunks at a time
+/// (SIMD), an entry at a time one 64-byte block at a time; the digest is the same.
+fn checksum_in_runs<T>(items: &[T], write: impl Fn(&T, &mut Vec<u8>)) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    for e in entries {
-        h.update(e.as_bytes());
+    let mut run = Vec::with_capacity(CHECKSUM_RUN_BYTES + 4096);
+    for item in items {
+        write(item, &mut run);
+        if run.len() >= CHECKSUM_RUN_BYTES {
+            h.update(&run);
+            run.clear();
+        }
     }
+    h.update(&run);
     *h.finalize().as_bytes()
 }
 
