@@ -21,16 +21,22 @@ pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>
 }
 
 /// Appends `n` as postcard writes an unsigned integer (seven bits per byte, low bits
-/// first), for encoders written by hand beside serde's (the store's hint keys), whose
-/// tests hold the two to the same bytes.
+/// first, the top bit set on every byte but the last), for encoders written by hand
+/// beside serde's (entries, frames, the store's hint keys), whose tests hold the two
+/// to the same bytes.
 ///
 /// ```
 /// let mut out = Vec::new();
 /// repl_wire::bytes::put_varint(&mut out, 300);
 /// assert_eq!(out, postcard::to_allocvec(&300u64).unwrap());
 /// ```
-pub fn put_varint(out: &mut Vec<u8>, n: u64) {
-    crate::entry::put_varint(out, n);
+#[inline]
+pub fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
 }
 
 /// Appends `bytes` as postcard writes a byte string: its length, then the bytes.
@@ -40,8 +46,10 @@ pub fn put_varint(out: &mut Vec<u8>, n: u64) {
 /// repl_wire::bytes::put_bytes(&mut out, b"key");
 /// assert_eq!(out, [3, b'k', b'e', b'y']);
 /// ```
+#[inline]
 pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    crate::entry::put_bytes(out, bytes);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
 }
 
 /// Appends `vector` as postcard writes a [`VersionVector`](crate::VersionVector):
@@ -54,8 +62,13 @@ pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 /// repl_wire::bytes::put_vector(&mut out, &v);
 /// assert_eq!(out, postcard::to_allocvec(&v).unwrap());
 /// ```
+#[inline]
 pub fn put_vector(out: &mut Vec<u8>, vector: &crate::VersionVector) {
-    crate::entry::put_vector(out, vector);
+    put_varint(out, vector.len() as u64);
+    for dot in vector.iter() {
+        put_varint(out, dot.origin.0);
+        put_varint(out, dot.seq);
+    }
 }
 
 struct BytesVisitor;

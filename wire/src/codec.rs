@@ -8,7 +8,8 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::entry::{put_bytes, put_varint, put_vector, EncodedEntry, Entry};
+use crate::bytes::{put_bytes, put_varint, put_vector};
+use crate::entry::{EncodedEntry, Entry};
 use crate::error::DecodeError;
 use crate::limits::{
     BATCH_ENTRIES_MAX, FRAME_BYTES_MAX, KEY_BYTES_MAX, LIST_ITEMS_MAX, STRING_BYTES_MAX, VALUE_BYTES_MAX,

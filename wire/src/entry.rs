@@ -1,5 +1,6 @@
 use serde::{Deserialize, Serialize};
 
+use crate::bytes::{put_bytes, put_varint, put_vector};
 use crate::error::DecodeError;
 use crate::hlc::Hlc;
 use crate::limits::{ENTRY_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX};
@@ -173,34 +174,6 @@ fn skip_varint(bytes: &[u8], at: usize) -> Option<usize> {
 impl From<&Entry> for EncodedEntry {
     fn from(entry: &Entry) -> Self {
         EncodedEntry { dot: entry.dot, bytes: entry.encode() }
-    }
-}
-
-/// Appends `n` as postcard writes an unsigned integer: seven bits per byte, low
-/// bits first, the top bit set on every byte but the last.
-#[inline]
-pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// Appends `bytes` as postcard writes a byte string: its length, then the bytes.
-#[inline]
-pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
-/// Appends `vector` as postcard writes it: its length, then each (origin, seq).
-#[inline]
-pub(crate) fn put_vector(out: &mut Vec<u8>, vector: &VersionVector) {
-    put_varint(out, vector.len() as u64);
-    for dot in vector.iter() {
-        put_varint(out, dot.origin.0);
-        put_varint(out, dot.seq);
     }
 }
 
