@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use repl_wire::transport::{client_endpoint, connect, recv_message, send_message, TlsSetup, TransportError};
+use repl_wire::transport::{
+    certificate_alert_name, client_endpoint, connect, recv_message, send_message, TlsSetup, TransportError,
+};
 use repl_wire::{
     AuditEvent, ClientCall, ClientReply, ClientRequest, Collection, Dot, ErrorCode, FrameReader, NodeId,
     ProtocolError, StreamId, ValueView, VersionVector, ALPN_CLIENT,
@@ -57,7 +59,7 @@ pub enum ClientError {
     /// call ends at once instead of at its deadline.
     #[error(
         "every appliance's TLS handshake failed on a certificate (last {appliance}: TLS alert {alert} {}): {detail}",
-        alert_name(*alert)
+        certificate_alert_name(*alert)
     )]
     Certificate {
         /// The last appliance tried.
@@ -323,9 +325,10 @@ impl RemoteStore {
                 }
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(e)) => {
-                    if let Some((alert, detail)) = certificate_alert(&e) {
+                    if let Some((alert, end)) = e.certificate_alert() {
                         refused[index % self.targets.len()] = true;
                         if refused.iter().all(|r| *r) {
+                            let detail = end.to_string();
                             return Err(ClientError::Certificate {
                                 appliance: target.id.clone(),
                                 alert,
@@ -378,40 +381,4 @@ impl RemoteStore {
         let mut reader = FrameReader::new();
         recv_message::<ClientReply>(&mut recv, &mut reader).await?.ok_or(TransportError::Truncated)
     }
-}
-
-/// TLS alerts about a certificate, with their names in RFC 8446 section 6.2.
-const CERTIFICATE_ALERTS: [(u8, &str); 8] = [
-    (42, "bad_certificate"),
-    (43, "unsupported_certificate"),
-    (44, "certificate_revoked"),
-    (45, "certificate_expired"),
-    (46, "certificate_unknown"),
-    (48, "unknown_ca"),
-    (49, "access_denied"),
-    (116, "certificate_required"),
-];
-
-/// The RFC 8446 name of a certificate alert.
-fn alert_name(alert: u8) -> &'static str {
-    CERTIFICATE_ALERTS.iter().find(|(a, _)| *a == alert).map_or("(not a certificate alert)", |(_, n)| n)
-}
-
-/// The TLS alert that ended a connection, and how the connection ended, when its
-/// handshake failed over a certificate, on either side: QUIC carries a TLS alert as
-/// the transport error code 0x100 plus the alert.
-fn certificate_alert(e: &TransportError) -> Option<(u8, String)> {
-    let lost = match e {
-        TransportError::Connection(c)
-        | TransportError::Write(quinn::WriteError::ConnectionLost(c))
-        | TransportError::Read(quinn::ReadError::ConnectionLost(c)) => c,
-        _ => return None,
-    };
-    let code = match lost {
-        quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
-        quinn::ConnectionError::TransportError(t) => t.code,
-        _ => return None,
-    };
-    let alert = u8::try_from(u64::from(code).checked_sub(0x100)?).ok()?;
-    CERTIFICATE_ALERTS.iter().any(|(a, _)| *a == alert).then(|| (alert, lost.to_string()))
 }

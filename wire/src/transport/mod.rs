@@ -14,7 +14,7 @@ mod tls;
 pub use certs::{read_pem, CertError, CertificateAuthority, Identity, IssuedCertificate, KeyFile, Validity};
 pub use framed::{recv_message, send_message};
 pub use tls::{
-    accept, certificate_serial, client_endpoint, connect, crl_serials, negotiated_alpn, peer_serial,
-    server_endpoint, AllowedPeers, KeyLogRecorder, TlsSetup, TransportError, IDLE_TIMEOUT,
-    KEEP_ALIVE_INTERVAL,
+    accept, certificate_alert_name, certificate_serial, client_endpoint, connect, crl_serials,
+    negotiated_alpn, peer_serial, server_endpoint, AllowedPeers, KeyLogRecorder, TlsSetup, TransportError,
+    IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL,
 };

@@ -74,6 +74,50 @@ pub enum TransportError {
     Truncated,
 }
 
+impl TransportError {
+    /// The TLS alert that ended the connection, and how it ended, when the handshake
+    /// failed over a certificate on either side (ours refused: revoked, expired, from
+    /// another CA, not allowed; or the peer's refused here). QUIC carries a TLS alert
+    /// as the transport error code 0x100 plus the alert. Retrying the same peer cannot
+    /// help until a certificate changes.
+    pub fn certificate_alert(&self) -> Option<(u8, &quinn::ConnectionError)> {
+        let lost = match self {
+            TransportError::Connection(c)
+            | TransportError::Write(quinn::WriteError::ConnectionLost(c))
+            | TransportError::Read(quinn::ReadError::ConnectionLost(c)) => c,
+            _ => return None,
+        };
+        let code = match lost {
+            quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
+            quinn::ConnectionError::TransportError(t) => t.code,
+            _ => return None,
+        };
+        let alert = u8::try_from(u64::from(code).checked_sub(0x100)?).ok()?;
+        CERTIFICATE_ALERTS.iter().any(|(a, _)| *a == alert).then_some((alert, lost))
+    }
+}
+
+/// TLS alerts about a certificate, with their names in RFC 8446 section 6.2.
+const CERTIFICATE_ALERTS: [(u8, &str); 8] = [
+    (42, "bad_certificate"),
+    (43, "unsupported_certificate"),
+    (44, "certificate_revoked"),
+    (45, "certificate_expired"),
+    (46, "certificate_unknown"),
+    (48, "unknown_ca"),
+    (49, "access_denied"),
+    (116, "certificate_required"),
+];
+
+/// The RFC 8446 name of a certificate alert ([`TransportError::certificate_alert`]).
+///
+/// ```
+/// assert_eq!(repl_wire::transport::certificate_alert_name(44), "certificate_revoked");
+/// ```
+pub fn certificate_alert_name(alert: u8) -> &'static str {
+    CERTIFICATE_ALERTS.iter().find(|(a, _)| *a == alert).map_or("(not a certificate alert)", |(_, n)| n)
+}
+
 /// The appliances allowed to connect (the topology), shared with the verifiers so a
 /// topology change takes effect on the next handshake.
 #[derive(Debug, Clone, Default)]
