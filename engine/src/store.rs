@@ -16,7 +16,7 @@ use crate::records::Record;
 use crate::segment::frame_bytes;
 use crate::storage::{FileStorage, Storage};
 use crate::stream::{
-    parse_name, CompactionReport, ConflictRecord, Draft, FileKind, StreamRecovery, StreamStore,
+    parse_name, CompactionReport, ConflictRecord, Draft, Drafts, FileKind, StreamRecovery, StreamStore,
 };
 
 const IDENTITY_FILE: &str = "identity";
@@ -72,7 +72,7 @@ impl Read {
 /// A set of writes to one stream committed atomically (one frame, one fdatasync).
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
-    drafts: Vec<Draft>,
+    drafts: Drafts,
 }
 
 impl WriteBatch {
@@ -481,9 +481,9 @@ impl Store {
         let frame_max = s.frame_max();
         let empty = frame_bytes(std::iter::empty());
         let (mut ticket, mut applied) = (0, Vec::new());
-        let mut group: Vec<Draft> = Vec::new();
+        let mut group = Drafts::new();
         let mut size = empty;
-        let mut submit = |group: &mut Vec<Draft>| -> Result<()> {
+        let mut submit = |group: &mut Drafts| -> Result<()> {
             let (t, dots) = s.submit(std::mem::take(group), &self.inner.hlc)?;
             ticket = ticket.max(t);
             applied.extend(dots);

@@ -22,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use repl_wire::{Collection, Dot, EncodedEntry, Entry, HlcClock, Incarnation, Op, StreamId, VersionVector};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::audit::{audit_key, chain_hash, AuditEvent, AuditIndex, AuditRecord};
 use crate::error::{io_err, Corruption, Error, Result};
@@ -36,6 +37,9 @@ use crate::tree::{key_digest, leaf_of, HashTree};
 use crate::versions::{context_of, merge, Loc, Merge, Version};
 
 pub(crate) use crate::keydir::{KeyId, KeyView};
+
+/// A batch's drafts: a single write (most of them) needs no allocation for its list.
+pub(crate) type Drafts = SmallVec<[Draft; 1]>;
 
 /// A write waiting to be turned into an entry.
 #[derive(Debug, Clone)]
@@ -995,15 +999,15 @@ impl StreamStore {
     /// Turns drafts into entries, reserves log space for them, and queues them as one
     /// atomic batch. Returns the batch's ticket and the dots given. Nothing changes on
     /// error.
-    pub(crate) fn submit(&self, drafts: Vec<Draft>, hlc: &Mutex<HlcClock>) -> Result<(u64, Vec<Dot>)> {
+    pub(crate) fn submit(&self, drafts: Drafts, hlc: &Mutex<HlcClock>) -> Result<(u64, Vec<Dot>)> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned);
         }
         let now_ms = self.options.clock.now_ms();
-        let prepared: Vec<Prepared> = drafts.iter().map(Prepared::for_draft).collect();
+        let prepared: SmallVec<[Prepared; 1]> = drafts.iter().map(Prepared::for_draft).collect();
         let mut dots = Vec::with_capacity(drafts.len());
         // Values taken from entries once encoded, freed after the state lock.
-        let mut values: Vec<Vec<u8>> = Vec::new();
+        let mut values: SmallVec<[Vec<u8>; 1]> = SmallVec::new();
         let mut st = lock(&self.state);
         // A copy of the submitted vector in an allocation kept between writes.
         let mut next = std::mem::take(&mut st.submitted_spare);
