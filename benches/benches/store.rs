@@ -1,7 +1,9 @@
 //! Store benchmarks: durable put throughput (1 writer, 8 pipelined writers, the batch
-//! API) next to two baselines at the same durability in the same run — a plain
-//! CRC-framed append loop and redb, each syncing once per 1,000 records — plus get
-//! throughput and reopen/recovery time, and the keydir's memory per key.
+//! API) next to baselines at the same durability in the same run — a plain CRC-framed
+//! append loop and redb, each syncing once per 1,000 records, and the plain log's
+//! records from the 8 pipelined writers through a bare group commit (the most any
+//! store reaches with that many writes in flight) — plus get throughput and
+//! reopen/recovery time, and the keydir's memory per key.
 
 #![allow(missing_docs)] // criterion_group! and criterion_main! generate undocumented public items
 
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use repl_benches::{key, key_spread, plain_log_append, quick, redb_create, redb_insert, value_256};
+use repl_benches::{key, key_spread, plain_log_append, quick, redb_create, redb_insert, value_256, GroupLog};
 use repl_engine::{Durability, Store, StoreOptions, WriteBatch};
 use repl_wire::Collection;
 
@@ -88,6 +90,29 @@ fn put_pipelined_keys(store: &Store, keys: fn(u64) -> [u8; 16], base: u64, n: u6
     });
 }
 
+/// The 8 writers' workload (each record the key and the value) through [`GroupLog`].
+fn group_log_pipelined(log: &GroupLog, n: u64) {
+    std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            s.spawn(move || {
+                let mut in_flight = VecDeque::with_capacity(IN_FLIGHT);
+                let per = n / WRITERS;
+                for i in w * per..(w + 1) * per {
+                    let mut record = key(i).to_vec();
+                    record.extend_from_slice(&value_256(i));
+                    in_flight.push_back(log.append(&record));
+                    if in_flight.len() == IN_FLIGHT {
+                        log.wait(in_flight.pop_front().expect("non-empty")).expect("group log sync");
+                    }
+                }
+                for t in in_flight {
+                    log.wait(t).expect("group log sync");
+                }
+            });
+        }
+    });
+}
+
 fn put_batches(store: &Store, base: u64, n: u64) {
     for chunk in (base..base + n).step_by(1_000) {
         let mut b = WriteBatch::new();
@@ -143,6 +168,17 @@ fn durable_put(c: &mut Criterion) {
             let start = Instant::now();
             for _ in 0..iters {
                 plain_log_append(dir.path(), PER_ITER, 1_000).expect("plain log");
+            }
+            start.elapsed()
+        });
+    });
+    g.bench_function(BenchmarkId::new("baseline", "group_commit_log_8_writers_128_in_flight"), |b| {
+        b.iter_custom(|iters| {
+            let dir = tempfile::tempdir().expect("tmp");
+            let start = Instant::now();
+            for _ in 0..iters {
+                let log = GroupLog::create(&dir.path().join("group.log")).expect("group log");
+                group_log_pipelined(&log, PER_ITER);
             }
             start.elapsed()
         });

@@ -103,6 +103,84 @@ pub fn plain_log_append(dir: &Path, records: u64, sync_every: u64) -> std::io::R
     Ok(())
 }
 
+/// Baseline: the plain log's records appended by concurrent writers through the least
+/// a group commit needs (no index, no versions, no encoding): a writer frames its
+/// record, queues it and takes a ticket; [`GroupLog::wait`] returns once the ticket is
+/// durable, the first waiter to find no leader writing and syncing everything queued.
+/// With the store bench's writers and writes in flight, it is the rate any store of
+/// this design could reach on this disk: the group sizes, and so the fdatasyncs, are
+/// set by the writes in flight.
+pub struct GroupLog {
+    file: File,
+    state: std::sync::Mutex<GroupState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GroupState {
+    queued: Vec<u8>,
+    spare: Vec<u8>,
+    last_ticket: u64,
+    durable_ticket: u64,
+    leading: bool,
+    end: u64,
+}
+
+impl GroupLog {
+    /// A new log at `path` (truncated, as the plain log's file is).
+    pub fn create(path: &Path) -> std::io::Result<GroupLog> {
+        Ok(GroupLog { file: File::create(path)?, state: Default::default(), changed: Default::default() })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `payload` as one record; returns its ticket.
+    pub fn append(&self, payload: &[u8]) -> u64 {
+        let len = (payload.len() as u32).to_le_bytes();
+        let mut h = crc32fast::Hasher::new_with_initial(0x5250_4c46);
+        h.update(&len);
+        h.update(payload);
+        let crc = h.finalize().to_le_bytes();
+        let mut st = self.state();
+        st.queued.extend_from_slice(&len);
+        st.queued.extend_from_slice(&crc);
+        st.queued.extend_from_slice(payload);
+        st.last_ticket += 1;
+        st.last_ticket
+    }
+
+    /// Returns once the record of `ticket` is durable.
+    pub fn wait(&self, ticket: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut st = self.state();
+        while st.durable_ticket < ticket {
+            if st.leading {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.leading = true;
+            let spare = std::mem::take(&mut st.spare);
+            let mut group = std::mem::replace(&mut st.queued, spare);
+            let (last, at) = (st.last_ticket, st.end);
+            st.end += group.len() as u64;
+            drop(st);
+            let written = self.file.write_all_at(&group, at).and_then(|()| self.file.sync_data());
+            group.clear();
+            st = self.state();
+            st.spare = group;
+            st.leading = false;
+            if written.is_ok() {
+                st.durable_ticket = last;
+            }
+            self.changed.notify_all();
+            written?;
+        }
+        Ok(())
+    }
+}
+
 /// Baseline: redb alone, inserting records `base..base + records` (256-byte values,
 /// keys from `keys`) into `db` with a durable commit per `commit_every`.
 pub fn redb_insert(
