@@ -489,8 +489,14 @@ impl Store {
             applied.extend(dots);
             Ok(())
         };
+        // Encoded into buffers earlier groups handed back (and that the commit of these
+        // hands back again), as local writes are.
+        let mut spare = s.spare_encodings(entries.len());
         for entry in entries {
-            let bytes = Arc::new(entry.encode());
+            let mut bytes = spare.pop().unwrap_or_default();
+            let buffer = Arc::get_mut(&mut bytes).expect("a spare encoding is not shared");
+            buffer.clear();
+            entry.encode_into(buffer);
             let add = frame_bytes(std::iter::once(bytes.len())) - empty;
             if !group.is_empty() && size + add > frame_max {
                 submit(&mut group)?;

@@ -64,42 +64,24 @@ struct Prepared {
     id: Option<KeyId>,
     /// The key's [`key_hash`].
     hash: Option<u64>,
-    /// A buffer for the entry's encoding, sized for it (a remote entry has one).
-    encoding: Option<Arc<Vec<u8>>>,
     /// An empty list for the key's versions after the write.
     versions: Vec<Version>,
 }
 
 impl Prepared {
-    /// Room for what an encoding adds to the key and value beyond the context: the
-    /// dot, HLC, lengths and tags take at most 56 bytes.
-    const ENCODING_SLACK: usize = 64;
-    /// Room for the context's dots (each at most 20 bytes) before the buffer grows.
-    const CONTEXT_DOTS_EXPECTED: usize = 3;
-
     fn for_draft(draft: &Draft) -> Self {
         match draft {
-            Draft::Local { collection, key, op, context, .. } => {
-                let value = match op {
-                    Op::Put { value, .. } => value.len(),
-                    _ => 0,
-                };
-                let dots = context.as_ref().map_or(Self::CONTEXT_DOTS_EXPECTED, |c| c.len() + 1);
-                let room = key.len() + value + Self::ENCODING_SLACK + 20 * dots;
-                Prepared {
-                    id: Some((*collection, key.as_slice().into())),
-                    hash: Some(key_hash(&(*collection, key.as_slice()))),
-                    encoding: Some(Arc::new(Vec::with_capacity(room))),
-                    versions: Vec::with_capacity(2),
-                }
-            }
+            Draft::Local { collection, key, .. } => Prepared {
+                id: Some((*collection, key.as_slice().into())),
+                hash: Some(key_hash(&(*collection, key.as_slice()))),
+                versions: Vec::with_capacity(2),
+            },
             Draft::Remote(entry, _) => Prepared {
                 id: Some((entry.collection, entry.key.as_slice().into())),
                 hash: Some(key_hash(&(entry.collection, entry.key.as_slice()))),
-                encoding: None,
                 versions: Vec::with_capacity(2),
             },
-            Draft::Audit(_) => Prepared { id: None, hash: None, encoding: None, versions: Vec::new() },
+            Draft::Audit(_) => Prepared { id: None, hash: None, versions: Vec::new() },
         }
     }
 }
@@ -308,6 +290,7 @@ struct State {
     /// batches take instead of allocating.
     staged_spare: Vec<(u64, KeyId, Vec<Version>)>,
     entries_spare: Vec<Vec<QueuedEntry>>,
+    encodings_spare: Vec<Arc<Vec<u8>>>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
     next_ticket: u64,
@@ -402,7 +385,7 @@ pub(crate) struct StreamStore {
     taken_ticket: AtomicU64,
     /// Entry lists of merged groups, emptied with no lock held, handed to
     /// `State::entries_spare` when the next group merges.
-    emptied: Mutex<Vec<Vec<QueuedEntry>>>,
+    emptied: Mutex<Emptied>,
     /// Held by checkpoints, compactions and snapshot installs, one at a time (taken
     /// before `io`). A checkpoint or a compaction's copy does not hold `io`: commits
     /// go on meanwhile, and only the short sections under `merging` exclude them.
@@ -432,6 +415,14 @@ struct Staging {
     staged: Vec<(Entry, u32, u32)>,
     /// The leaf buckets the snapshot covers (`None`: every bucket).
     buckets: Option<Vec<u32>>,
+}
+
+/// What a merged group hands back to the submitters: its emptied entry lists, and
+/// the encodings no version points at any more.
+#[derive(Debug, Default)]
+struct Emptied {
+    lists: Vec<Vec<QueuedEntry>>,
+    encodings: Vec<Arc<Vec<u8>>>,
 }
 
 /// The buffers a group commit builds its frame in, kept between groups.
@@ -556,7 +547,7 @@ impl StreamStore {
             io: Mutex::new(FrameScratch::default()),
             merging: Mutex::new(MergeScratch::default()),
             taken_ticket: AtomicU64::new(0),
-            emptied: Mutex::new(Vec::new()),
+            emptied: Mutex::default(),
             upkeep: Mutex::new(()),
             leader: Mutex::new(false),
             leader_changed: Condvar::new(),
@@ -1018,7 +1009,7 @@ impl StreamStore {
         let mut encoded = st.entries_spare.pop().unwrap_or_default();
         encoded.reserve(drafts.len());
         for (draft, prep) in drafts.into_iter().zip(prepared) {
-            let Prepared { id: prepared_id, hash: prepared_hash, encoding: buffer, versions: spare } = prep;
+            let Prepared { id: prepared_id, hash: prepared_hash, versions: spare } = prep;
             let mut spare = Some(spare);
             let mut held: Option<Vec<Version>> = None;
             let (mut entry, encoding) = match draft {
@@ -1097,9 +1088,12 @@ impl StreamStore {
             entry.validate()?;
             next.advance(entry.dot);
             let bytes = encoding.unwrap_or_else(|| {
-                // The prepared buffer is not shared yet, so this writes in place.
-                let mut buffer = buffer.unwrap_or_default();
-                entry.encode_into(Arc::make_mut(&mut buffer));
+                // A buffer of a committed entry, handed back by the group commit: neither
+                // this thread nor the commit allocates or frees one per write.
+                let mut buffer = st.encodings_spare.pop().unwrap_or_default();
+                let written = Arc::get_mut(&mut buffer).expect("a spare encoding is not shared");
+                written.clear();
+                entry.encode_into(written);
                 buffer
             });
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
@@ -1325,6 +1319,19 @@ impl StreamStore {
     /// Only small lists are kept (single writes are the ones that pay most for an
     /// allocation); a large batch's list is freed.
     const ENTRY_LIST_KEPT_CAPACITY: usize = 16;
+    /// Encoding buffers kept for submitters to reuse: a group's worth of single writes
+    /// from each of a few writers (each is about as large as its entry).
+    const ENCODINGS_KEPT: usize = 2048;
+    /// Only buffers of small entries are kept; a large value's buffer is freed.
+    const ENCODING_KEPT_CAPACITY: usize = 1024;
+
+    /// Up to `n` encoding buffers handed back by merged groups (none shared), for a
+    /// batch of remote entries to be encoded into outside the state lock.
+    pub(crate) fn spare_encodings(&self, n: usize) -> Vec<Arc<Vec<u8>>> {
+        let mut st = lock(&self.state);
+        let at = st.encodings_spare.len().saturating_sub(n);
+        st.encodings_spare.split_off(at)
+    }
 
     /// Commits everything queued so far.
     pub(crate) fn flush(&self) -> Result<()> {
@@ -1450,9 +1457,13 @@ impl StreamStore {
         {
             let mut emptied = lock(&self.emptied);
             let room = Self::ENTRY_LISTS_KEPT.saturating_sub(st.entries_spare.len());
-            let handed = emptied.len().min(room);
-            st.entries_spare.extend(emptied.drain(..handed));
-            emptied.clear();
+            let handed = emptied.lists.len().min(room);
+            st.entries_spare.extend(emptied.lists.drain(..handed));
+            emptied.lists.clear();
+            let room = Self::ENCODINGS_KEPT.saturating_sub(st.encodings_spare.len());
+            let handed = emptied.encodings.len().min(room);
+            st.encodings_spare.extend(emptied.encodings.drain(..handed));
+            emptied.encodings.clear();
         }
         if needs_dir_sync {
             for m in st.files.values_mut() {
@@ -1483,14 +1494,23 @@ impl StreamStore {
         // The entries are dropped here, with no lock that a commit or a submitter
         // needs; their lists go back to the submitters with the next group.
         let mut lists = Vec::with_capacity(group.len());
+        let mut encodings = Vec::with_capacity(entry_count);
         for q in &mut group {
             let mut entries = std::mem::take(&mut q.entries);
+            for (_, mut bytes, _) in entries.drain(..) {
+                let kept =
+                    Arc::get_mut(&mut bytes).is_some_and(|b| b.capacity() <= Self::ENCODING_KEPT_CAPACITY);
+                if kept {
+                    encodings.push(bytes);
+                }
+            }
             if entries.capacity() <= Self::ENTRY_LIST_KEPT_CAPACITY {
-                entries.clear();
                 lists.push(entries);
             }
         }
-        lock(&self.emptied).append(&mut lists);
+        let mut emptied = lock(&self.emptied);
+        emptied.lists.append(&mut lists);
+        emptied.encodings.append(&mut encodings);
         Ok(())
     }
 }
