@@ -16,7 +16,8 @@ use crate::records::Record;
 use crate::segment::frame_bytes;
 use crate::storage::{FileStorage, Storage};
 use crate::stream::{
-    parse_name, CompactionReport, ConflictRecord, Draft, Drafts, FileKind, StreamRecovery, StreamStore,
+    encode_into_spare, parse_name, CompactionReport, ConflictRecord, Draft, Drafts, FileKind, StreamRecovery,
+    StreamStore,
 };
 
 const IDENTITY_FILE: &str = "identity";
@@ -493,10 +494,7 @@ impl Store {
         // hands back again), as local writes are.
         let mut spare = s.spare_encodings(entries.len());
         for entry in entries {
-            let mut bytes = spare.pop().unwrap_or_default();
-            let buffer = Arc::get_mut(&mut bytes).expect("a spare encoding is not shared");
-            buffer.clear();
-            entry.encode_into(buffer);
+            let bytes = encode_into_spare(spare.pop(), &entry);
             let add = frame_bytes(std::iter::once(bytes.len())) - empty;
             if !group.is_empty() && size + add > frame_max {
                 submit(&mut group)?;

@@ -66,24 +66,59 @@ struct Prepared {
     hash: Option<u64>,
     /// An empty list for the key's versions after the write.
     versions: Vec<Version>,
+    /// A buffer sized for the entry's encoding, for an entry too large for the spare
+    /// buffers ([`StreamStore::ENCODING_KEPT_CAPACITY`]): it is encoded under the state
+    /// lock, and this keeps the allocation out of it.
+    encoding: Option<Arc<Vec<u8>>>,
 }
 
 impl Prepared {
+    /// Room for what an encoding adds to the key and value beyond the context: the
+    /// dot, HLC, lengths and tags take at most 56 bytes; each context dot at most 20.
+    const ENCODING_SLACK: usize = 64;
+
     fn for_draft(draft: &Draft) -> Self {
         match draft {
-            Draft::Local { collection, key, .. } => Prepared {
-                id: Some((*collection, key.as_slice().into())),
-                hash: Some(key_hash(&(*collection, key.as_slice()))),
-                versions: Vec::with_capacity(2),
-            },
+            Draft::Local { collection, key, op, context, .. } => {
+                let value = match op {
+                    Op::Put { value, .. } => value.len(),
+                    _ => 0,
+                };
+                let dots = context.as_ref().map_or(0, VersionVector::len);
+                let room = key.len() + value + Self::ENCODING_SLACK + 20 * dots;
+                Prepared {
+                    id: Some((*collection, key.as_slice().into())),
+                    hash: Some(key_hash(&(*collection, key.as_slice()))),
+                    versions: Vec::with_capacity(2),
+                    encoding: (room > StreamStore::ENCODING_KEPT_CAPACITY)
+                        .then(|| Arc::new(Vec::with_capacity(room))),
+                }
+            }
             Draft::Remote(entry, _) => Prepared {
                 id: Some((entry.collection, entry.key.as_slice().into())),
                 hash: Some(key_hash(&(entry.collection, entry.key.as_slice()))),
                 versions: Vec::with_capacity(2),
+                encoding: None,
             },
-            Draft::Audit(_) => Prepared { id: None, hash: None, versions: Vec::new() },
+            Draft::Audit(_) => Prepared { id: None, hash: None, versions: Vec::new(), encoding: None },
         }
     }
+}
+
+/// `entry` encoded into `buffer` (a spare one, not shared), or into a new one.
+pub(crate) fn encode_into_spare(buffer: Option<Arc<Vec<u8>>>, entry: &Entry) -> Arc<Vec<u8>> {
+    let mut buffer = buffer.unwrap_or_default();
+    let written = Arc::get_mut(&mut buffer).expect("a spare encoding is not shared");
+    written.clear();
+    entry.encode_into(written);
+    buffer
+}
+
+/// Moves what `emptied` holds into `spare`, up to `kept` in all; frees the rest.
+fn refill<T>(spare: &mut Vec<T>, emptied: &mut Vec<T>, kept: usize) {
+    let handed = emptied.len().min(kept.saturating_sub(spare.len()));
+    spare.extend(emptied.drain(..handed));
+    emptied.clear();
 }
 
 /// A value that lost a last-writer-wins resolution, kept so no write is lost silently.
@@ -1009,7 +1044,7 @@ impl StreamStore {
         let mut encoded = st.entries_spare.pop().unwrap_or_default();
         encoded.reserve(drafts.len());
         for (draft, prep) in drafts.into_iter().zip(prepared) {
-            let Prepared { id: prepared_id, hash: prepared_hash, versions: spare } = prep;
+            let Prepared { id: prepared_id, hash: prepared_hash, versions: spare, encoding: sized } = prep;
             let mut spare = Some(spare);
             let mut held: Option<Vec<Version>> = None;
             let (mut entry, encoding) = match draft {
@@ -1087,15 +1122,10 @@ impl StreamStore {
             };
             entry.validate()?;
             next.advance(entry.dot);
-            let bytes = encoding.unwrap_or_else(|| {
-                // A buffer of a committed entry, handed back by the group commit: neither
-                // this thread nor the commit allocates or frees one per write.
-                let mut buffer = st.encodings_spare.pop().unwrap_or_default();
-                let written = Arc::get_mut(&mut buffer).expect("a spare encoding is not shared");
-                written.clear();
-                entry.encode_into(written);
-                buffer
-            });
+            // A buffer of a committed entry, handed back by the group commit: neither
+            // this thread nor the commit allocates or frees one per write.
+            let bytes = encoding
+                .unwrap_or_else(|| encode_into_spare(sized.or_else(|| st.encodings_spare.pop()), &entry));
             let incoming = Version::from_entry(&entry, Loc::Pending(bytes.clone()));
             // The value is in the encoding now, and only an audit record's is read again
             // (the merge indexes it): freed here, by the thread that made it, rather
@@ -1455,15 +1485,9 @@ impl StreamStore {
 
         let mut st = lock(&self.state);
         {
-            let mut emptied = lock(&self.emptied);
-            let room = Self::ENTRY_LISTS_KEPT.saturating_sub(st.entries_spare.len());
-            let handed = emptied.lists.len().min(room);
-            st.entries_spare.extend(emptied.lists.drain(..handed));
-            emptied.lists.clear();
-            let room = Self::ENCODINGS_KEPT.saturating_sub(st.encodings_spare.len());
-            let handed = emptied.encodings.len().min(room);
-            st.encodings_spare.extend(emptied.encodings.drain(..handed));
-            emptied.encodings.clear();
+            let emptied = &mut *lock(&self.emptied);
+            refill(&mut st.entries_spare, &mut emptied.lists, Self::ENTRY_LISTS_KEPT);
+            refill(&mut st.encodings_spare, &mut emptied.encodings, Self::ENCODINGS_KEPT);
         }
         if needs_dir_sync {
             for m in st.files.values_mut() {
