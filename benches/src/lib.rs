@@ -87,12 +87,7 @@ pub fn plain_log_append(dir: &Path, records: u64, sync_every: u64) -> std::io::R
     let mut buf = Vec::with_capacity(sync_every as usize * 300);
     for i in 0..records {
         let payload = value_256(i);
-        let len = (payload.len() as u32).to_le_bytes();
-        let mut h = crc32fast::Hasher::new_with_initial(0x5250_4c46);
-        h.update(&len);
-        h.update(&payload);
-        buf.extend_from_slice(&len);
-        buf.extend_from_slice(&h.finalize().to_le_bytes());
+        buf.extend_from_slice(&record_header(&payload));
         buf.extend_from_slice(&payload);
         if (i + 1) % sync_every == 0 || i + 1 == records {
             file.write_all(&buf)?;
@@ -101,6 +96,19 @@ pub fn plain_log_append(dir: &Path, records: u64, sync_every: u64) -> std::io::R
         }
     }
     Ok(())
+}
+
+/// The header of the baselines' log record `[len u32][crc u32][payload]`: the length,
+/// and the CRC (seeded) over the length and the payload.
+fn record_header(payload: &[u8]) -> [u8; 8] {
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut h = crc32fast::Hasher::new_with_initial(0x5250_4c46);
+    h.update(&len);
+    h.update(payload);
+    let mut header = [0; 8];
+    header[..4].copy_from_slice(&len);
+    header[4..].copy_from_slice(&h.finalize().to_le_bytes());
+    header
 }
 
 /// Baseline: the plain log's records appended by concurrent writers through the least
@@ -138,14 +146,9 @@ impl GroupLog {
 
     /// Queues `payload` as one record; returns its ticket.
     pub fn append(&self, payload: &[u8]) -> u64 {
-        let len = (payload.len() as u32).to_le_bytes();
-        let mut h = crc32fast::Hasher::new_with_initial(0x5250_4c46);
-        h.update(&len);
-        h.update(payload);
-        let crc = h.finalize().to_le_bytes();
+        let header = record_header(payload);
         let mut st = self.state();
-        st.queued.extend_from_slice(&len);
-        st.queued.extend_from_slice(&crc);
+        st.queued.extend_from_slice(&header);
         st.queued.extend_from_slice(payload);
         st.last_ticket += 1;
         st.last_ticket
