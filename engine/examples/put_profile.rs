@@ -6,9 +6,10 @@
 //! `PUT_SKIP_LOG_SYNC` leaves out the log's fdatasync (see below).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
-use repl_engine::{Store, StoreOptions, SyncPoint, WriteBatch};
+use repl_engine::{FileStorage, Store, StoreOptions, SyncPoint, WriteBatch};
 use repl_wire::Collection;
 
 fn main() {
@@ -31,7 +32,9 @@ fn main() {
     } else {
         StoreOptions::default()
     };
-    let store = Store::open_dir(&dir, options).expect("open");
+    let storage = FileStorage::new(&dir).expect("data directory");
+    let syncs = storage.sync_latency();
+    let store = Store::open(Arc::new(storage), options).expect("open");
     let start = Instant::now();
     if batch {
         for first in (0..total).step_by(1_000) {
@@ -67,7 +70,12 @@ fn main() {
         }
     });
     let secs = start.elapsed().as_secs_f64();
-    println!("{total} durable puts in {secs:.2}s: {:.0}/s", total as f64 / secs);
+    let count: u64 = syncs.counts().iter().sum();
+    println!(
+        "{total} durable puts in {secs:.2}s: {:.0}/s; {count} fdatasyncs, mean {:.0} us",
+        total as f64 / secs,
+        syncs.sum_us() as f64 / count.max(1) as f64
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
