@@ -73,19 +73,12 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// Room for what an encoding adds to the key and value beyond the context: the
-    /// dot, HLC, lengths and tags take at most 56 bytes; each context dot at most 20.
-    const ENCODING_SLACK: usize = 64;
-
     fn for_draft(draft: &Draft) -> Self {
         match draft {
             Draft::Local { collection, key, op, context, .. } => {
-                let value = match op {
-                    Op::Put { value, .. } => value.len(),
-                    _ => 0,
-                };
+                // A context left to the store is the key's current one: not known here.
                 let dots = context.as_ref().map_or(0, VersionVector::len);
-                let room = key.len() + value + Self::ENCODING_SLACK + 20 * dots;
+                let room = Entry::encoded_len_max(key, dots, op);
                 Prepared {
                     id: Some((*collection, key.as_slice().into())),
                     hash: Some(key_hash(&(*collection, key.as_slice()))),

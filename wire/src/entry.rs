@@ -184,6 +184,16 @@ fn varint_len(n: u64) -> usize {
     (bits * 9 + 64) / 64
 }
 
+/// The bytes the operation takes in an entry's encoding (it ends the entry).
+fn op_len(op: &Op) -> usize {
+    match op {
+        Op::Put { value, expires_at_ms } => {
+            1 + varint_len(value.len() as u64) + value.len() + 1 + expires_at_ms.map_or(0, varint_len)
+        }
+        Op::Delete => 1,
+    }
+}
+
 impl Entry {
     /// Appends the encoded entry to `out`.
     ///
@@ -228,12 +238,6 @@ impl Entry {
     /// The length of the encoding, exactly.
     pub fn encoded_len(&self) -> usize {
         let context: usize = self.context.iter().map(|d| varint_len(d.origin.0) + varint_len(d.seq)).sum();
-        let op = match &self.op {
-            Op::Put { value, expires_at_ms } => {
-                1 + varint_len(value.len() as u64) + value.len() + 1 + expires_at_ms.map_or(0, varint_len)
-            }
-            Op::Delete => 1,
-        };
         varint_len(self.dot.origin.0)
             + varint_len(self.dot.seq)
             + varint_len(self.hlc.wall_ms)
@@ -243,7 +247,25 @@ impl Entry {
             + self.key.len()
             + varint_len(self.context.len() as u64)
             + context
-            + op
+            + op_len(&self.op)
+    }
+
+    /// The most [`Entry::encoded_len`] can be for an entry with this key, a context of
+    /// `context_dots` dots and this operation, whatever its dot, HLC, collection and
+    /// the context's values: what a writer can size a buffer to before those are
+    /// assigned.
+    pub fn encoded_len_max(key: &[u8], context_dots: usize, op: &Op) -> usize {
+        const U64: usize = 10;
+        const U32: usize = 5;
+        // The dot and the HLC's wall clock (u64), its logical counter and the
+        // collection's index (u32); each context dot is two u64s.
+        3 * U64
+            + 2 * U32
+            + varint_len(key.len() as u64)
+            + key.len()
+            + varint_len(context_dots as u64)
+            + context_dots * 2 * U64
+            + op_len(op)
     }
 
     /// The encoded entry as a new buffer of exactly its length.
@@ -373,12 +395,7 @@ mod tests {
             prop_assert_eq!(patched.decode().expect("decodes"), expected);
             // Cut short before the context ends: refused, never a panic.
             let bytes = encoded.as_bytes();
-            let context_end = bytes.len() - 1 - match &e.op {
-                Op::Put { value, expires_at_ms } => {
-                    varint_len(value.len() as u64) + value.len() + 1 + expires_at_ms.map_or(0, varint_len)
-                }
-                Op::Delete => 0,
-            };
+            let context_end = bytes.len() - op_len(&e.op);
             for cut in 0..context_end {
                 let short = EncodedEntry { dot: e.dot, bytes: bytes[..cut].to_vec() };
                 prop_assert!(short.with_context(&wider).is_err(), "cut at {cut} of {context_end}");
@@ -396,6 +413,23 @@ mod tests {
             let by_serde = postcard::to_allocvec(&e).expect("postcard encodes an entry");
             prop_assert_eq!(e.encoded_len(), by_serde.len());
             prop_assert_eq!(e.encode(), by_serde);
+        }
+
+        #[test]
+        fn the_bound_before_the_dot_covers_every_encoding(e in entry(), logical in any::<u32>(), big in any::<bool>()) {
+            let mut e = e;
+            e.hlc.logical = logical;
+            let bound = Entry::encoded_len_max(&e.key, e.context.len(), &e.op);
+            prop_assert!(e.encoded_len() <= bound, "{} > {bound}", e.encoded_len());
+            if big {
+                // Every varint at its longest: the bound is reached but for the
+                // collection's index, which fits one byte of its five.
+                e.dot = Dot { origin: Incarnation(u64::MAX), seq: u64::MAX };
+                e.hlc = Hlc { wall_ms: u64::MAX, logical: u32::MAX };
+                let dots = e.context.len() as u64;
+                e.context = (0..dots).map(|i| Dot { origin: Incarnation(u64::MAX - i), seq: u64::MAX }).collect();
+                prop_assert_eq!(e.encoded_len() + 4, Entry::encoded_len_max(&e.key, e.context.len(), &e.op));
+            }
         }
 
         #[test]
