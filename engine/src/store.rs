@@ -800,6 +800,54 @@ mod tests {
     }
 
     #[test]
+    fn the_vector_read_without_the_state_lock_follows_commits_installs_and_recovery() {
+        let stream = StreamId::Enterprise;
+        let agrees = |store: &Store, what: &str| {
+            let (published, held) = (store.vector(stream), store.stream(stream).state_vector());
+            assert_eq!(published, held, "after {what}: the published vector is not the state's");
+            published
+        };
+        let disk = SimStorage::new(SimConfig::default());
+        let a = Store::open(Arc::new(disk.clone()), StoreOptions::default()).expect("open A");
+        for i in 0..20u32 {
+            a.put(Collection::Users, format!("user{i:02}").as_bytes(), &[i as u8; 40]).expect("put");
+        }
+        let remote = Entry {
+            dot: Dot { origin: Incarnation(0xfeed), seq: 1 },
+            hlc: Hlc { wall_ms: a.now_ms(), logical: 0 },
+            collection: Collection::Users,
+            key: b"theirs".to_vec(),
+            context: VersionVector::new(),
+            op: Op::Put { value: b"v".to_vec(), expires_at_ms: None },
+        };
+        a.apply_remote(stream, vec![remote]).expect("apply").wait().expect("durable");
+        let written = agrees(&a, "commits");
+        assert_eq!((written.get(a.incarnation()), written.get(Incarnation(0xfeed))), (20, 1));
+
+        // A new appliance installs A's snapshot: the vector it claims is published too.
+        let b = Store::open(Arc::new(SimStorage::new(SimConfig::default())), StoreOptions::default())
+            .expect("open B");
+        assert!(agrees(&b, "opening empty").is_empty());
+        b.begin_snapshot(stream, "a", None).expect("begin");
+        let mut resume = Vec::new();
+        let at = loop {
+            let (vector, entries, next) = a.snapshot_chunk(stream, &[], &resume, 8).expect("chunk");
+            b.stage_snapshot(stream, "a", entries).expect("stage");
+            if next.is_empty() {
+                break vector;
+            }
+            resume = next;
+        };
+        b.finish_snapshot(stream, "a", &at).expect("install");
+        assert_eq!(agrees(&b, "a snapshot's install"), written);
+
+        // Recovery publishes what it replayed.
+        drop(a);
+        let a = Store::open(Arc::new(disk.crash()), StoreOptions::default()).expect("reopen A");
+        assert_eq!(agrees(&a, "recovery"), written);
+    }
+
+    #[test]
     fn a_snapshot_chunk_in_encodings_is_the_decoded_chunk_with_merged_contexts_shipped() {
         let store = Store::open(Arc::new(SimStorage::new(SimConfig::default())), StoreOptions::default())
             .expect("open");

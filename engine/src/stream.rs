@@ -423,6 +423,11 @@ pub(crate) struct StreamStore {
     leader_changed: Condvar,
     poisoned: Arc<AtomicBool>,
     durable_ticket: AtomicU64,
+    /// A copy of `state.vector`, set under the state lock wherever that changes, and
+    /// read under this lock alone: [`StreamStore::vector`] does not wait for the state
+    /// lock, which a checkpoint holds while it encodes the whole keydir (an async
+    /// driver reads the vector on every turn of its loop).
+    durable_vector: Mutex<VersionVector>,
     pub(crate) hlc_drift_alarms: AtomicU64,
     queued_bytes: std::sync::atomic::AtomicUsize,
     /// Snapshots being received, by the peer sending them.
@@ -581,6 +586,7 @@ impl StreamStore {
             leader_changed: Condvar::new(),
             poisoned,
             durable_ticket: AtomicU64::new(0),
+            durable_vector: Mutex::new(VersionVector::new()),
             hlc_drift_alarms: AtomicU64::new(0),
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             staging: Mutex::new(BTreeMap::new()),
@@ -828,6 +834,7 @@ impl StreamStore {
             }
         }
         st.submitted = st.vector.clone();
+        self.publish_vector(&st);
         st.submitted_heads = st.audit.heads.clone();
         if let Some(a) = st.active {
             let end = st.files.get(&a).map_or(HEADER_BYTES, |m| m.end);
@@ -1504,6 +1511,7 @@ impl StreamStore {
         if let Some(m) = st.files.get_mut(&file_no) {
             m.end = frame_end;
         }
+        self.publish_vector(&st);
         self.durable_ticket.store(last_ticket, Ordering::Release);
         drop(st);
         drop(merging);
@@ -1927,6 +1935,19 @@ impl StreamStore {
 
     /// The durable vector of the stream.
     pub(crate) fn vector(&self) -> VersionVector {
+        lock(&self.durable_vector).clone()
+    }
+
+    /// Makes `st.vector` what [`StreamStore::vector`] reads. Called with the state lock
+    /// held, after every change of the vector (recovery, a group's merge, a snapshot's
+    /// install), so readers see the changes in the order they were made.
+    fn publish_vector(&self, st: &State) {
+        lock(&self.durable_vector).clone_from(&st.vector);
+    }
+
+    /// The vector as the state holds it, to check the published copy against.
+    #[cfg(test)]
+    pub(crate) fn state_vector(&self) -> VersionVector {
         lock(&self.state).vector.clone()
     }
 
@@ -2488,6 +2509,7 @@ impl StreamStore {
             }
             st.vector.merge(&claim);
             st.submitted.merge(&claim);
+            self.publish_vector(&st);
         }
         self.checkpoint_locked(true)?;
         Ok(())

@@ -213,7 +213,11 @@ async fn run_session(
         if acked_moved {
             shared.progress.send_modify(|v| *v += 1);
         }
-        let deadline = tokio::task::block_in_place(|| machine.poll_timeout(&store));
+        // Called in place: it reads the machine and the streams' vectors, whose reads
+        // take no lock a commit or a checkpoint holds for long. `block_in_place` hands
+        // the worker's queue to another thread on every call, and this runs on every
+        // turn of the loop.
+        let deadline = machine.poll_timeout(&store);
         let sleep =
             deadline.map_or(Duration::from_secs(3600), |t| Duration::from_millis(t.saturating_sub(now_ms())));
         tokio::select! {
