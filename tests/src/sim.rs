@@ -252,6 +252,10 @@ struct World {
     session_nonce: u64,
     /// Acknowledged deletes of users.
     acked_deletes: BTreeSet<Dot>,
+    /// Every delete of a user acknowledged to its writer, kept when a restore from
+    /// backup makes it no longer guaranteed: a replica whose vector covers one has
+    /// applied it, whatever became of its tombstone.
+    deletes: BTreeSet<Dot>,
     /// Which appliance each incarnation belongs to.
     origins: BTreeMap<repl_wire::Incarnation, NodeId>,
     /// Last-writer-wins losers recorded by appliances before they crashed or were
@@ -353,6 +357,7 @@ impl World {
             sync_config,
             session_nonce: 1,
             acked_deletes: BTreeSet::new(),
+            deletes: BTreeSet::new(),
             origins: BTreeMap::new(),
             losses_seen: BTreeSet::new(),
             commit_due: BTreeMap::new(),
@@ -603,6 +608,7 @@ impl World {
             if let Ok(dot) = &r {
                 self.acked_users.push((key, *dot, before));
                 self.acked_deletes.insert(*dot);
+                self.deletes.insert(*dot);
             }
             (StreamId::Enterprise, r.map(|_| ()))
         } else if roll < 88 && holds_enterprise {
@@ -1199,7 +1205,7 @@ impl World {
                 if !self.holds(*i, StreamId::Enterprise) {
                     continue;
                 }
-                let covered = accounted_for(s, &history, &self.acked_deletes, &losses, key, *dot, 0);
+                let covered = accounted_for(s, &history, &self.deletes, &losses, key, *dot, 0);
                 if !covered {
                     let detail = if std::env::var_os("SIM_DEBUG").is_some() {
                         let r = s.get(Collection::Users, key).ok();
