@@ -703,14 +703,23 @@ impl World {
             while let Some((to, m)) = c.poll_transmit() {
                 out.push((to, m));
             }
-            if let Some(Err(e)) = c.outcome() {
-                if self.change_retry_at.is_none() {
+            match c.outcome() {
+                Some(Err(e)) if self.change_retry_at.is_none() => {
                     self.report.topology_refusals += 1;
                     if std::env::var_os("SIM_DEBUG").is_some() {
                         eprintln!("t={} topology change refused: {e}", self.now);
                     }
                     self.change_retry_at = Some(self.now + 1_000);
                 }
+                // Committed, but each commit is sent once and may be lost: an appliance
+                // that missed it adopts the topology from a peer that has it, and if none
+                // has it, `replctl` reports the change as not applied anywhere and the
+                // administrator runs it again (the prepared appliances accept the same
+                // proposal again). Checked a while later, as that administrator would.
+                Some(Ok(_)) if self.change_retry_at.is_none() => {
+                    self.change_retry_at = Some(self.now + 2_000);
+                }
+                _ => {}
             }
         }
         for (to, m) in out {
