@@ -563,12 +563,18 @@ impl PeerSync {
         let mut out = format!("established={} ", self.is_established());
         for (stream, s) in &self.streams {
             out.push_str(&format!(
-                "{stream}: ours={} acked={} sent={} lag={:?}; ",
+                "{stream}: ours={} acked={} sent={} lag={:?} not_covered={:?} told={} ack_repeats_left={}; ",
                 replica.vector(*stream),
                 s.acked,
                 s.sent,
-                s.lag
+                s.lag,
+                s.not_covered,
+                s.told,
+                s.ack_repeats_left
             ));
+        }
+        for (stream, r) in &self.repairs {
+            out.push_str(&format!("repairing {stream}: {:?} sent at {} ms; ", r.step, r.sent_ms));
         }
         out
     }
@@ -789,9 +795,15 @@ impl PeerSync {
             }
             // Stale when we hold the origin up to just below the floor: the peer had
             // not yet heard of what we gained since (a repair that just finished), and
-            // its log follows on from what we hold. A repair then is wasted work.
+            // its log follows on from what we hold. A repair then is wasted work; the
+            // peer is told what we hold instead, or it would go on sending from its old
+            // view of us (and repeating the `NotCovered`) for as long as the session
+            // lasts, holding its log for us meanwhile.
             PeerMessage::NotCovered { stream, origin, floor }
-                if replica.vector(stream).get(origin).saturating_add(1) >= floor => {}
+                if replica.vector(stream).get(origin).saturating_add(1) >= floor =>
+            {
+                self.tell(now_ms, stream, replica.vector(stream));
+            }
             PeerMessage::NotCovered { stream, origin, floor } => {
                 self.events.push_back(SyncEvent::NeedAntiEntropy { stream, origin, floor });
                 self.start_repair(now_ms, stream, replica);
@@ -1800,7 +1812,7 @@ mod tests {
     }
 
     #[test]
-    fn a_not_covered_behind_what_the_receiver_holds_starts_no_repair() {
+    fn a_not_covered_behind_what_the_receiver_holds_starts_no_repair_and_tells_what_it_holds() {
         let (sa, sb, mut a, mut b) = established_pair();
         for i in 0..10u32 {
             sa.put(Collection::Users, format!("user{i}").as_bytes(), b"x").expect("put");
@@ -1809,23 +1821,31 @@ mod tests {
         exchange(&mut a, &sa, &mut b, &sb);
         let origin = sa.incarnation();
         assert_eq!(sb.vector(StreamId::Enterprise).get(origin), 10);
-        let repair_asked = |b: &mut PeerSync| {
-            std::iter::from_fn(|| b.poll_transmit())
+        let sent = |b: &mut PeerSync| std::iter::from_fn(|| b.poll_transmit()).collect::<Vec<_>>();
+        let repairs = |sent: &[PeerMessage]| {
+            sent.iter()
                 .filter(|m| {
                     matches!(m, PeerMessage::TreeRequest { .. } | PeerMessage::SnapshotRequest { .. })
                 })
                 .count()
         };
-        // The peer's log starts at 11 (or lower): it follows on from what b holds.
+        let held = sb.vector(StreamId::Enterprise);
+        // The peer's log starts at 11 (or lower): it follows on from what b holds. The
+        // peer is told what b holds, so it sends from there (and stops repeating).
         for floor in [3, 11] {
             let stale = PeerMessage::NotCovered { stream: StreamId::Enterprise, origin, floor };
             b.handle_message(0, stale, &sb);
-            assert_eq!(repair_asked(&mut b), 0, "a repair for a log floor of {floor}");
+            let out = sent(&mut b);
+            assert_eq!(repairs(&out), 0, "a repair for a log floor of {floor}");
+            assert!(
+                out.iter().any(|m| matches!(m, PeerMessage::Ack { vector, .. } if *vector == held)),
+                "a stale NotCovered (floor {floor}) must be answered with what b holds: {out:?}"
+            );
         }
         // A floor past what b holds leaves a gap: that one repairs.
         let gap = PeerMessage::NotCovered { stream: StreamId::Enterprise, origin, floor: 12 };
         b.handle_message(0, gap, &sb);
-        assert_eq!(repair_asked(&mut b), 1);
+        assert_eq!(repairs(&sent(&mut b)), 1);
         assert!(std::iter::from_fn(|| b.poll_event()).any(|e| matches!(e, SyncEvent::NeedAntiEntropy { .. })));
     }
 
