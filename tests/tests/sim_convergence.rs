@@ -55,7 +55,8 @@ fn run_many(generation: Generation, default: u64) {
 
 /// Seeds beyond the default range that once failed, each for a bug since mended
 /// (found by running seeds 200-5,209 of both generations): a stale `NotCovered` left
-/// its sender repeating it for good (G3 556, 614, 1756, 2564 among eleven); a delete
+/// its sender on its old view of the peer, repeating it for good (G3 556, 614, 1756
+/// among eleven) or never sending the origins it skipped (G3 2564); a delete
 /// acknowledged before a restore from backup was no longer counted as superseding
 /// (G4 663, 1722); a topology commit lost on its way to every appliance (G4 582,
 /// 1490).
