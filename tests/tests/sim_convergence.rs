@@ -3,7 +3,9 @@
 //! and clock skew. After healing, every in-scope replica must be equal, no
 //! acknowledged write lost, sessions in their site, audit on every holder. A failure
 //! prints the seed: `SEED=<n> cargo test -p repl-tests --test sim_convergence`.
-//! `SIM_SEEDS=N` runs more seeds.
+//! `SIM_SEEDS=N` runs more seeds, and `SIM_FIRST_SEED=F` starts them at F instead of
+//! 0: a sweep beyond the default range, e.g. `SIM_FIRST_SEED=200 SIM_SEEDS=5000`
+//! (a run stops at its first failing seed, which the panic names).
 
 use repl_engine::topology::Generation;
 use repl_tests::sim::{simulate, SimOptions};
@@ -13,7 +15,8 @@ fn seeds(default: u64) -> std::ops::Range<u64> {
         return seed..seed + 1;
     }
     let n = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-    0..n
+    let first = std::env::var("SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    first..first + n
 }
 
 fn run_many(generation: Generation, default: u64) {
