@@ -793,20 +793,21 @@ impl PeerSync {
                 }
                 self.pump(now_ms, stream, replica);
             }
+            // Past what we hold, the origin leaves a gap: repaired by anti-entropy.
             // Stale when we hold the origin up to just below the floor: the peer had
             // not yet heard of what we gained since (a repair that just finished), and
             // its log follows on from what we hold. A repair then is wasted work; the
             // peer is told what we hold instead, or it would go on sending from its old
             // view of us (and repeating the `NotCovered`) for as long as the session
             // lasts, holding its log for us meanwhile.
-            PeerMessage::NotCovered { stream, origin, floor }
-                if replica.vector(stream).get(origin).saturating_add(1) >= floor =>
-            {
-                self.tell(now_ms, stream, replica.vector(stream));
-            }
             PeerMessage::NotCovered { stream, origin, floor } => {
-                self.events.push_back(SyncEvent::NeedAntiEntropy { stream, origin, floor });
-                self.start_repair(now_ms, stream, replica);
+                let held = replica.vector(stream);
+                if held.get(origin).saturating_add(1) >= floor {
+                    self.tell(now_ms, stream, held);
+                } else {
+                    self.events.push_back(SyncEvent::NeedAntiEntropy { stream, origin, floor });
+                    self.start_repair(now_ms, stream, replica);
+                }
             }
             PeerMessage::TreeRequest { stream, expiry_cutoff_ms, level, buckets, .. } => {
                 self.on_tree_request(stream, expiry_cutoff_ms, level, buckets, replica)
