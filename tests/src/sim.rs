@@ -250,11 +250,10 @@ struct World {
     own_acked: BTreeMap<(usize, StreamId), u64>,
     sync_config: SyncConfig,
     session_nonce: u64,
-    /// Acknowledged deletes of users.
-    acked_deletes: BTreeSet<Dot>,
     /// Every delete of a user acknowledged to its writer, kept when a restore from
-    /// backup makes it no longer guaranteed: a replica whose vector covers one has
-    /// applied it, whatever became of its tombstone.
+    /// backup moves it among the buffered writes: a replica whose vector covers one has
+    /// applied it, whatever became of its tombstone. Those still guaranteed are the
+    /// ones among `acked_users`.
     deletes: BTreeSet<Dot>,
     /// Which appliance each incarnation belongs to.
     origins: BTreeMap<repl_wire::Incarnation, NodeId>,
@@ -356,7 +355,6 @@ impl World {
             own_acked: BTreeMap::new(),
             sync_config,
             session_nonce: 1,
-            acked_deletes: BTreeSet::new(),
             deletes: BTreeSet::new(),
             origins: BTreeMap::new(),
             losses_seen: BTreeSet::new(),
@@ -607,7 +605,6 @@ impl World {
             let r = store.delete(Collection::Users, &key);
             if let Ok(dot) = &r {
                 self.acked_users.push((key, *dot, before));
-                self.acked_deletes.insert(*dot);
                 self.deletes.insert(*dot);
             }
             (StreamId::Enterprise, r.map(|_| ()))
@@ -831,7 +828,6 @@ impl World {
             .collect();
         for i in lost.into_iter().rev() {
             let w = self.acked_users.remove(i);
-            self.acked_deletes.remove(&w.1);
             self.buffered_users.push(w);
         }
         let audit: Vec<Dot> = self.acked_audit.clone();
@@ -1126,9 +1122,7 @@ impl World {
                 .map(|w| (w, "acked"))
                 .chain(self.buffered_users.iter().map(|w| (w, "buffered")))
                 .filter(|((key, _, _), _)| key == k.as_bytes())
-                .map(|((_, d, c), kind)| {
-                    format!("{kind} {d} over {c} del={}", self.acked_deletes.contains(d))
-                })
+                .map(|((_, d, c), kind)| format!("{kind} {d} over {c} del={}", self.deletes.contains(d)))
                 .collect();
             eprintln!("history of {k}: {writes:?}");
         }
@@ -1274,6 +1268,7 @@ impl World {
         }
         // No deleted record comes back: a key whose causally latest writes (those no
         // other write superseded) are all acknowledged deletes reads as absent.
+        let acked: BTreeSet<Dot> = self.acked_users.iter().map(|(_, d, _)| *d).collect();
         let mut keys: BTreeSet<&Vec<u8>> = BTreeSet::new();
         keys.extend(history.iter().map(|(k, _, _)| k));
         for key in keys {
@@ -1284,7 +1279,7 @@ impl World {
                 .filter(|(_, d, _)| !writes.iter().any(|(_, o, ctx)| o != d && ctx.contains(*d)))
                 .map(|(_, d, _)| *d)
                 .collect();
-            if latest.is_empty() || !latest.iter().all(|d| self.acked_deletes.contains(d)) {
+            if latest.is_empty() || !latest.iter().all(|d| acked.contains(d) && self.deletes.contains(d)) {
                 continue;
             }
             for (i, s) in &live {

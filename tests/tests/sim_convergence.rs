@@ -8,7 +8,7 @@
 //! (a run stops at its first failing seed, which the panic names).
 
 use repl_engine::topology::Generation;
-use repl_tests::sim::{simulate, SimOptions};
+use repl_tests::sim::{simulate, SimOptions, SimReport};
 
 fn seeds(default: u64) -> std::ops::Range<u64> {
     if let Some(seed) = std::env::var("SEED").ok().and_then(|s| s.parse().ok()) {
@@ -19,12 +19,23 @@ fn seeds(default: u64) -> std::ops::Range<u64> {
     first..first + n
 }
 
+/// Runs one seed; panics with the violations and the command that replays it.
+fn converges(generation: Generation, seed: u64) -> SimReport {
+    let report = simulate(SimOptions::new(seed, generation));
+    assert!(
+        report.violations.is_empty(),
+        "{generation:?} seed {seed}: {:?}\nreplay: SEED={seed} cargo test -p repl-tests --test sim_convergence",
+        report.violations
+    );
+    report
+}
+
 fn run_many(generation: Generation, default: u64) {
     let mut compacted = 0;
     let (mut repairs, mut restores, mut joins, mut collected) = (0, 0, 0, 0);
     let (mut commits, mut refusals, mut adoptions, mut siblings) = (0, 0, 0, 0);
     for seed in seeds(default) {
-        let report = simulate(SimOptions::new(seed, generation));
+        let report = converges(generation, seed);
         repairs += report.repairs;
         restores += report.restores;
         joins += report.joins;
@@ -33,12 +44,6 @@ fn run_many(generation: Generation, default: u64) {
         refusals += report.topology_refusals;
         adoptions += report.topology_adoptions;
         siblings = siblings.max(report.siblings_max);
-        assert!(
-            report.violations.is_empty(),
-            "{:?} seed {seed}: {:?}\nreplay: SEED={seed} cargo test -p repl-tests --test sim_convergence",
-            generation,
-            report.violations
-        );
         assert!(report.writes_acked > 0 && report.delivered > 0);
         compacted += report.segments_compacted;
     }
@@ -68,12 +73,7 @@ fn seeds_that_found_bugs_converge() {
     let seeds = [(Generation::G3, [556, 614, 1756, 2564]), (Generation::G4, [663, 1722, 582, 1490])];
     for (generation, list) in seeds {
         for seed in list {
-            let report = simulate(SimOptions::new(seed, generation));
-            assert!(
-                report.violations.is_empty(),
-                "{generation:?} seed {seed}: {:?}\nreplay: SEED={seed} cargo test -p repl-tests --test sim_convergence",
-                report.violations
-            );
+            converges(generation, seed);
         }
     }
 }
